@@ -1,0 +1,36 @@
+# The README's commands. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RP_HOME ?= $(CURDIR)/.rp
+export RP_HOME
+# Dagster's own instance (runs, events, schedules) for local use lives beside the data.
+DAGSTER_HOME ?= $(RP_HOME)/dagster
+export DAGSTER_HOME
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test dev bench clean
+
+$(BIN)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/research-pipeline demo
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+dev: setup
+	mkdir -p "$(DAGSTER_HOME)"
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf "$(RP_HOME)"
