@@ -1,0 +1,1 @@
+"""Embeddings: the shard-partitioned `chunk_embeddings` asset and `embed_job`."""
