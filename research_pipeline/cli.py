@@ -1,0 +1,389 @@
+"""The `research-pipeline` command: run the demo, inspect the store, search, evaluate, manage indexes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from research_pipeline.lib import store
+from research_pipeline.lib.settings import Settings
+
+NO_GENERATION = (
+    "no index generation is published yet: run `make demo` or materialize reindex_job "
+    "(then `research-pipeline index list` shows it)"
+)
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed without a traceback."""
+
+
+def _require(module: str, command: str) -> Any:
+    """Import a library module a subcommand needs, or explain that it has not landed yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            raise CliError(
+                f"`research-pipeline {command}` is not available in this build: {module} is missing"
+            ) from None
+        raise
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _engine(settings: Settings):  # noqa: ANN202
+    try:
+        engine = store.make_engine(settings.database_url)
+        store.create_schema(engine)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the driver's errors vary; the fix is the same
+        raise CliError(f"cannot open the database {settings.database_url!r}: {exc}") from None
+    return engine
+
+
+def _embedder(settings: Settings):  # noqa: ANN202
+    from research_pipeline.lib.embedder import load_embedder
+
+    try:
+        return load_embedder(settings.model, settings.device)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _object_store(settings: Settings):  # noqa: ANN202
+    from research_pipeline.lib.objectstore import open_object_store
+
+    return open_object_store(settings.object_store_url, endpoint_url=settings.s3_endpoint_url)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        counts = store.counts(engine)
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json(counts)
+        return 0
+    print(f"database:        {_redact(settings.database_url)}")
+    print(f"inbox:           {settings.inbox}")
+    print(f"documents:       {counts['documents']} ({counts['pages']} pages, {counts['sources']} source files)")
+    print(f"chunks:          {counts['chunks']}")
+    print(f"embeddings:      {counts['embeddings']}")
+    reasons = ", ".join(f"{r}={n}" for r, n in counts["quarantine"].items()) or "none"
+    print(f"quarantined:     {counts['quarantined']} ({reasons})")
+    print(f"live generation: {counts['live_generation'] or '(none published)'}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    """The database URL without its password, for printing."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by make_engine instead
+        return url
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+def open_live_searcher(settings: Settings, engine, command: str = "search"):  # noqa: ANN001, ANN201
+    """The Searcher over the live generation, or a CliError telling how to publish one."""
+    generations = _require("research_pipeline.lib.generations", command)
+    if generations.live_generation(engine) is None:
+        raise CliError(NO_GENERATION)
+    return generations.open_searcher(engine, _object_store(settings), _embedder(settings))
+
+
+def _filters(args: argparse.Namespace):  # noqa: ANN202
+    search_lib = _require("research_pipeline.lib.search", "search")
+    if args.year_min is None and args.year_max is None and args.author is None:
+        return None
+    return search_lib.SearchFilters(year_min=args.year_min, year_max=args.year_max, author=args.author)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise CliError("--k must be at least 1")
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        filters = _filters(args)
+        searcher = open_live_searcher(settings, engine)
+        hits = searcher.search(args.query, k=args.k, filters=filters, mode=args.mode)
+        files = _files_by_doc(engine, [h.doc_id for h in hits])
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json({"query": args.query, "results": [dict(h.as_dict(), files=files.get(h.doc_id, [])) for h in hits]})
+        return 0
+    if not hits:
+        print("no results")
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        year = f" ({hit.year})" if hit.year else ""
+        print(f"{rank:>2}. {hit.title or '(untitled)'}{year}  score={hit.score:.3f}")
+        where = f"p.{hit.page_start}" if hit.page_start is not None else ""
+        print(f"    {', '.join(files.get(hit.doc_id, [])) or hit.doc_id[:12]} {hit.section or ''} {where}".rstrip())
+        if hit.snippet:
+            print(f"    {' '.join(hit.snippet.split())[:240]}")
+    return 0
+
+
+def _files_by_doc(engine, doc_ids: Sequence[str]) -> dict[str, list[str]]:  # noqa: ANN001
+    """The file names (last path component of each source URI) of each document."""
+    import sqlalchemy as sa
+
+    if not doc_ids:
+        return {}
+    src = store.document_sources
+    out: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for doc_id, uri in conn.execute(
+            sa.select(src.c.doc_id, src.c.uri).where(src.c.doc_id.in_(list(set(doc_ids)))).order_by(src.c.uri)
+        ):
+            out.setdefault(doc_id, []).append(uri.rstrip("/").rsplit("/", 1)[-1])
+    return out
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    evaluate_lib = _require("research_pipeline.lib.evaluate", "eval")
+    beir_dir = Path(args.dir)
+    if not (beir_dir / "corpus.jsonl").is_file():
+        raise CliError(f"{beir_dir} is not a BEIR folder: expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    if not (beir_dir / "qrels" / f"{args.split}.tsv").is_file():
+        raise CliError(f"{beir_dir} has no qrels/{args.split}.tsv: pick another --split")
+    settings = _settings()
+    work_dir = Path(args.work_dir) if args.work_dir else settings.home / "eval" / beir_dir.resolve().name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # Progress from the libraries goes to stderr so that --json output stays one object on stdout.
+    result = evaluate_lib.evaluate(
+        beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings)
+    )
+    if args.json:
+        keys = ("ndcg@10", "recall@100", "mrr@10", "queries", "latency_ms_p50", "latency_ms_p95")
+        print(json.dumps({k: result[k] for k in keys}, sort_keys=True))
+        return 0
+    print(f"{beir_dir.name} ({args.split}, {args.mode}, {result['queries']} queries)")
+    for key in ("ndcg@10", "recall@100", "mrr@10"):
+        print(f"  {key:<11} {result[key]:.4f}")
+    print(f"  latency p50 {result['latency_ms_p50']:.1f} ms, p95 {result['latency_ms_p95']:.1f} ms")
+    return 0
+
+
+# --- index -------------------------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    generations = _require("research_pipeline.lib.generations", f"index {args.index_command}")
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        if args.index_command == "list":
+            rows = generations.list_generations(engine)
+            live = (generations.live_generation(engine) or {}).get("gen_id")
+            if args.json:
+                _print_json({"live": live, "generations": rows})
+                return 0
+            if not rows:
+                print(NO_GENERATION)
+                return 0
+            for row in rows:
+                mark = "*" if row.get("gen_id") == live else " "
+                print(
+                    f"{mark} {row.get('gen_id')}  {row.get('status', ''):<9}  docs={row.get('n_documents', '')} "
+                    f"chunks={row.get('n_chunks', '')}  created={row.get('created_at', '')}"
+                )
+            return 0
+        try:
+            now_live = generations.rollback(engine, args.gen_id)
+        except (LookupError, ValueError) as exc:
+            raise CliError(f"rollback failed: {exc}") from None
+        print(f"live generation is now {now_live}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from research_pipeline import health
+
+    health.serve(_settings(), host=args.host, port=args.port)
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def demo_jobs(defs) -> list:  # noqa: ANN001
+    """The jobs `demo` runs, in order: the full reindex when it exists, else the ingest."""
+    names = {job.name for job in defs.resolve_all_job_defs()}
+    if "reindex_job" in names:
+        return [defs.resolve_job_def("reindex_job")]
+    return [defs.resolve_job_def("ingest_job")]
+
+
+def read_queries(path: Path) -> list[tuple[str, list[str]]]:
+    """(query, expected file names) from a TSV with columns query and files (';'-separated)."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [
+            (row["query"], [f for f in row["files"].split(";") if f])
+            for row in csv.DictReader(fh, delimiter="\t")
+        ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings()
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ.setdefault("RP_HOME", str(settings.home))
+    if not settings.inbox.is_dir():
+        raise CliError(f"inbox {settings.inbox} is not a folder: set RP_INBOX to a folder of PDFs")
+
+    import dagster as dg
+
+    from research_pipeline.definitions import defs
+
+    print(f"demo: ingesting {settings.inbox} into {_redact(settings.database_url)} (Dagster home {dagster_home})")
+    with dg.DagsterInstance.get() as instance:
+        for job in demo_jobs(defs):
+            print(f"demo: running {job.name} ...", flush=True)
+            result = job.execute_in_process(instance=instance, raise_on_error=False)
+            if not result.success:
+                raise CliError(
+                    f"{job.name} failed (run {result.run_id}); see `make dev` -> Runs for the step logs"
+                )
+    print()
+    cmd_status(argparse.Namespace(json=False))
+
+    queries_path = Path(args.queries)
+    engine = _engine(settings)
+    try:
+        try:
+            searcher = open_live_searcher(settings, engine, command="demo")
+        except CliError as exc:
+            print(f"\ndemo: skipping the example queries: {exc}")
+            return 0
+        queries = read_queries(queries_path)
+        found = 0
+        expected_total = 0
+        print(f"\nexample queries ({queries_path}): top 3 papers, expected files found in the top 5")
+        for query, expected in queries:
+            hits = searcher.search(query, k=5)
+            files = _files_by_doc(engine, [h.doc_id for h in hits])
+            top5 = {f for h in hits for f in files.get(h.doc_id, [])}
+            n = sum(1 for f in expected if f in top5)
+            found += n
+            expected_total += len(expected)
+            print(f"\n[{n}/{len(expected)}] {query}")
+            for rank, hit in enumerate(hits[:3], 1):
+                print(f"   {rank}. {hit.title or '(untitled)'}  ({', '.join(files.get(hit.doc_id, []))})")
+        print(f"\ndemo: {found}/{expected_total} expected papers in the top 5 over {len(queries)} queries")
+    finally:
+        engine.dispose()
+    return 0
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="research-pipeline",
+        description="Research papers -> searchable literature index. Configured by RP_* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="ingest the inbox, build and publish the index, run the example queries")
+    p.add_argument(
+        "--queries",
+        default=str(Path(__file__).resolve().parents[1] / "examples" / "queries.tsv"),
+        help="TSV of example queries (columns query, files)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="row counts of the configured store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("search", help="search the live index generation")
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--mode", choices=("hybrid", "bm25", "dense"), default="hybrid")
+    p.add_argument("--year-min", type=int)
+    p.add_argument("--year-max", type=int)
+    p.add_argument("--author")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="retrieval quality on a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("dir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", choices=("hybrid", "bm25", "dense"), default="hybrid")
+    p.add_argument("--work-dir", help="cache of the ingested corpus (default $RP_HOME/eval/<name>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("index", help="index generations")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    q = isub.add_parser("list", help="all generations; * marks the live one")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_index)
+    q = isub.add_parser("rollback", help="make GEN (default: the previous live generation) live again")
+    q.add_argument("gen_id", nargs="?", metavar="GEN")
+    q.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="HTTP: /healthz, /readyz, /metrics and /search?q=...")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `research-pipeline` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"research-pipeline: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
