@@ -1,0 +1,88 @@
+"""new_papers_sensor: a RunRequest per new inbox state, a SkipReason otherwise, and a cursor that advances."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import dagster as dg
+import pytest
+
+from research_pipeline.defs.ingest.sensors import new_papers_sensor
+from research_pipeline.defs.resources import InboxResource
+from research_pipeline_tests.conftest import DEMO_PAPERS
+
+PDFS = sorted(DEMO_PAPERS.glob("*.pdf"))
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def tick(instance, inbox, cursor):
+    """One sensor evaluation; returns (result, cursor after the tick)."""
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"inbox": InboxResource(path=str(inbox))}
+    )
+    result = new_papers_sensor(context)
+    return result, context.cursor
+
+
+def test_new_files_request_a_run_and_an_unchanged_inbox_skips(instance, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    result, cursor = tick(instance, inbox, None)
+    assert isinstance(result, dg.SkipReason), "an empty inbox requests nothing"
+
+    for pdf in PDFS[:2]:
+        shutil.copy2(pdf, inbox / pdf.name)
+    first, cursor1 = tick(instance, inbox, cursor)
+    assert isinstance(first, dg.RunRequest)
+    assert json.loads(cursor1)["files"] == 2
+
+    again, cursor_again = tick(instance, inbox, cursor1)
+    assert isinstance(again, dg.SkipReason)
+    assert cursor_again == cursor1
+
+    # A file that the ingest ignores, and anything in a hidden folder, is not "new papers".
+    (inbox / "notes.txt").write_text("not a paper")
+    (inbox / ".trash").mkdir()
+    shutil.copy2(PDFS[2], inbox / ".trash" / PDFS[2].name)
+    ignored, _ = tick(instance, inbox, cursor1)
+    assert isinstance(ignored, dg.SkipReason)
+
+    nested = inbox / "2026"
+    nested.mkdir()
+    shutil.copy2(PDFS[3], nested / PDFS[3].name)
+    second, cursor2 = tick(instance, inbox, cursor1)
+    assert isinstance(second, dg.RunRequest)
+    assert second.run_key != first.run_key
+    state = json.loads(cursor2)
+    assert state["files"] == 3
+    assert state["newest_mtime_ns"] >= json.loads(cursor1)["newest_mtime_ns"]
+
+
+def test_a_changed_file_requests_a_run(instance, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    target = inbox / PDFS[0].name
+    shutil.copy2(PDFS[0], target)
+    first, cursor = tick(instance, inbox, None)
+    assert isinstance(first, dg.RunRequest)
+
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    changed, cursor2 = tick(instance, inbox, cursor)
+    assert isinstance(changed, dg.RunRequest)
+    assert changed.run_key != first.run_key
+    assert cursor2 != cursor
+
+
+def test_missing_inbox_skips_with_the_fix(instance, tmp_path):
+    result, cursor = tick(instance, tmp_path / "nowhere", None)
+    assert isinstance(result, dg.SkipReason)
+    assert "RP_INBOX" in result.skip_message
+    assert cursor is None
