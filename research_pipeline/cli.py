@@ -174,12 +174,12 @@ def _files_by_doc(engine, doc_ids: Sequence[str]) -> dict[str, list[str]]:  # no
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    evaluate_lib = _require("research_pipeline.lib.evaluate", "eval")
     beir_dir = Path(args.dir)
     if not (beir_dir / "corpus.jsonl").is_file():
         raise CliError(f"{beir_dir} is not a BEIR folder: expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     if not (beir_dir / "qrels" / f"{args.split}.tsv").is_file():
         raise CliError(f"{beir_dir} has no qrels/{args.split}.tsv: pick another --split")
+    evaluate_lib = _require("research_pipeline.lib.evaluate", "eval")
     settings = _settings()
     work_dir = Path(args.work_dir) if args.work_dir else settings.home / "eval" / beir_dir.resolve().name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             return 0
         try:
             now_live = generations.rollback(engine, args.gen_id)
-        except (LookupError, ValueError) as exc:
+        except (LookupError, ValueError, getattr(generations, "GenerationError", LookupError)) as exc:
             raise CliError(f"rollback failed: {exc}") from None
         print(f"live generation is now {now_live}")
         return 0
