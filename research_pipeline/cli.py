@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -183,10 +184,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = _settings()
     work_dir = Path(args.work_dir) if args.work_dir else settings.home / "eval" / beir_dir.resolve().name
     work_dir.mkdir(parents=True, exist_ok=True)
-    # Progress from the libraries goes to stderr so that --json output stays one object on stdout.
-    result = evaluate_lib.evaluate(
-        beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings)
-    )
+    # Anything the pipeline prints while it runs goes to stderr, so --json stays one object on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_lib.evaluate(
+            beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings)
+        )
     if args.json:
         keys = ("ndcg@10", "recall@100", "mrr@10", "queries", "latency_ms_p50", "latency_ms_p95")
         print(json.dumps({k: result[k] for k in keys}, sort_keys=True))
