@@ -42,7 +42,7 @@ MIN_KEEP = 2
 Log = Callable[[str], Any] | None
 
 
-class GenerationError(RuntimeError):
+class GenerationError(ValueError):
     """A generation operation that cannot proceed; the message says what to do instead."""
 
 

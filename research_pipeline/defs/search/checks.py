@@ -1,0 +1,90 @@
+"""The release gates of a candidate index generation, as asset checks on `vector_index`.
+
+The three blocking checks (volume, latency, quality) stop `published_index` from running when
+one fails, in the same run and (through its automation condition) in later runs; the live
+generation stays as it was. Two advisory checks warn without blocking. All of them run in one
+step because they share one loaded candidate Searcher; each gate's figures are its metadata
+and its description says why it failed and what to do.
+"""
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    EmbedderResource,
+    ObjectStoreResource,
+    ReleaseGatesResource,
+)
+from research_pipeline.defs.search.assets import fts_index, latest_generation_id, vector_index
+from research_pipeline.lib import gates
+
+_DESCRIPTIONS = {
+    "volume": "Blocking: enough documents, document drop vs live within bounds, chunks == fts rows == vectors == embeddings.",
+    "latency": "Blocking: p95 latency of the bundled probe queries on the candidate is within the SLA.",
+    "quality": "Blocking: nDCG@10 on the bundled probe eval set >= floor and >= live - max regression.",
+    "parse_quality": "Advisory: quarantine share and parse-quality distribution of the corpus.",
+    "freshness": "Advisory: age of the newest document and of the live generation.",
+}
+
+
+def check_name(gate: str) -> str:
+    return f"{vector_index.key.path[-1]}_{gate}"
+
+
+def thresholds_of(release_gates: ReleaseGatesResource) -> gates.GateThresholds:
+    return gates.GateThresholds(
+        min_documents=release_gates.min_documents,
+        max_document_drop_share=release_gates.max_document_drop_share,
+        latency_p95_ms=release_gates.latency_p95_ms,
+        ndcg_floor=release_gates.ndcg_floor,
+        ndcg_max_regression=release_gates.ndcg_max_regression,
+    )
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            name=check_name(gate),
+            asset=vector_index,
+            # The gates judge the whole candidate, so they wait for its full-text half too.
+            additional_deps=[fts_index],
+            blocking=gate in gates.BLOCKING_GATES,
+            description=_DESCRIPTIONS[gate],
+        )
+        for gate in (*gates.BLOCKING_GATES, *gates.ADVISORY_GATES)
+    ],
+)
+def release_gates_check(
+    context: dg.AssetCheckExecutionContext,
+    database: DatabaseResource,
+    object_store: ObjectStoreResource,
+    embedder: EmbedderResource,
+    release_gates: ReleaseGatesResource,
+) -> Iterator[dg.AssetCheckResult]:
+    """Evaluates every release gate on the candidate generation built by the latest `vector_index`."""
+    gen_id = latest_generation_id(context.instance, vector_index.key)
+    if gen_id is None:
+        raise dg.Failure(description="vector_index has never been materialized: run reindex_job")
+    results = gates.evaluate_generation(
+        database.get_engine(),
+        object_store.get_store(),
+        embedder.get_embedder(),
+        gen_id,
+        thresholds=thresholds_of(release_gates),
+    )
+    for gate, res in results.items():
+        metadata: dict[str, dg.MetadataValue] = {"gen_id": dg.MetadataValue.text(gen_id)}
+        for key, value in res["metadata"].items():
+            metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(float(value))
+        if not res["passed"]:
+            context.log.warning(f"{check_name(gate)} on generation {gen_id}: {res['description']}")
+        yield dg.AssetCheckResult(
+            asset_key=vector_index.key,
+            check_name=check_name(gate),
+            passed=bool(res["passed"]),
+            severity=dg.AssetCheckSeverity.ERROR if res["blocking"] else dg.AssetCheckSeverity.WARN,
+            metadata=metadata,
+            description=res["description"],
+        )

@@ -1,0 +1,413 @@
+"""Release gates: plain functions that decide whether a candidate index generation may go live.
+
+Blocking gates (a failure keeps the live generation):
+- volume: enough documents, not too many lost against the live generation, and every chunk
+  is in the full-text table, the vector index and the embedding cache;
+- latency: p95 of the bundled probe queries within the SLA;
+- quality: nDCG@10 on the bundled probe eval set above a floor and not regressed against live.
+Advisory gates (warnings): quarantine share, parse-quality distribution, freshness.
+
+Each gate returns a GateResult (passed, metadata of plain numbers, description): the
+description says what was measured and, on failure, what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from research_pipeline.lib import generations, store
+
+BLOCKING_GATES: tuple[str, ...] = ("volume", "latency", "quality")
+ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Thresholds of every gate (ReleaseGatesResource carries the blocking ones from the environment)."""
+
+    min_documents: int = 1
+    max_document_drop_share: float = 0.10
+    latency_p95_ms: float = 250.0
+    ndcg_floor: float = 0.30
+    ndcg_max_regression: float = 0.05
+    # Advisory only.
+    max_quarantine_share: float = 0.25
+    min_median_quality: float = 0.80
+    max_staleness_hours: float = 7 * 24.0
+
+
+class GateResult(NamedTuple):
+    """The outcome of one gate: passed, figures (plain numbers) and a description for operators."""
+
+    passed: bool
+    metadata: dict[str, float | int]
+    description: str
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Queries and binary relevance judgements by doc_id (BEIR-style qrels)."""
+
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    @property
+    def doc_ids(self) -> set[str]:
+        return {d for rel in self.qrels.values() for d in rel}
+
+
+def load_probe_set(path: str | Path | None = None) -> ProbeSet:
+    """The probe eval set in `path` (queries.jsonl + qrels.tsv), by default the bundled one."""
+    base = Path(path) if path is not None else Path(str(resources.files("research_pipeline") / "data" / "probe_eval"))
+    qfile, rfile = base / "queries.jsonl", base / "qrels.tsv"
+    if not qfile.is_file() or not rfile.is_file():
+        raise FileNotFoundError(f"probe eval set {base} needs queries.jsonl and qrels.tsv (BEIR layout)")
+    queries = {}
+    for line in qfile.read_text("utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            queries[str(rec["_id"])] = str(rec["text"])
+    qrels: dict[str, dict[str, int]] = {}
+    with rfile.open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if int(row["score"]) > 0:
+                qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    return ProbeSet(queries={q: t for q, t in queries.items() if q in qrels}, qrels=qrels)
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99/max of `values` (nearest-rank; zeros for an empty list)."""
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return float(ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100.0 * len(ordered)) - 1))])
+
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "max": float(ordered[-1])}
+
+
+def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int = 10) -> float:
+    """Binary/graded nDCG@k of a ranked list of ids against judgements."""
+    dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    ideal = sorted(relevant.values(), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def _count(conn: sa.Connection, stmt: Any) -> int:
+    return int(conn.execute(stmt).scalar() or 0)
+
+
+def fts_row_count(engine: Engine, table: str) -> int:
+    """Rows in a generation's full-text table (0 if it does not exist)."""
+    from research_pipeline.lib.fts import check_table_name
+
+    check_table_name(table)
+    if not sa.inspect(engine).has_table(table):
+        return 0
+    with engine.connect() as conn:
+        return _count(conn, sa.text(f'SELECT count(*) FROM "{table}"'))
+
+
+def volume_gate(
+    engine: Engine,
+    gen: Mapping[str, Any],
+    live: Mapping[str, Any] | None,
+    thresholds: GateThresholds,
+    vector_index: Any,
+) -> GateResult:
+    """Documents >= minimum, drop against live <= max share, chunks == fts rows == vectors == embeddings."""
+    docs = int(gen.get("n_documents") or 0)
+    n_chunks = int(gen.get("n_chunks") or 0)
+    fts_rows = fts_row_count(engine, gen["fts_table"]) if gen.get("fts_table") else 0
+    n_vectors = int(vector_index.ntotal) if vector_index is not None else 0
+    ids = list(vector_index.chunk_ids) if vector_index is not None else []
+    c, e = store.chunks, store.embeddings
+    with engine.connect() as conn:
+        embedded_ids = {
+            r[0]
+            for r in conn.execute(
+                sa.select(c.c.chunk_id).join(e, e.c.content_hash == c.c.content_hash).where(e.c.model_id == gen["model_id"])
+            )
+        }
+    n_embedded = sum(1 for i in ids if i in embedded_ids)
+    live_docs = int(live["n_documents"]) if live else 0
+    drop = max(0.0, (live_docs - docs) / live_docs) if live_docs else 0.0
+    meta: dict[str, float | int] = {
+        "documents": docs,
+        "live_documents": live_docs,
+        "document_drop_share": round(drop, 4),
+        "chunks": n_chunks,
+        "fts_rows": fts_rows,
+        "vectors": n_vectors,
+        "embeddings": n_embedded,
+        "min_documents": thresholds.min_documents,
+        "max_document_drop_share": thresholds.max_document_drop_share,
+    }
+    problems = []
+    if docs < thresholds.min_documents:
+        problems.append(
+            f"only {docs} documents, the minimum is {thresholds.min_documents}: check the inbox (RP_INBOX) and "
+            "the quarantine table, or lower RP_GATE_MIN_DOCUMENTS"
+        )
+    if drop > thresholds.max_document_drop_share:
+        problems.append(
+            f"{docs} documents vs {live_docs} live: {drop:.1%} dropped, more than "
+            f"{thresholds.max_document_drop_share:.0%}: find out where the papers went (quarantine, inbox) "
+            "before publishing, or raise RP_GATE_MAX_DOCUMENT_DROP for an intended removal"
+        )
+    if not (n_chunks == fts_rows == n_vectors == n_embedded):
+        problems.append(
+            f"index is incomplete: {n_chunks} chunks, {fts_rows} full-text rows, {n_vectors} vectors, "
+            f"{n_embedded} with embeddings (must all be equal): rerun reindex_job (chunks may have changed "
+            "while it built)"
+        )
+    if problems:
+        return GateResult(False, meta, "volume gate failed: " + "; ".join(problems))
+    return GateResult(
+        True, meta, f"{docs} documents ({drop:.1%} drop vs live), {n_chunks} chunks fully indexed"
+    )
+
+
+def time_queries(searcher: Any, queries: Iterable[str], k: int = 10, mode: str = "hybrid") -> list[float]:
+    """Wall-clock milliseconds of each search (after one untimed warm-up search)."""
+    queries = list(queries)
+    if queries:
+        searcher.search(queries[0], k=k, mode=mode)
+    out = []
+    for q in queries:
+        started = time.perf_counter()
+        searcher.search(q, k=k, mode=mode)
+        out.append((time.perf_counter() - started) * 1000.0)
+    return out
+
+
+def latency_gate(searcher: Any, queries: Sequence[str], sla_p95_ms: float, k: int = 10) -> GateResult:
+    """p50/p95/p99 of the probe queries (hybrid search, top k) against the p95 SLA."""
+    lat = time_queries(searcher, queries, k=k)
+    pct = percentiles(lat)
+    meta: dict[str, float | int] = {
+        "probe_queries": len(lat),
+        "latency_ms_p50": round(pct["p50"], 3),
+        "latency_ms_p95": round(pct["p95"], 3),
+        "latency_ms_p99": round(pct["p99"], 3),
+        "latency_ms_max": round(pct["max"], 3),
+        "sla_p95_ms": float(sla_p95_ms),
+    }
+    if pct["p95"] > sla_p95_ms:
+        return GateResult(
+            False,
+            meta,
+            f"latency gate failed: p95 {pct['p95']:.1f} ms over {len(lat)} probe queries exceeds the SLA of "
+            f"{sla_p95_ms:g} ms: check machine load and index type (vector_index build_params), or raise "
+            "RP_GATE_LATENCY_P95_MS if the SLA changed",
+        )
+    return GateResult(True, meta, f"p95 {pct['p95']:.1f} ms <= {sla_p95_ms:g} ms over {len(lat)} probe queries")
+
+
+def probe_ndcg(searcher: Any, probe: ProbeSet, query_ids: Sequence[str], k: int = 10) -> float:
+    """Mean nDCG@k of the searcher over the given probe queries (paper-level ranking)."""
+    if not query_ids:
+        return 0.0
+    total = 0.0
+    for qid in query_ids:
+        ranked = [h.doc_id for h in searcher.search(probe.queries[qid], k=k)]
+        total += ndcg_at_k(ranked, probe.qrels[qid], k)
+    return total / len(query_ids)
+
+
+def indexed_doc_ids(engine: Engine, doc_ids: Iterable[str]) -> set[str]:
+    """Which of `doc_ids` have chunks (are searchable)."""
+    wanted = list(set(doc_ids))
+    found: set[str] = set()
+    c = store.chunks
+    with engine.connect() as conn:
+        for i in range(0, len(wanted), 500):
+            batch = wanted[i : i + 500]
+            found.update(r[0] for r in conn.execute(sa.select(c.c.doc_id).where(c.c.doc_id.in_(batch)).distinct()))
+    return found
+
+
+def quality_gate(
+    searcher: Any,
+    probe: ProbeSet,
+    present_doc_ids: set[str],
+    floor: float,
+    max_regression: float,
+    live_searcher: Any = None,
+) -> GateResult:
+    """nDCG@10 of the candidate on the probe queries it can answer, vs a floor and vs the live generation.
+
+    Only queries with at least one judged paper in the corpus are scored, each against the
+    judged papers present (a corpus without the probe papers cannot be judged by this set).
+    """
+    qids = sorted(q for q, rel in probe.qrels.items() if q in probe.queries and set(rel) & present_doc_ids)
+    scoped = ProbeSet(
+        queries=probe.queries,
+        qrels={q: {d: r for d, r in probe.qrels[q].items() if d in present_doc_ids} for q in qids},
+    )
+    meta: dict[str, float | int] = {
+        "probe_queries": len(qids),
+        "probe_queries_total": len(probe.queries),
+        "ndcg_floor": float(floor),
+        "ndcg_max_regression": float(max_regression),
+    }
+    if not qids:
+        meta.update({"ndcg_at_10": 0.0, "live_ndcg_at_10": 0.0})
+        return GateResult(
+            True,
+            meta,
+            "quality gate not applicable: none of the probe papers is in this corpus, so nDCG could not be "
+            "measured; add a probe set for this corpus (see docs/RELEASE_GATES.md)",
+        )
+    ndcg = probe_ndcg(searcher, scoped, qids)
+    live = probe_ndcg(live_searcher, scoped, qids) if live_searcher is not None else None
+    meta["ndcg_at_10"] = round(ndcg, 4)
+    meta["live_ndcg_at_10"] = round(live, 4) if live is not None else 0.0
+    problems = []
+    if ndcg < floor:
+        problems.append(
+            f"nDCG@10 {ndcg:.3f} on {len(qids)} probe queries is below the floor {floor:.3f}: search quality "
+            "broke (parser, chunking, model or index change?); compare with `research-pipeline eval`"
+        )
+    if live is not None and ndcg < live - max_regression:
+        problems.append(
+            f"nDCG@10 {ndcg:.3f} regressed by {live - ndcg:.3f} against the live generation ({live:.3f}), more "
+            f"than the allowed {max_regression:.3f}"
+        )
+    if problems:
+        return GateResult(False, meta, "quality gate failed: " + "; ".join(problems))
+    vs = f", live {live:.3f}" if live is not None else ""
+    return GateResult(True, meta, f"nDCG@10 {ndcg:.3f} on {len(qids)} probe queries (floor {floor:.3f}{vs})")
+
+
+def parse_quality_gate(engine: Engine, thresholds: GateThresholds) -> GateResult:
+    """Advisory: share of inputs in quarantine and the distribution of documents.quality."""
+    d, q = store.documents, store.quarantine
+    with engine.connect() as conn:
+        quality = sorted(float(r[0]) for r in conn.execute(sa.select(d.c.quality)))
+        quarantined = _count(conn, sa.select(sa.func.count()).select_from(q))
+        ocr_docs = _count(conn, sa.select(sa.func.count()).select_from(d).where(d.c.ocr_pages > 0))
+    total = len(quality) + quarantined
+    share = quarantined / total if total else 0.0
+    pct = percentiles(quality)
+    p10 = quality[int(0.1 * (len(quality) - 1))] if quality else 0.0
+    low = sum(1 for v in quality if v < 0.5)
+    meta: dict[str, float | int] = {
+        "documents": len(quality),
+        "quarantined": quarantined,
+        "quarantine_share": round(share, 4),
+        "quality_p10": round(p10, 4),
+        "quality_p50": round(pct["p50"], 4),
+        "quality_min": round(quality[0], 4) if quality else 0.0,
+        "low_quality_documents": low,
+        "ocr_documents": ocr_docs,
+    }
+    warnings = []
+    if share > thresholds.max_quarantine_share:
+        warnings.append(
+            f"{share:.1%} of inputs are quarantined (> {thresholds.max_quarantine_share:.0%}): see the quarantine "
+            "table reasons"
+        )
+    if quality and pct["p50"] < thresholds.min_median_quality:
+        warnings.append(f"median parse quality {pct['p50']:.2f} < {thresholds.min_median_quality:.2f}")
+    if warnings:
+        return GateResult(False, meta, "advisory: " + "; ".join(warnings))
+    return GateResult(True, meta, f"{share:.1%} quarantined, median parse quality {pct['p50']:.2f}")
+
+
+def freshness_gate(engine: Engine, live: Mapping[str, Any] | None, thresholds: GateThresholds) -> GateResult:
+    """Advisory: hours since the newest ingested document and since the live generation was published."""
+    now = store.utcnow()
+    with engine.connect() as conn:
+        newest = conn.execute(sa.select(sa.func.max(store.documents.c.ingested_at))).scalar()
+
+    def hours_since(ts: Any) -> float:
+        if ts is None:
+            return -1.0
+        if ts.tzinfo is None:  # SQLite returns naive datetimes; they were written in UTC
+            ts = ts.replace(tzinfo=now.tzinfo)
+        return round((now - ts).total_seconds() / 3600.0, 3)
+
+    newest_h = hours_since(newest)
+    live_h = hours_since(live.get("published_at")) if live else -1.0
+    meta: dict[str, float | int] = {
+        "hours_since_newest_document": newest_h,
+        "hours_since_live_published": live_h,
+        "max_staleness_hours": thresholds.max_staleness_hours,
+    }
+    if newest_h > thresholds.max_staleness_hours:
+        return GateResult(
+            False,
+            meta,
+            f"advisory: no new document for {newest_h:.0f} h (> {thresholds.max_staleness_hours:.0f} h): is the "
+            "inbox sensor running?",
+        )
+    return GateResult(True, meta, f"newest document {newest_h:.1f} h old")
+
+
+def evaluate_generation(
+    engine: Engine,
+    object_store: Any,
+    embedder: Any,
+    gen_id: str,
+    thresholds: GateThresholds | None = None,
+    probe: ProbeSet | None = None,
+    record: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run every gate on candidate `gen_id` (against the live generation) and record the results on it.
+
+    Returns gate name -> {"passed", "blocking", "metadata", "description"}. A blocking failure
+    marks the generation rejected (see generations.record_gates).
+    """
+    thresholds = thresholds or GateThresholds()
+    probe = probe or load_probe_set()
+    gen = generations.get_generation(engine, gen_id)
+    live = generations.live_generation(engine)
+    if live is not None and live["gen_id"] == gen_id:
+        live = None
+    results: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, res: GateResult, blocking: bool) -> None:
+        results[name] = {"passed": res.passed, "blocking": blocking, **res._asdict()}
+
+    if gen["status"] != "candidate" or not gen["vector_key"] or not gen["fts_table"]:
+        reason = (
+            f"generation {gen_id} is {gen['status']}, not a complete candidate (full-text table "
+            f"{gen['fts_table'] or 'missing'}, vectors {gen['vector_key'] or 'missing'}): rerun reindex_job"
+        )
+        for name in BLOCKING_GATES:
+            put(name, GateResult(False, {}, reason), True)
+    else:
+        searcher = generations.open_searcher(engine, object_store, embedder, gen_id=gen_id)
+        put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
+        put("latency", latency_gate(searcher, list(probe.queries.values()), thresholds.latency_p95_ms), True)
+        live_searcher = None
+        if live is not None and live["model_id"] == embedder.model_id:
+            try:
+                live_searcher = generations.open_searcher(engine, object_store, embedder, gen_id=live["gen_id"])
+            except Exception:  # noqa: BLE001 - a broken live generation must not block its replacement
+                live_searcher = None
+        present = indexed_doc_ids(engine, probe.doc_ids)
+        put(
+            "quality",
+            quality_gate(searcher, probe, present, thresholds.ndcg_floor, thresholds.ndcg_max_regression, live_searcher),
+            True,
+        )
+    put("parse_quality", parse_quality_gate(engine, thresholds), False)
+    put("freshness", freshness_gate(engine, live, thresholds), False)
+    if record:
+        generations.record_gates(engine, gen_id, results)
+    return results
