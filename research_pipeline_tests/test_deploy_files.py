@@ -1,0 +1,168 @@
+"""Static checks of the deployment files: they parse, wire up, probe health and hold no secrets."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+K8S = REPO / "deploy" / "k8s"
+DEPLOY_FILES = [
+    REPO / "dagster.yaml",
+    DOCKER / "dagster.yaml",
+    DOCKER / "docker-compose.yaml",
+    DOCKER / "workspace.docker.yaml",
+    DOCKER / "Dockerfile",
+    DOCKER / "Dockerfile.dagster",
+    *sorted(K8S.glob("*.yaml")),
+]
+
+
+def _yaml_docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _k8s_objects() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)]
+
+
+def _pins() -> dict[str, str]:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    out = {}
+    for dep in deps:
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^;\s]+)", dep)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def test_every_deploy_file_exists_and_yaml_parses():
+    for path in DEPLOY_FILES:
+        assert path.is_file(), f"missing {path.relative_to(REPO)}"
+        if path.suffix == ".yaml":
+            assert _yaml_docs(path), f"{path.relative_to(REPO)} is empty"
+    assert len(list(K8S.glob("*.yaml"))) >= 4
+
+
+def test_instance_files_are_valid_dagster_instance_config(monkeypatch, tmp_path):
+    from dagster._core.instance.config import dagster_instance_config
+
+    for name, env in (("dagster.yaml", {}), ("docker/dagster.yaml", {"DAGSTER_PG_HOST": "h", "DAGSTER_PG_DB": "d",
+                                                                       "DAGSTER_PG_USERNAME": "u", "DAGSTER_PG_PASSWORD": "p"})):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        home = tmp_path / name.replace("/", "_")
+        home.mkdir()
+        (home / "dagster.yaml").write_text((REPO / name).read_text())
+        config, _ = dagster_instance_config(str(home))
+        assert config["telemetry"]["enabled"] is False
+        assert config["run_retries"]["enabled"] is True
+    docker_cfg = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
+    assert "postgres" in docker_cfg["storage"], "the deployed instance keeps runs in PostgreSQL"
+
+
+def test_compose_is_the_deploy_docker_pattern():
+    compose = yaml.safe_load((DOCKER / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "user_code", "webserver", "daemon", "search_api"} <= set(services)
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    user_code = " ".join(services["user_code"]["command"])
+    assert "dagster api grpc" in user_code and "research_pipeline.definitions" in user_code
+    assert services["user_code"]["build"]["dockerfile"] == "docker/Dockerfile"
+    webserver = " ".join(services["webserver"]["entrypoint"])
+    assert webserver.startswith("dagster-webserver") and "-w workspace.yaml" in webserver
+    assert " ".join(services["daemon"]["entrypoint"]).startswith("dagster-daemon run")
+    for name in ("webserver", "daemon", "user_code"):
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "serve" in services["search_api"]["command"]
+
+    workspace = yaml.safe_load((DOCKER / "workspace.docker.yaml").read_text())
+    grpc = workspace["load_from"][0]["grpc_server"]
+    assert grpc["host"] in services, "workspace must point at the user-code service"
+    assert str(grpc["port"]) in services["user_code"]["command"]
+    assert grpc["location_name"] == "research_pipeline"
+    dockerfile = (DOCKER / "Dockerfile.dagster").read_text()
+    assert "workspace.docker.yaml" in dockerfile and "docker/dagster.yaml" in dockerfile
+
+
+def test_dockerfiles_install_the_pinned_versions():
+    pins = _pins()
+    user_code = (DOCKER / "Dockerfile").read_text()
+    assert "COPY pyproject.toml" in user_code and re.search(r"pip install[^\n]* \.", user_code), (
+        "the user-code image installs the package from pyproject.toml (its pins)"
+    )
+    system = (DOCKER / "Dockerfile.dagster").read_text()
+    installed = dict(re.findall(r"\b(dagster[a-z\-]*)==([0-9][^\s\\]*)", system))
+    assert {"dagster", "dagster-webserver", "dagster-postgres"} <= set(installed)
+    for package, version in installed.items():
+        assert pins.get(package) == version, f"Dockerfile.dagster pins {package}=={version}, pyproject {pins.get(package)}"
+
+
+def test_k8s_deployments_have_probes_and_services_match():
+    objects = _k8s_objects()
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    names = {d["metadata"]["name"] for d in deployments}
+    for role in ("user-code", "webserver", "daemon", "search-api"):
+        assert f"research-pipeline-{role}" in names
+    config_maps = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    for dep in deployments:
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            assert "readinessProbe" in container and "livenessProbe" in container, dep["metadata"]["name"]
+            for ref in container.get("envFrom", []):
+                assert ref["configMapRef"]["name"] in config_maps
+        for volume in dep["spec"]["template"]["spec"].get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+    search = next(d for d in deployments if d["metadata"]["name"] == "research-pipeline-search-api")
+    container = search["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        selector = svc["spec"]["selector"]
+        assert any(
+            selector.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments
+        ), f"Service {svc['metadata']['name']} selects no Deployment"
+
+
+def _env_entries(obj):
+    if isinstance(obj, dict):
+        if "name" in obj and ("value" in obj or "valueFrom" in obj):
+            yield obj
+        for value in obj.values():
+            yield from _env_entries(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _env_entries(value)
+
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|DATABASE_URL|ACCESS_KEY", re.I)
+URL_WITH_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
+
+
+@pytest.mark.parametrize("path", DEPLOY_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_secrets_in_files(path):
+    text = path.read_text()
+    for match in URL_WITH_PASSWORD.finditer(text):
+        password = match.group(1)
+        assert password.startswith(("${", "<")), f"literal password in a URL in {path.name}"
+    if path.parent == K8S:
+        docs = _yaml_docs(path)
+        assert all(d["kind"] != "Secret" for d in docs), "Secrets are created out of band, never committed"
+        for entry in _env_entries(docs):
+            if SECRET_NAME.search(entry["name"]):
+                assert "secretKeyRef" in entry.get("valueFrom", {}), f"{entry['name']} must come from a Secret"
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                assert not any(SECRET_NAME.search(k) for k in doc.get("data", {})), "secret-like key in a ConfigMap"
+    if path.name == "docker-compose.yaml":
+        for name, service in yaml.safe_load(text)["services"].items():
+            for key, value in (service.get("environment") or {}).items():
+                if "PASSWORD" in key:
+                    assert str(value).startswith("${"), f"{name}.{key} must come from the environment"
