@@ -1,0 +1,1 @@
+"""The migration to production: SQLite + local files -> PostgreSQL + S3, verified per shard."""
