@@ -40,7 +40,9 @@ for _canonical, _variants in {
     "Related Work": ["related work", "related works", "literature review", "prior work"],
     "Methods": ["method", "methods", "materials and methods", "methods and materials", "方法"],
     "Methodology": ["methodology"],
-    "Experiments": ["experiment", "experiments", "experimental setup", "experimental results", "实验"],
+    "Experiments": ["experiment", "experiments", "实验"],
+    "Experimental Setup": ["experimental setup"],
+    "Experimental Results": ["experimental results"],
     "Evaluation": ["evaluation"],
     "Results": ["results", "结果"],
     "Results and Discussion": ["results and discussion"],
@@ -133,14 +135,18 @@ class _HeadingDetector:
 
     def __init__(self) -> None:
         self.last_number: tuple[int, ...] | None = None
+        self.inline = False
         self.in_references = False
 
     def heading(self, line: str) -> str | None:
+        """The section name if `line` is a heading; `self.inline` tells if its text goes on."""
+        self.inline = False
         stripped = line.strip()
         if not stripped or len(stripped) > 90:
             return None
         if _INLINE_ABSTRACT.match(stripped):
-            return "Abstract"
+            self.inline = True
+            return self._enter("Abstract")
         known = _known(stripped)
         if known:
             return self._enter(known)
@@ -195,9 +201,9 @@ def detect_sections(text: str, default: str = FRONT_MATTER) -> list[Section]:
         if not text[body : m.start()].strip():
             # Nothing under the previous heading ("4 Experiments" right before "4.1 Setup"):
             # the new heading continues that section, so no chunk is a bare heading.
-            starts[-1] = (start, name, m.end())
+            starts[-1] = (start, name, m.start() if detector.inline else m.end())
             continue
-        starts.append((m.start(), name, m.end()))
+        starts.append((m.start(), name, m.start() if detector.inline else m.end()))
     bounds = [s for s, _, _ in starts[1:]] + [len(text)]
     return [Section(name, s, e) for (s, name, _), e in zip(starts, bounds, strict=True)]
 
@@ -226,6 +232,8 @@ def _tokenizer_of(count_tokens: Callable[[str], int]) -> Any:
 def _tokenize(texts: list[str], tokenizer: Any) -> list[_Tokens]:
     """Tokenize all sections of a document in one batched call (the hot path of chunking)."""
     out: list[_Tokens] = []
+    if not texts:
+        return out
     if tokenizer is not None:
         enc = tokenizer(
             texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False

@@ -1,0 +1,247 @@
+"""Chunking: token bounds by the real tokenizer, exact offsets, sections of real papers, idempotence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pypdfium2 as pdfium
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from research_pipeline.lib import store
+from research_pipeline.lib.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
+from research_pipeline.lib.embedder import load_embedder
+from research_pipeline_tests.conftest import DEMO_PAPERS
+
+#: Papers with numbered headings (ReScience) and with JOSS-style unnumbered ones.
+RESCIENCE = "rescience-2019-variational-sparse-coding.pdf"
+JOSS = "joss-2024-pdr-planetary-data-reader.pdf"
+LONG = "rescience-2020-mathematical-analysis-depolarization-block.pdf"
+BUDGET = 254  # MiniLM's 256 word pieces minus [CLS] and [SEP]
+
+
+def pdf_document(path: Path) -> dict:
+    """A documents row built straight from pypdfium2 text (pages joined by "\\n\\f\\n")."""
+    data = path.read_bytes()
+    pdf = pdfium.PdfDocument(data)
+    try:
+        pages = []
+        for page in pdf:
+            textpage = page.get_textpage()
+            pages.append(textpage.get_text_range())
+            textpage.close()
+            page.close()
+    finally:
+        pdf.close()
+    offsets, pos = [], 0
+    for text in pages:
+        offsets.append(pos)
+        pos += len(text) + 3
+    doc_id = store.sha256_hex(data)
+    return {
+        "doc_id": doc_id,
+        "shard": store.shard_of(doc_id),
+        "source_kind": "pdf",
+        "title": path.stem,
+        "page_count": len(pages),
+        "text": "\n\f\n".join(pages),
+        "page_offsets": json.dumps(offsets),
+        "parser": "pypdfium2",
+        "parser_version": pdfium.version.PYPDFIUM_INFO.version,
+        "quality": 1.0,
+        "ingested_at": store.utcnow(),
+    }
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, dict]:
+    return {name: pdf_document(DEMO_PAPERS / name) for name in (RESCIENCE, JOSS, LONG)}
+
+
+def check_chunk(doc: dict, row: dict, count_tokens, budget: int = BUDGET) -> None:
+    text = doc["text"]
+    assert row["text"] == text[row["char_start"] : row["char_end"]]
+    assert row["text"].strip() == row["text"], "chunks start and end on a token"
+    assert 0 < count_tokens(row["text"]) == row["n_tokens"] <= budget
+    assert row["content_hash"] == store.sha256_hex(row["text"])
+    assert row["chunk_id"] == store.sha256_hex(f"{doc['doc_id']}|{row['ordinal']}|{row['content_hash']}")
+    assert row["shard"] == doc["doc_id"][0]
+    offsets = json.loads(doc["page_offsets"])
+    # 1-based pages: the page holding the first and the last character of the chunk.
+    assert offsets[row["page_start"] - 1] <= row["char_start"]
+    assert row["page_start"] == len(offsets) or row["char_start"] < offsets[row["page_start"]]
+    assert offsets[row["page_end"] - 1] <= row["char_end"] - 1
+    assert row["page_end"] == len(offsets) or row["char_end"] - 1 < offsets[row["page_end"]]
+
+
+def test_chunks_are_token_bounded_with_exact_offsets(docs, embedder):
+    for doc in docs.values():
+        rows = chunk_document(doc, embedder.count_tokens)
+        assert rows, doc["title"]
+        assert [r["ordinal"] for r in rows] == list(range(len(rows)))
+        assert [r["char_start"] for r in rows] == sorted(r["char_start"] for r in rows)
+        for row in rows:
+            check_chunk(doc, row, embedder.count_tokens)
+        assert rows[-1]["page_end"] == doc["page_count"]
+
+
+def test_sections_of_real_papers(docs, embedder):
+    for name, doc in docs.items():
+        rows = chunk_document(doc, embedder.count_tokens)
+        sections = detect_sections(doc["text"])
+        names = [s.name for s in sections]
+        assert "References" in names, name
+        if name != JOSS:
+            assert "Introduction" in names, name
+        # No chunk crosses a section boundary, and each carries its section's name.
+        for row in rows:
+            inside = [s for s in sections if s.start <= row["char_start"] and row["char_end"] <= s.end]
+            assert len(inside) == 1 and inside[0].name == row["section"], row["text"][:80]
+            assert row["is_references"] == (row["section"] == "References")
+        refs = [r for r in rows if r["is_references"]]
+        assert refs and refs[0]["text"].lower().startswith("references"), "the heading opens its section"
+        assert rows[0]["section"] == FRONT_MATTER
+    numbered = [s.name for s in detect_sections(docs[RESCIENCE]["text"])]
+    # "1 Introduction", "2 Related Work" ... "7 Conclusions" in the PDF, in order.
+    for earlier, later in [("Introduction", "Related Work"), ("Related Work", "Conclusions"), ("Conclusions", "References")]:
+        assert numbered.index(earlier) < numbered.index(later)
+    assert {"Summary", "Statement of Need", "Acknowledgements"} <= {s.name for s in detect_sections(docs[JOSS]["text"])}
+
+
+def test_no_text_is_lost_and_chunks_overlap(docs, embedder):
+    doc = docs[LONG]
+    text = doc["text"]
+    rows = chunk_document(doc, embedder.count_tokens, overlap_tokens=32)
+    overlaps = 0
+    for section in detect_sections(text):
+        mine = [r for r in rows if r["char_start"] >= section.start and r["char_end"] <= section.end]
+        covered = section.start
+        for prev, nxt in zip(mine, mine[1:]):
+            if nxt["char_start"] < prev["char_end"]:
+                overlaps += 1
+                shared = text[nxt["char_start"] : prev["char_end"]]
+                assert embedder.count_tokens(shared) <= 32
+        for r in mine:
+            assert not text[covered : r["char_start"]].strip(), "text between chunks is only whitespace"
+            covered = max(covered, r["char_end"])
+        assert not text[covered : section.end].strip()
+    multi = sum(1 for i in range(1, len(rows)) if rows[i]["section"] == rows[i - 1]["section"])
+    assert overlaps == multi > 0, "every pair of neighbours in a section overlaps"
+    without = chunk_document(doc, embedder.count_tokens, overlap_tokens=0)
+    assert all(b["char_start"] >= a["char_end"] for a, b in zip(without, without[1:]))
+    assert len(without) < len(rows)
+
+
+def test_deterministic_ids(docs, embedder):
+    doc = docs[JOSS]
+    first = chunk_document(doc, embedder.count_tokens)
+    again = chunk_document(dict(doc), embedder.count_tokens)
+    assert [r["chunk_id"] for r in first] == [r["chunk_id"] for r in again]
+    other = chunk_document({**doc, "doc_id": "f" * 64}, embedder.count_tokens)
+    assert [r["content_hash"] for r in other] == [r["content_hash"] for r in first]
+    assert not {r["chunk_id"] for r in other} & {r["chunk_id"] for r in first}
+
+
+def test_heading_forms():
+    text = "\n".join(
+        [
+            "A Title Of A Paper",
+            "Abstract—We study things.",
+            "I. INTRODUCTION",
+            "Intro text here.",
+            "II. RELATED WORK",
+            "Prior art.",
+            "2.1 Methods",
+            "We did it.",
+            "3 Adam 0.01 0.02",
+            "Figure 1",
+            "4 Experimental Setup",
+            "Setup text.",
+            "1 Then a table row",
+            "R E F E R E N C E S",
+            "1 A. Author. A cited work. 2001.",
+            "2 Some Reference Title",
+            "Appendix A: Proofs",
+            "Proof text.",
+        ]
+    )
+    names = [s.name for s in detect_sections(text)]
+    assert names == [
+        FRONT_MATTER,
+        "Abstract",
+        "Introduction",
+        "Related Work",
+        "Methods",
+        "Experimental Setup",
+        "References",
+        "Appendix",
+    ]
+    chinese = "标题\n摘要\n我们研究了一些东西。\n一、引言\n正文。\n参考文献\n[1] 某某. 2001."
+    assert [s.name for s in detect_sections(chinese)] == [FRONT_MATTER, "Abstract", "Introduction", "References"]
+
+
+def test_overlong_word_and_record(embedder):
+    # A "word" of more word pieces than the budget (a sequence) has no place to cut between
+    # words, so it is cut inside. (MiniLM maps words over 100 characters to one [UNK], so the
+    # word is short and the budget small.)
+    dna = "ACGTTGCA" * 12
+    doc = {"doc_id": "a" * 64, "text": f"Introduction\n{dna}\nEnd.", "page_offsets": "[0]", "source_kind": "pdf"}
+    assert embedder.count_tokens(dna) > 14
+    rows = chunk_document(doc, embedder.count_tokens, max_tokens=16, overlap_tokens=0)
+    assert len(rows) > 2
+    for row in rows:
+        check_chunk(doc, row, embedder.count_tokens, budget=14)
+    assert "".join(r["text"] for r in rows).replace("\n", "") == doc["text"].replace("\n", "")
+    record = {"doc_id": "b" * 64, "text": "A short abstract of a record.", "page_offsets": "[0]", "source_kind": "record"}
+    [row] = chunk_document(record, embedder.count_tokens)
+    assert (row["section"], row["page_start"], row["page_end"], row["text"]) == ("Body", 1, 1, record["text"])
+    assert chunk_document({**record, "text": "  \n\f\n "}, embedder.count_tokens) == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    words=st.lists(
+        st.one_of(
+            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30),
+            st.sampled_from(["\n", ". ", "\n\n", "1 Introduction\n", "References\n", "\n\f\n", "ü", "–"]),
+        ),
+        max_size=400,
+    ),
+    max_tokens=st.sampled_from([16, 64, 256]),
+)
+def test_any_text_is_bounded(embedder, words, max_tokens):
+    text = " ".join(words)
+    doc = {"doc_id": "c" * 64, "text": text, "page_offsets": "[0]", "source_kind": "pdf"}
+    rows = chunk_document(doc, embedder.count_tokens, max_tokens=max_tokens, overlap_tokens=max_tokens // 4)
+    for row in rows:
+        check_chunk(doc, row, embedder.count_tokens, budget=max_tokens - 2)
+    if embedder.count_tokens(text):
+        assert rows
+
+
+def test_chunk_documents_is_idempotent(engine, docs, embedder):
+    with engine.begin() as conn:
+        store.upsert(conn, store.documents, [docs[JOSS], docs[RESCIENCE]], ["doc_id"])
+    stats = chunk_documents(engine, embedder.count_tokens)
+    expected = chunk_document(docs[JOSS], embedder.count_tokens) + chunk_document(docs[RESCIENCE], embedder.count_tokens)
+    assert stats == {"documents_chunked": 2, "chunks": len(expected), "chunks_removed": 0}
+    c = store.chunks
+    with engine.connect() as conn:
+        stored = {r["chunk_id"]: dict(r) for r in conn.execute(sa.select(c)).mappings()}
+    assert stored == {r["chunk_id"]: r for r in expected}
+    assert chunk_documents(engine, embedder.count_tokens) == {"documents_chunked": 0, "chunks": 0, "chunks_removed": 0}
+    # A document that is gone takes its chunks with it.
+    with engine.begin() as conn:
+        conn.execute(sa.delete(store.documents).where(store.documents.c.doc_id == docs[JOSS]["doc_id"]))
+    n_joss = sum(1 for r in expected if r["doc_id"] == docs[JOSS]["doc_id"])
+    assert chunk_documents(engine, embedder.count_tokens)["chunks_removed"] == n_joss
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one() == len(expected) - n_joss
