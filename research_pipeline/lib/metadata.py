@@ -1,0 +1,257 @@
+"""Bibliographic metadata of a paper: title, authors, year, abstract, DOI, arXiv id, language.
+
+Sources, best first: the PDF info dict when it is plausible, the largest-font lines of the
+first page (pdfium character font sizes), and patterns in the first page's text. Plain
+Python over an open pypdfium2 document; no Dagster.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from typing import Any
+
+DOI_RE = re.compile(r"\b(10\.\d{4,9}/[^\s\"<>]+)", re.IGNORECASE)
+ARXIV_RE = re.compile(
+    r"arXiv:\s*(\d{4}\.\d{4,5}|[a-z\-]+(?:\.[A-Z]{2})?/\d{7})(v\d+)?", re.IGNORECASE
+)
+YEAR_RE = re.compile(r"(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)")
+_DATED_RE = re.compile(
+    r"(?:published|accepted|received|copyright|©|\(c\)|proceedings|journal|vol\.?|volume)"
+    r"[^\n]{0,60}?(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)",
+    re.IGNORECASE,
+)
+_JUNK_TITLES = re.compile(
+    r"^(untitled|title|microsoft word|doi|paper|document|slide|\s*$)|\.(docx?|tex|dvi|pdf|ps|indd)\b|^[\w\-]+$",
+    re.IGNORECASE,
+)
+_ABSTRACT_RE = re.compile(r"(?im)^\s*(abstract|summary|a b s t r a c t|摘\s*要)\s*[:.\-—]?\s*")
+_HEADING_STOP_RE = re.compile(
+    r"(?im)^\s*(?:\d+\.?\s+|[IVX]+\.\s+)?(introduction|keywords|key words|index terms|categories and subject"
+    r"|general terms|1\s+introduction|关键词|关键字)\b"
+)
+
+
+def normalize_title(title: str | None) -> str:
+    """A comparison key for titles: NFKC, casefolded, letters and digits only, single spaces."""
+    if not title:
+        return ""
+    t = unicodedata.normalize("NFKC", title).casefold()
+    t = re.sub(r"[^\w]+", " ", t)
+    return " ".join(t.split())
+
+
+def detect_language(text: str) -> str | None:
+    """An ISO 639-1 guess: Unicode script for Chinese/Japanese/Korean, else langdetect (fixed seed)."""
+    sample = text[:5000]
+    letters = [c for c in sample if c.isalpha()]
+    if len(letters) < 20:
+        return None
+    kana = sum(1 for c in letters if "\u3040" <= c <= "\u30ff")
+    hangul = sum(1 for c in letters if "\uac00" <= c <= "\ud7af")
+    han = sum(1 for c in letters if "\u4e00" <= c <= "\u9fff")
+    if kana / len(letters) > 0.05:
+        return "ja"
+    if hangul / len(letters) > 0.2:
+        return "ko"
+    if han / len(letters) > 0.2:
+        return "zh"
+    try:
+        from langdetect import DetectorFactory, detect
+        from langdetect.lang_detect_exception import LangDetectException
+
+        # langdetect is random unless seeded; a fixed seed keeps re-ingests identical.
+        DetectorFactory.seed = 0
+        return detect(sample)
+    except LangDetectException:
+        return None
+
+
+def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
+    """(font size, top y, text) for each line of page 1, from pdfium's per-character data."""
+    import ctypes
+
+    import pypdfium2.raw as pdfium_c
+
+    page = doc[0]
+    lines: list[tuple[float, float, str]] = []
+    try:
+        textpage = page.get_textpage()
+        try:
+            n = pdfium_c.FPDFText_CountChars(textpage)
+            buf: list[str] = []
+            sizes: list[float] = []
+            top = 0.0
+            left, right, bottom, topv = (ctypes.c_double() for _ in range(4))
+            for i in range(min(n, 20000)):
+                ch = chr(pdfium_c.FPDFText_GetUnicode(textpage, i))
+                if ch == "\n":
+                    if buf:
+                        lines.append((max(sizes) if sizes else 0.0, top, "".join(buf).strip()))
+                    buf, sizes = [], []
+                    continue
+                if ch == "\r":
+                    continue
+                if not buf and pdfium_c.FPDFText_GetCharBox(
+                    textpage, i, ctypes.byref(left), ctypes.byref(right), ctypes.byref(bottom), ctypes.byref(topv)
+                ):
+                    top = topv.value
+                buf.append(ch)
+                if not ch.isspace():
+                    sizes.append(round(pdfium_c.FPDFText_GetFontSize(textpage, i), 1))
+            if buf:
+                lines.append((max(sizes) if sizes else 0.0, top, "".join(buf).strip()))
+        finally:
+            textpage.close()
+    finally:
+        page.close()
+    return [line for line in lines if line[2]]
+
+
+def _plausible_title(t: str | None) -> bool:
+    if not t:
+        return False
+    t = t.strip()
+    letters = sum(1 for c in t if c.isalpha())
+    return 8 <= len(t) <= 300 and letters >= 6 and " " in t and not _JUNK_TITLES.search(t)
+
+
+def _title_from_fonts(lines: list[tuple[float, float, str]]) -> str | None:
+    """The run of consecutive largest-font lines in the top part of page 1."""
+    candidates = [
+        ln for ln in lines[:40]
+        if sum(1 for c in ln[2] if c.isalpha()) >= 3 and not re.match(r"(?i)(arxiv|doi|http|www\.)", ln[2])
+    ]
+    if not candidates:
+        return None
+    biggest = max(ln[0] for ln in candidates)
+    if biggest <= 0:
+        return None
+    parts: list[str] = []
+    for i, ln in enumerate(lines[:40]):
+        if ln in candidates and abs(ln[0] - biggest) < 0.6:
+            parts.append(ln[2])
+            j = i + 1
+            while j < len(lines) and abs(lines[j][0] - biggest) < 0.6 and len(parts) < 4:
+                parts.append(lines[j][2])
+                j += 1
+            break
+    title = " ".join(" ".join(parts).split())
+    # Letter-spaced small caps ("R E S C I E N C E") are banners, not titles.
+    if re.fullmatch(r"(?:\w )+\w", title):
+        return None
+    return title or None
+
+
+def _title_from_text(first_page: str) -> str | None:
+    for line in first_page.splitlines()[:15]:
+        line = line.strip()
+        if _plausible_title(line) and not re.match(r"(?i)(arxiv|doi|http|proceedings|journal|vol)", line):
+            return line
+    return None
+
+
+def _year(first_page: str, info: dict[str, str], arxiv: str | None) -> int | None:
+    head = first_page[:6000]
+    dated = [int(y) for y in _DATED_RE.findall(head)]
+    creation = None
+    m = re.match(r"D?:?(\d{4})", info.get("CreationDate") or "")
+    if m and 1900 < int(m.group(1)) < 2100:
+        creation = int(m.group(1))
+    limit = creation or 2100
+    if dated:
+        plausible = [y for y in dated if y <= limit]
+        if plausible:
+            return max(plausible)
+    if arxiv and re.match(r"\d{4}\.", arxiv):
+        return 2000 + int(arxiv[:2])
+    years = [int(y) for y in YEAR_RE.findall(head) if int(y) <= limit]
+    if years and (creation is None or max(years) < creation - 2):
+        # An old paper scanned or re-typeset later: trust the years printed on it.
+        counts = Counter(years)
+        return max(counts, key=lambda y: (counts[y], y))
+    return creation or (max(years) if years else None)
+
+
+def _authors(info: dict[str, str]) -> list[str]:
+    raw = (info.get("Author") or "").strip()
+    if not raw or len(raw) > 500:
+        return []
+    names = re.split(r"\s*(?:;|,|\band\b|&)\s*", raw)
+    return [n.strip() for n in names if sum(1 for c in n if c.isalpha()) >= 2]
+
+
+def _abstract(text: str) -> str | None:
+    m = _ABSTRACT_RE.search(text[:20000])
+    if not m:
+        return None
+    rest = text[m.end(): m.end() + 4000]
+    stop = _HEADING_STOP_RE.search(rest)
+    if stop and stop.start() > 40:
+        rest = rest[: stop.start()]
+    rest = " ".join(rest.split())
+    return rest[:2000] or None
+
+
+def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, Any]:
+    """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF."""
+    try:
+        info = {k: v for k, v in doc.get_metadata_dict().items() if v}
+    except Exception:  # noqa: BLE001 - a broken info dict must not lose the document
+        info = {}
+    first = pages[0] if pages else ""
+    head = "\n".join(pages[:2])[:20000]
+    try:
+        lines = _first_page_lines(doc) if len(doc) else []
+    except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
+        lines = []
+    font_title = _title_from_fonts(lines)
+    info_title = (info.get("Title") or "").strip()
+    stem = normalize_title(re.sub(r"\.pdf$", "", filename, flags=re.IGNORECASE))
+    title = None
+    if _plausible_title(info_title) and normalize_title(info_title) != stem:
+        title = " ".join(info_title.split())
+    elif font_title and _plausible_title(font_title):
+        title = font_title
+    else:
+        title = _title_from_text(first)
+    doi_m = DOI_RE.search(head)
+    doi = doi_m.group(1).rstrip(".,;)]}") if doi_m else None
+    arxiv_m = ARXIV_RE.search(head)
+    arxiv = arxiv_m.group(1) if arxiv_m else None
+    text_sample = " ".join(p for p in pages[:3])
+    return {
+        "title": title,
+        "authors": _authors(info),
+        "year": _year(first, info, arxiv),
+        "abstract": _abstract(head),
+        "doi": doi,
+        "arxiv_id": arxiv,
+        "language": detect_language(text_sample),
+        "page_count": len(pages),
+        "info": info,
+    }
+
+
+def record_metadata(record: dict[str, Any]) -> dict[str, Any]:
+    """Title, year and authors of a JSONL (BEIR) record, from its fields and optional `metadata`."""
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    year = meta.get("year")
+    try:
+        year = int(year) if year is not None else None
+    except (TypeError, ValueError):
+        year = None
+    authors = meta.get("authors") or []
+    if isinstance(authors, str):
+        authors = [a.strip() for a in re.split(r"[;,]", authors) if a.strip()]
+    text = record.get("text") or ""
+    doi_m = DOI_RE.search(str(meta.get("doi") or ""))
+    return {
+        "title": (record.get("title") or "").strip() or None,
+        "authors": [str(a) for a in authors],
+        "year": year,
+        "abstract": text[:2000] or None,
+        "doi": doi_m.group(1) if doi_m else None,
+        "arxiv_id": None,
+    }
