@@ -1,0 +1,276 @@
+"""BEIR-style retrieval evaluation that runs a test collection through the real pipeline.
+
+The corpus (corpus.jsonl) is ingested, chunked, embedded and indexed by the same library code
+as papers (`ingest`, `chunk_documents`, `embed_missing`, `build_fts`, `build_vector_index`,
+`Searcher`), into a SQLite database and object store under `work_dir` (default
+``$RP_HOME/eval/<collection>``). Every step is idempotent and the indexes are kept with a
+fingerprint of the chunks they cover, so a second run only queries.
+
+Results are per paper: each hit's doc_id maps back to the collection's ``_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from research_pipeline.lib import store
+from research_pipeline.lib.fts import build_fts
+from research_pipeline.lib.ir_metrics import mrr_at_k, ndcg_at_k, percentile, recall_at_k
+from research_pipeline.lib.objectstore import LocalObjectStore, sha256_file
+from research_pipeline.lib.search import MODES, Searcher
+from research_pipeline.lib.vectors import VectorIndex, build_vector_index, load_vector_index, write_vector_index
+
+#: A logger with .info, or a callable taking one message, or None.
+Log = Any
+
+FTS_TABLE = "fts_eval"
+#: Papers retrieved per query: enough for recall@100.
+DEPTH = 100
+
+
+def _emit(log: Any, message: str) -> None:
+    if log is None:
+        return
+    if hasattr(log, "info"):
+        log.info(message)
+    else:
+        log(message)
+
+
+def load_queries(beir_dir: Path, split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The query texts and the judgments {query id: {corpus id: grade}} of one split."""
+    qrels_path = beir_dir / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise FileNotFoundError(f"{qrels_path} not found: {beir_dir} has no '{split}' split (look in {beir_dir / 'qrels'})")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_path, encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3 or parts[0] == "query-id":
+                continue
+            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    queries: dict[str, str] = {}
+    with open(beir_dir / "queries.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                if str(rec["_id"]) in qrels:
+                    queries[str(rec["_id"])] = rec["text"]
+    missing = set(qrels) - set(queries)
+    if missing:
+        raise ValueError(f"{len(missing)} judged queries of {qrels_path} are not in queries.jsonl, e.g. {sorted(missing)[0]}")
+    return queries, qrels
+
+
+@dataclass
+class EvalIndex:
+    """A collection ingested and indexed under a work dir, ready to query."""
+
+    engine: Engine
+    fts_table: str
+    vectors: VectorIndex | None
+    corpus_id: dict[str, str]  # doc_id -> the collection's _id
+    documents: int
+    chunks: int
+
+
+def _ingest_corpus(engine: Engine, beir_dir: Path, log: Log) -> None:
+    from research_pipeline.lib.ingest import ingest
+    from research_pipeline.lib.sources import sources_for
+
+    ingest(engine, sources_for(beir_dir), log=log)
+
+
+def _chunk(engine: Engine, embedder: Any, log: Log) -> None:
+    from research_pipeline.lib.chunking import chunk_documents
+
+    chunk_documents(engine, embedder.count_tokens, max_tokens=embedder.max_seq_length, log=log)
+
+
+def _embed(engine: Engine, embedder: Any, log: Log) -> None:
+    from research_pipeline.lib.embeddings import embed_missing
+
+    embed_missing(engine, embedder, log=log)
+
+
+def _load_embeddings(engine: Engine, model_id: str, hashes: list[str]) -> np.ndarray:
+    from research_pipeline.lib.embeddings import load_embeddings
+
+    return load_embeddings(engine, model_id, hashes)
+
+
+def _corpus_ids(engine: Engine) -> dict[str, str]:
+    """doc_id -> collection _id, from the record metadata ingest keeps in documents.extra."""
+    out: dict[str, str] = {}
+    with engine.connect() as conn:
+        for doc_id, extra in conn.execute(sa.select(store.documents.c.doc_id, store.documents.c.extra)):
+            meta = json.loads(extra) if extra else {}
+            rid = meta.get("_id", meta.get("record", {}).get("_id") if isinstance(meta.get("record"), dict) else None)
+            if rid is not None:
+                out[doc_id] = str(rid)
+    return out
+
+
+def _default_embedder() -> Any:
+    from research_pipeline.lib.embedder import load_embedder
+    from research_pipeline.lib.settings import Settings
+
+    settings = Settings.from_env()
+    return load_embedder(settings.model, settings.device)
+
+
+def _fingerprint(chunk_ids: list[str], salt: str) -> str:
+    return store.sha256_hex(salt + "\n" + "\n".join(sorted(chunk_ids)))
+
+
+def prepare(
+    beir_dir: Path | str,
+    work_dir: Path | str | None = None,
+    embedder: Any = None,
+    need_vectors: bool = True,
+    log: Log = None,
+) -> EvalIndex:
+    """Ingest, chunk, embed (when `need_vectors`) and index a BEIR collection under `work_dir`."""
+    beir_dir = Path(beir_dir)
+    corpus = beir_dir / "corpus.jsonl"
+    if not corpus.is_file():
+        raise FileNotFoundError(f"{corpus} not found: a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/")
+    if work_dir is None:
+        from research_pipeline.lib.settings import Settings
+
+        work_dir = Settings.from_env().home / "eval" / beir_dir.resolve().name
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if embedder is None:
+        embedder = _default_embedder()
+
+    engine = store.make_engine(f"sqlite:///{work_dir / 'eval.db'}")
+    store.create_schema(engine)
+    state_path = work_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def save_state() -> None:
+        store_dir = LocalObjectStore(work_dir)
+        store_dir.put_bytes("state.json", json.dumps(state, indent=1, sort_keys=True).encode())
+
+    corpus_sha = sha256_file(corpus)
+    if state.get("corpus_sha256") != corpus_sha:
+        started = time.perf_counter()
+        _ingest_corpus(engine, beir_dir, log)
+        state["corpus_sha256"] = corpus_sha
+        save_state()
+        _emit(log, f"{beir_dir.name}: ingested in {time.perf_counter() - started:.1f}s")
+    _chunk(engine, embedder, log)
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(store.chunks.c.chunk_id, store.chunks.c.content_hash).order_by(store.chunks.c.chunk_id)
+        ).all()
+        n_docs = conn.execute(sa.select(sa.func.count()).select_from(store.documents)).scalar_one()
+    chunk_ids = [r[0] for r in rows]
+    hashes = [r[1] for r in rows]
+
+    fts_fp = _fingerprint(chunk_ids, "fts")
+    if state.get("fts") != fts_fp or not _table_exists(engine, FTS_TABLE):
+        build_fts(engine, FTS_TABLE)
+        state["fts"] = fts_fp
+        save_state()
+
+    vectors = None
+    if need_vectors:
+        objects = LocalObjectStore(work_dir / "objects")
+        vec_fp = _fingerprint(chunk_ids, embedder.model_id)
+        prefix = f"vectors/{vec_fp[:16]}"
+        key = f"{prefix}/manifest.json"
+        if not objects.exists(key):
+            _embed(engine, embedder, log)
+            unique = list(dict.fromkeys(hashes))
+            table = _load_embeddings(engine, embedder.model_id, unique) if unique else np.zeros((0, embedder.dim), np.float32)
+            row_of = {h: i for i, h in enumerate(unique)}
+            matrix = table[[row_of[h] for h in hashes]] if hashes else table
+            index, params = build_vector_index(matrix)
+            key = write_vector_index(objects, prefix, index, chunk_ids, {"model": embedder.model_id, "build_params": params})
+        vectors = load_vector_index(objects, key)
+
+    return EvalIndex(
+        engine=engine,
+        fts_table=FTS_TABLE,
+        vectors=vectors,
+        corpus_id=_corpus_ids(engine),
+        documents=int(n_docs),
+        chunks=len(chunk_ids),
+    )
+
+
+def _table_exists(engine: Engine, table: str) -> bool:
+    return sa.inspect(engine).has_table(table)
+
+
+def run_queries(
+    index: EvalIndex,
+    searcher: Searcher,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    mode: str,
+) -> dict[str, Any]:
+    """Search every judged query and average nDCG@10, recall@100 and MRR@10; latency per query."""
+    if queries:
+        searcher.search(next(iter(queries.values())), k=DEPTH, mode=mode)  # warm caches, untimed
+    ndcg, recall, mrr, latency = [], [], [], []
+    for qid, text in queries.items():
+        started = time.perf_counter()
+        hits = searcher.search(text, k=DEPTH, mode=mode)
+        latency.append((time.perf_counter() - started) * 1000.0)
+        ranked = [index.corpus_id.get(h.doc_id, h.doc_id) for h in hits]
+        judged = qrels[qid]
+        ndcg.append(ndcg_at_k(ranked, judged, 10))
+        recall.append(recall_at_k(ranked, judged, 100))
+        mrr.append(mrr_at_k(ranked, judged, 10))
+    n = len(ndcg)
+    return {
+        "ndcg@10": round(sum(ndcg) / n, 4) if n else 0.0,
+        "recall@100": round(sum(recall) / n, 4) if n else 0.0,
+        "mrr@10": round(sum(mrr) / n, 4) if n else 0.0,
+        "queries": n,
+        "latency_ms_p50": round(percentile(latency, 50), 2),
+        "latency_ms_p95": round(percentile(latency, 95), 2),
+    }
+
+
+def evaluate(
+    beir_dir: Path | str,
+    split: str = "test",
+    mode: str = "hybrid",
+    work_dir: Path | str | None = None,
+    embedder: Any = None,
+    log: Log = None,
+    **tuning: Any,
+) -> dict[str, Any]:
+    """nDCG@10, recall@100, MRR@10 and latency p50/p95 of `mode` on one split of a BEIR folder.
+
+    `tuning` overrides the Searcher's fusion parameters (see lib/search.py).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    beir_dir = Path(beir_dir)
+    queries, qrels = load_queries(beir_dir, split)
+    need_vectors = mode != "bm25"
+    if embedder is None:
+        embedder = _default_embedder()
+    index = prepare(beir_dir, work_dir, embedder, need_vectors, log)
+    searcher = Searcher(index.engine, index.fts_table, index.vectors, embedder if need_vectors else None, **tuning)
+    result = run_queries(index, searcher, queries, qrels, mode)
+    result.update(
+        {"dataset": beir_dir.resolve().name, "split": split, "mode": mode, "documents": index.documents, "chunks": index.chunks}
+    )
+    index.engine.dispose()
+    return result
