@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,6 +29,9 @@ from research_pipeline.lib import generations, store
 
 BLOCKING_GATES: tuple[str, ...] = ("volume", "latency", "quality")
 ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
+
+#: The bundled probe eval set (package data), built from the demo corpus.
+PROBE_EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "probe_eval"
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,21 @@ class ProbeSet:
     def doc_ids(self) -> set[str]:
         return {d for rel in self.qrels.values() for d in rel}
 
+    def limited(self, n: int, present_doc_ids: set[str]) -> ProbeSet:
+        """At most `n` queries (all when n <= 0), those the corpus can answer first."""
+        if n <= 0 or n >= len(self.queries):
+            return self
+        ordered = sorted(self.queries, key=lambda q: (not (set(self.qrels.get(q, {})) & present_doc_ids), q))
+        keep = set(ordered[:n])
+        return ProbeSet(
+            queries={q: t for q, t in self.queries.items() if q in keep},
+            qrels={q: r for q, r in self.qrels.items() if q in keep},
+        )
+
 
 def load_probe_set(path: str | Path | None = None) -> ProbeSet:
     """The probe eval set in `path` (queries.jsonl + qrels.tsv), by default the bundled one."""
-    base = Path(path) if path is not None else Path(str(resources.files("research_pipeline") / "data" / "probe_eval"))
+    base = Path(path) if path is not None else PROBE_EVAL_DIR
     qfile, rfile = base / "queries.jsonl", base / "qrels.tsv"
     if not qfile.is_file() or not rfile.is_file():
         raise FileNotFoundError(f"probe eval set {base} needs queries.jsonl and qrels.tsv (BEIR layout)")
@@ -366,11 +379,13 @@ def evaluate_generation(
     thresholds: GateThresholds | None = None,
     probe: ProbeSet | None = None,
     record: bool = True,
+    max_probe_queries: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Run every gate on candidate `gen_id` (against the live generation) and record the results on it.
 
     Returns gate name -> {"passed", "blocking", "metadata", "description"}. A blocking failure
-    marks the generation rejected (see generations.record_gates).
+    marks the generation rejected (see generations.record_gates). `max_probe_queries` > 0
+    limits the probe set (answerable queries first) to keep small test runs fast.
     """
     thresholds = thresholds or GateThresholds()
     probe = probe or load_probe_set()
@@ -393,7 +408,6 @@ def evaluate_generation(
     else:
         searcher = generations.open_searcher(engine, object_store, embedder, gen_id=gen_id)
         put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
-        put("latency", latency_gate(searcher, list(probe.queries.values()), thresholds.latency_p95_ms), True)
         live_searcher = None
         if live is not None and live["model_id"] == embedder.model_id:
             try:
@@ -401,6 +415,8 @@ def evaluate_generation(
             except Exception:  # noqa: BLE001 - a broken live generation must not block its replacement
                 live_searcher = None
         present = indexed_doc_ids(engine, probe.doc_ids)
+        probe = probe.limited(max_probe_queries, present)
+        put("latency", latency_gate(searcher, list(probe.queries.values()), thresholds.latency_p95_ms), True)
         put(
             "quality",
             quality_gate(searcher, probe, present, thresholds.ndcg_floor, thresholds.ndcg_max_regression, live_searcher),

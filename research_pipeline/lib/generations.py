@@ -326,6 +326,13 @@ def publish(engine: Engine, gen_id: str, keep: int = 3, store: Any = None) -> di
         if row is None:
             raise GenerationError(f"cannot publish unknown index generation {gen_id!r}")
         gen = _row(row)
+        if gen["status"] == "rejected":
+            _, failed = gate_status(gen)
+            reasons = "; ".join(f"{n}: {gen['checks'][n]['description']}" for n in failed) or "see its checks"
+            raise GenerationError(
+                f"cannot publish index generation {gen_id}: it was rejected by its release gates ({reasons}); "
+                "the live generation is unchanged. Fix the cause and run reindex_job"
+            )
         if gen["status"] != "candidate":
             hint = (
                 "use `research-pipeline index rollback " + gen_id + "` to make a retained generation live again"
