@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,6 +84,11 @@ class TableSpec:
     def key(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.table.primary_key.columns)
 
+    @property
+    def shards(self) -> tuple[str, ...]:
+        """The shards that hold rows of this table."""
+        return store.SHARDS if self.by is not None else (SMALL_TABLES_SHARD,)
+
     def shard_of_row(self, row: Mapping[str, Any]) -> str:
         if self.by is None:
             return SMALL_TABLES_SHARD
@@ -113,6 +119,12 @@ TABLE_SPECS: tuple[TableSpec, ...] = (
     TableSpec(store.schema_version, None),
 )
 SPECS_BY_NAME = {s.name: s for s in TABLE_SPECS}
+
+
+def expected_states(shards: Sequence[str] = store.SHARDS) -> list[tuple[str, str]]:
+    """The (table or object family, shard) pairs a complete migration of `shards` marks verified."""
+    pairs = [(spec.name, s) for spec in TABLE_SPECS for s in shards if s in spec.shards]
+    return pairs + [(family, s) for family in OBJECT_FAMILIES for s in shards]
 
 
 def _emit(log: Log, msg: str) -> None:
@@ -184,12 +196,17 @@ def _same_database(a: str, b: str) -> bool:
     )
 
 
+_PREPARED: weakref.WeakSet = weakref.WeakSet()
+
+
 def prepare_target(target: Engine) -> None:
     """Create the schema (and migration_state) on the target; safe to repeat and to run concurrently.
 
     The 16 partitions of a backfill start at once; a session advisory lock stops their
     CREATE TABLEs from racing on a fresh database.
     """
+    if target in _PREPARED:
+        return
     with target.connect() as conn:
         conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('research_pipeline:migration:schema'))"))
         try:
@@ -197,6 +214,7 @@ def prepare_target(target: Engine) -> None:
         finally:
             conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext('research_pipeline:migration:schema'))"))
             conn.commit()
+    _PREPARED.add(target)
 
 
 # --------------------------------------------------------------------------- canonical rows
@@ -319,7 +337,7 @@ def _set_state(conn: sa.Connection, table_name: str, shard: str, state: str, row
 
 def migration_states(target: Engine) -> dict[tuple[str, str], dict[str, Any]]:
     """{(table_name, shard): migration_state row} on the target (empty if it has no schema yet)."""
-    if not sa.inspect(target).has_table(store.migration_state.name):
+    if target not in _PREPARED and not sa.inspect(target).has_table(store.migration_state.name):
         return {}
     with target.connect() as conn:
         rows = conn.execute(sa.select(store.migration_state)).mappings().all()
@@ -364,6 +382,7 @@ def migrate_table_shard(
     batch_rows: int = 5000,
     on_batch: Callable[[BatchInfo], None] | None = None,
     log: Log = None,
+    state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy one shard of one table to the target and verify it; returns rows/bytes/seconds.
 
@@ -372,7 +391,8 @@ def migrate_table_shard(
     """
     _check_shard(shard)
     t0 = time.perf_counter()
-    state = migration_states(target).get((spec.name, shard))
+    if state is None:
+        state = migration_states(target).get((spec.name, shard))
     if state and state["state"] == "verified" and not force:
         return {"table": spec.name, "shard": shard, "skipped": True, "rows": 0, "bytes": 0, "seconds": 0.0}
     with target.begin() as conn:
@@ -464,8 +484,13 @@ def migrate_rows(
     prepare_target(target)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"rows": 0, "bytes": 0, "tables_skipped": 0, "tables": {}}
+    states = migration_states(target)
     for spec in TABLE_SPECS:
-        res = migrate_table_shard(source, target, spec, shard, force, batch_rows, on_batch, log)
+        if shard not in spec.shards:
+            continue
+        res = migrate_table_shard(
+            source, target, spec, shard, force, batch_rows, on_batch, log, states.get((spec.name, shard), {})
+        )
         out["rows"] += res["rows"]
         out["bytes"] += res["bytes"]
         out["tables_skipped"] += int(res["skipped"])
@@ -751,13 +776,14 @@ def verify(
     Rows are compared by primary key and canonical digest, objects by size and sha256 (the
     bytes themselves when `deep`); every (table, shard) must also be `verified` in
     migration_state, and whole-table counts must match (rows outside the hex shards included).
+    With `s3=None` only the rows are compared.
     """
     t0 = time.perf_counter()
     report = VerifyReport()
     states = migration_states(target)
     has_schema = bool(states) or sa.inspect(target).has_table(store.migration_state.name)
     for spec in TABLE_SPECS:
-        for shard in shards:
+        for shard in (s for s in shards if s in spec.shards):
             report.partitions += 1
             st = states.get((spec.name, shard))
             if st is None or st["state"] != "verified":
@@ -778,7 +804,7 @@ def verify(
                 report.differences.append(
                     Difference("table", spec.name, "*", "row count", f"{n_tgt} rows on target, {n_src} in source")
                 )
-    for shard in shards:
+    for shard in shards if s3 is not None else ():
         for family, plans in plan_objects(source, source_store, shard).items():
             st = states.get((family, shard))
             if st is None or st["state"] != "verified":

@@ -160,9 +160,8 @@ def migration(
     rebuilt on PostgreSQL)."""
     target = migration_target.get_engine(database.url)
     states = migrate.migration_states(target)
-    names = [s.name for s in migrate.TABLE_SPECS] + list(migrate.OBJECT_FAMILIES)
     missing = sorted(
-        {shard for name in names for shard in store.SHARDS if states.get((name, shard), {}).get("state") != "verified"}
+        {shard for name, shard in migrate.expected_states() if states.get((name, shard), {}).get("state") != "verified"}
     )
     if missing:
         raise dg.Failure(
