@@ -245,7 +245,8 @@ def ingest(
                     continue
                 rec = item.record
                 meta = record_metadata(rec)
-                text = str(rec.get("text") or "")
+                # PostgreSQL text cannot hold NUL; nothing else in a record is rewritten.
+                text = str(rec.get("text") or "").replace("\x00", "")
                 extra = {"record_id": rec.get("_id"), "metadata": rec.get("metadata")}
                 row = _document_row(doc_id, "record", None, meta, text, [0], "jsonl", "1", extra)
                 record_rows.append((row, item))

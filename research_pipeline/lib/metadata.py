@@ -18,7 +18,9 @@ ARXIV_RE = re.compile(
 )
 YEAR_RE = re.compile(r"(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)")
 _DATED_RE = re.compile(
-    r"(?:published|accepted|received|copyright|©|\(c\)|proceedings|journal|vol\.?|volume)"
+    r"(?:published|accepted|received|copyright|©|\(c\)|proceedings|journal|vol\.?|volume|draft"
+    r"|jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:tember)?"
+    r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b"
     r"[^\n]{0,60}?(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)",
     re.IGNORECASE,
 )
@@ -31,6 +33,14 @@ _HEADING_STOP_RE = re.compile(
     r"(?im)^\s*(?:\d+\.?\s+|[IVX]+\.\s+)?(introduction|keywords|key words|index terms|categories and subject"
     r"|general terms|1\s+introduction|关键词|关键字)\b"
 )
+
+
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd\ufffe\uffff\ue000-\uf8ff]")
+
+
+def clean_str(value: Any) -> str:
+    """A metadata string without control/private-use characters (PostgreSQL text cannot hold NUL)."""
+    return " ".join(_CONTROL_RE.sub(" ", str(value)).split())
 
 
 def normalize_title(title: str | None) -> str:
@@ -68,8 +78,20 @@ def detect_language(text: str) -> str | None:
         return None
 
 
+def _median(values: list[float]) -> float:
+    # The median, not the max: a drop cap or a large superscript must not make a body line a title.
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
-    """(font size, top y, text) for each line of page 1, from pdfium's per-character data."""
+    """(glyph height, top y, text) for each line of page 1, from pdfium's per-character boxes.
+
+    The loose character box height (font ascent to descent at the rendered size) is used
+    instead of the nominal font size, which is 1.0 for fonts scaled by the text matrix.
+    """
     import ctypes
 
     import pypdfium2.raw as pdfium_c
@@ -83,25 +105,23 @@ def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
             buf: list[str] = []
             sizes: list[float] = []
             top = 0.0
-            left, right, bottom, topv = (ctypes.c_double() for _ in range(4))
+            rect = pdfium_c.FS_RECTF()
             for i in range(min(n, 20000)):
                 ch = chr(pdfium_c.FPDFText_GetUnicode(textpage, i))
                 if ch == "\n":
                     if buf:
-                        lines.append((max(sizes) if sizes else 0.0, top, "".join(buf).strip()))
+                        lines.append((_median(sizes), top, "".join(buf).strip()))
                     buf, sizes = [], []
                     continue
                 if ch == "\r":
                     continue
-                if not buf and pdfium_c.FPDFText_GetCharBox(
-                    textpage, i, ctypes.byref(left), ctypes.byref(right), ctypes.byref(bottom), ctypes.byref(topv)
-                ):
-                    top = topv.value
+                if not ch.isspace() and pdfium_c.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(rect)):
+                    if not sizes:
+                        top = rect.top
+                    sizes.append(round(abs(rect.top - rect.bottom), 1))
                 buf.append(ch)
-                if not ch.isspace():
-                    sizes.append(round(pdfium_c.FPDFText_GetFontSize(textpage, i), 1))
             if buf:
-                lines.append((max(sizes) if sizes else 0.0, top, "".join(buf).strip()))
+                lines.append((_median(sizes), top, "".join(buf).strip()))
         finally:
             textpage.close()
     finally:
@@ -179,7 +199,7 @@ def _authors(info: dict[str, str]) -> list[str]:
     if not raw or len(raw) > 500:
         return []
     names = re.split(r"\s*(?:;|,|\band\b|&)\s*", raw)
-    return [n.strip() for n in names if sum(1 for c in n if c.isalpha()) >= 2]
+    return [clean_str(n) for n in names if sum(1 for c in n if c.isalpha()) >= 2]
 
 
 def _abstract(text: str) -> str | None:
@@ -190,14 +210,14 @@ def _abstract(text: str) -> str | None:
     stop = _HEADING_STOP_RE.search(rest)
     if stop and stop.start() > 40:
         rest = rest[: stop.start()]
-    rest = " ".join(rest.split())
+    rest = clean_str(rest)
     return rest[:2000] or None
 
 
 def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, Any]:
     """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF."""
     try:
-        info = {k: v for k, v in doc.get_metadata_dict().items() if v}
+        info = {k: clean_str(v) for k, v in doc.get_metadata_dict().items() if v and clean_str(v)}
     except Exception:  # noqa: BLE001 - a broken info dict must not lose the document
         info = {}
     first = pages[0] if pages else ""
@@ -221,8 +241,9 @@ def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, An
     arxiv_m = ARXIV_RE.search(head)
     arxiv = arxiv_m.group(1) if arxiv_m else None
     text_sample = " ".join(p for p in pages[:3])
+    title = clean_str(title) if title else None
     return {
-        "title": title,
+        "title": title or None,
         "authors": _authors(info),
         "year": _year(first, info, arxiv),
         "abstract": _abstract(head),
@@ -248,7 +269,7 @@ def record_metadata(record: dict[str, Any]) -> dict[str, Any]:
     text = record.get("text") or ""
     doi_m = DOI_RE.search(str(meta.get("doi") or ""))
     return {
-        "title": (record.get("title") or "").strip() or None,
+        "title": clean_str(record.get("title") or "") or None,
         "authors": [str(a) for a in authors],
         "year": year,
         "abstract": text[:2000] or None,
