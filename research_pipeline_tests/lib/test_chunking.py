@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-import pypdfium2 as pdfium
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from research_pipeline.lib import store
 from research_pipeline.lib.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
 from research_pipeline.lib.embedder import load_embedder
+from research_pipeline.lib.ingest import ingest
+from research_pipeline.lib.sources import sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Papers with numbered headings (ReScience) and with JOSS-style unnumbered ones.
@@ -23,37 +25,25 @@ LONG = "rescience-2020-mathematical-analysis-depolarization-block.pdf"
 BUDGET = 254  # MiniLM's 256 word pieces minus [CLS] and [SEP]
 
 
-def pdf_document(path: Path) -> dict:
-    """A documents row built straight from pypdfium2 text (pages joined by "\\n\\f\\n")."""
-    data = path.read_bytes()
-    pdf = pdfium.PdfDocument(data)
-    try:
-        pages = []
-        for page in pdf:
-            textpage = page.get_textpage()
-            pages.append(textpage.get_text_range())
-            textpage.close()
-            page.close()
-    finally:
-        pdf.close()
-    offsets, pos = [], 0
-    for text in pages:
-        offsets.append(pos)
-        pos += len(text) + 3
-    doc_id = store.sha256_hex(data)
-    return {
-        "doc_id": doc_id,
-        "shard": store.shard_of(doc_id),
-        "source_kind": "pdf",
-        "title": path.stem,
-        "page_count": len(pages),
-        "text": "\n\f\n".join(pages),
-        "page_offsets": json.dumps(offsets),
-        "parser": "pypdfium2",
-        "parser_version": pdfium.version.PYPDFIUM_INFO.version,
-        "quality": 1.0,
-        "ingested_at": store.utcnow(),
-    }
+def ingest_demo(names: list[str], workdir: Path) -> dict[str, dict]:
+    """documents rows of demo papers, by file name, made by the real ingest (parse, clean, metadata)."""
+    inbox = workdir / "inbox"
+    inbox.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(DEMO_PAPERS / name, inbox / name)
+    engine = store.make_engine(f"sqlite:///{workdir / 'ingest.db'}")
+    store.create_schema(engine)
+    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    assert report.documents_new == len(names), report
+    d, s = store.documents, store.document_sources
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(s.c.uri, d).join(d, d.c.doc_id == s.c.doc_id)).mappings().all()
+    engine.dispose()
+    out = {}
+    for row in rows:
+        name = next(n for n in names if row["uri"].endswith(n))
+        out[name] = {k: v for k, v in row.items() if k != "uri"}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +52,8 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def docs() -> dict[str, dict]:
-    return {name: pdf_document(DEMO_PAPERS / name) for name in (RESCIENCE, JOSS, LONG)}
+def docs(tmp_path_factory) -> dict[str, dict]:
+    return ingest_demo([RESCIENCE, JOSS, LONG], tmp_path_factory.mktemp("demo"))
 
 
 def check_chunk(doc: dict, row: dict, count_tokens, budget: int = BUDGET) -> None:

@@ -18,7 +18,7 @@ from research_pipeline.lib.chunking import chunk_document
 from research_pipeline.lib.embedder import load_embedder, resolve_model_path
 from research_pipeline.lib.embeddings import bytes_to_vector, embed_missing, load_embeddings, vector_to_bytes
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
-from research_pipeline_tests.lib.test_chunking import pdf_document
+from research_pipeline_tests.lib.test_chunking import ingest_demo
 
 SHORT = ["joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf", "jose-2018-short-course-about-fitting-models-scipy.pdf"]
 
@@ -26,6 +26,12 @@ SHORT = ["joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf", "jose-
 @pytest.fixture(scope="module")
 def embedder():
     return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def papers(tmp_path_factory) -> dict[str, dict]:
+    names = sorted({*SHORT, *(p.name for p in DEMO_PAPERS.glob("jose-*.pdf"))})
+    return ingest_demo(names, tmp_path_factory.mktemp("demo"))
 
 
 class RenamedModel:
@@ -55,8 +61,8 @@ def stored(engine, model_id: str) -> dict[str, bytes]:
     return {h: bytes(v) for h, v, _ in rows}
 
 
-def test_embeds_each_text_once_per_model(engine, embedder):
-    paper = pdf_document(DEMO_PAPERS / SHORT[0])
+def test_embeds_each_text_once_per_model(engine, embedder, papers):
+    paper = papers[SHORT[0]]
     # The same paper under a second doc_id (another copy): identical chunk texts, embedded once.
     shard = "1" if paper["shard"] == "0" else "0"
     twin = {**paper, "doc_id": shard + paper["doc_id"][1:], "shard": shard}
@@ -74,7 +80,7 @@ def test_embeds_each_text_once_per_model(engine, embedder):
     assert embed_missing(engine, embedder)["embedded"] == 0
 
     # A new paper: only its texts are embedded.
-    other = pdf_document(DEMO_PAPERS / SHORT[1])
+    other = papers[SHORT[1]]
     new_rows = add_documents(engine, [other], embedder.count_tokens, max_tokens=64)
     new = {r["content_hash"] for r in new_rows} - distinct
     assert new
@@ -94,12 +100,12 @@ def test_embeds_each_text_once_per_model(engine, embedder):
         assert conn.execute(sa.select(sa.func.count()).select_from(e)).scalar_one() == 2 * len(distinct | new)
 
 
-def test_vectors_equal_sentence_transformers(sqlite_url, embedder):
+def test_vectors_equal_sentence_transformers(sqlite_url, embedder, papers):
     from sentence_transformers import SentenceTransformer
 
     engine = store.make_engine(sqlite_url)
     store.create_schema(engine)
-    rows = add_documents(engine, [pdf_document(DEMO_PAPERS / SHORT[1])], embedder.count_tokens)
+    rows = add_documents(engine, [papers[SHORT[1]]], embedder.count_tokens)
     embed_missing(engine, embedder, batch_size=4)
     hashes = [r["content_hash"] for r in rows]
     # Ask in reverse order, with a repeat: rows come back as asked.
@@ -150,11 +156,11 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_resumes_after_kill_9(engine, db_url, embedder, tmp_path):
+def test_resumes_after_kill_9(engine, db_url, embedder, papers, tmp_path):
     # ~300 short chunks from a few demo papers.
     docs, rows = [], []
-    for path in sorted(DEMO_PAPERS.glob("jose-*.pdf")):
-        doc = pdf_document(path)
+    for name in sorted(n for n in papers if n.startswith("jose-")):
+        doc = papers[name]
         docs.append(doc)
         rows += chunk_document(doc, embedder.count_tokens, max_tokens=48, overlap_tokens=6)
         if len({r["content_hash"] for r in rows}) >= 300:
