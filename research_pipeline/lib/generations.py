@@ -333,6 +333,11 @@ def publish(engine: Engine, gen_id: str, keep: int = 3, store: Any = None) -> di
                 f"cannot publish index generation {gen_id}: it was rejected by its release gates ({reasons}); "
                 "the live generation is unchanged. Fix the cause and run reindex_job"
             )
+        if gen["status"] == "retired" and gen["published_at"] is None:
+            raise GenerationError(
+                f"cannot publish index generation {gen_id}: it is older than the live generation, which "
+                "superseded it (its files are gone); run reindex_job for a fresh candidate"
+            )
         if gen["status"] != "candidate":
             hint = (
                 "use `research-pipeline index rollback " + gen_id + "` to make a retained generation live again"

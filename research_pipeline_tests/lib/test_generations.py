@@ -1,0 +1,238 @@
+"""Index generations on both backends: build beside live, gate, publish, roll back, retire, swap under load.
+
+Four small demo papers are ingested, chunked and embedded once per module (real parser, real
+model) into SQLite; each test copies those rows into a fresh SQLite or PostgreSQL database.
+"""
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from research_pipeline.lib import gates, generations, store
+from research_pipeline.lib.objectstore import LocalObjectStore
+from research_pipeline_tests.conftest import DEMO_PAPERS
+
+#: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
+#: q07 CFD Python, q19 game theory).
+SAMPLE = (
+    "joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf",
+    "joss-2021-niaaml-automl-framework-based-stochastic.pdf",
+    "jose-2018-cfd-python-12-steps-navier-stokes.pdf",
+    "jose-2021-game-theory-python-educational-tutorial-game.pdf",
+)
+CORPUS_TABLES = (store.documents, store.document_sources, store.chunks, store.embeddings)
+#: The machine is shared: latency is the subject of its own test, the others must not trip on it.
+RELAXED = gates.GateThresholds(latency_p95_ms=600_000.0)
+
+
+def build_corpus_rows(tmp_dir, embedder) -> dict[str, list[dict]]:
+    """Ingest, chunk and embed SAMPLE with the project's own code; the rows of the corpus tables."""
+    from research_pipeline.lib.chunking import chunk_documents
+    from research_pipeline.lib.embeddings import embed_missing
+    from research_pipeline.lib.ingest import ingest
+    from research_pipeline.lib.sources import sources_for
+
+    inbox = tmp_dir / "inbox"
+    inbox.mkdir()
+    for name in SAMPLE:
+        shutil.copy(DEMO_PAPERS / name, inbox / name)
+    engine = store.make_engine(f"sqlite:///{tmp_dir / 'corpus.db'}")
+    store.create_schema(engine)
+    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    assert report.documents_new == len(SAMPLE), report
+    chunk_documents(engine, embedder.count_tokens)
+    embed_missing(engine, embedder)
+    with engine.connect() as conn:
+        rows = {t.name: [dict(r._mapping) for r in conn.execute(sa.select(t))] for t in CORPUS_TABLES}
+    engine.dispose()
+    return rows
+
+
+def load_corpus_rows(engine, rows) -> None:
+    with engine.begin() as conn:
+        for t in CORPUS_TABLES:
+            if rows[t.name]:
+                conn.execute(sa.insert(t), rows[t.name])
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from research_pipeline.lib.embedder import load_embedder
+
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, embedder):
+    return build_corpus_rows(tmp_path_factory.mktemp("corpus"), embedder)
+
+
+@pytest.fixture
+def env(engine, corpus, tmp_path):
+    """(engine with the sample corpus, object store) on each backend."""
+    load_corpus_rows(engine, corpus)
+    return engine, LocalObjectStore(tmp_path / "objects")
+
+
+def doc_id_of(corpus, filename) -> str:
+    return next(s["doc_id"] for s in corpus["document_sources"] if s["uri"].endswith(filename))
+
+
+def gated(engine, obj, embedder, thresholds=RELAXED, probes=4) -> dict:
+    """A new candidate generation with its gates evaluated and recorded."""
+    gen = generations.build_generation(engine, obj, embedder)
+    gates.evaluate_generation(engine, obj, embedder, gen["gen_id"], thresholds=thresholds, max_probe_queries=probes)
+    return generations.get_generation(engine, gen["gen_id"])
+
+
+def fts_exists(engine, table) -> bool:
+    return sa.inspect(engine).has_table(table)
+
+
+def test_publish_rollback_and_retention(env, corpus, embedder):
+    engine, obj = env
+    pycm = doc_id_of(corpus, SAMPLE[0])
+    assert generations.live_generation(engine) is None
+    with pytest.raises(generations.GenerationError, match="no index generation is live"):
+        generations.open_searcher(engine, obj, embedder)
+
+    first = gated(engine, obj, embedder)
+    assert first["status"] == "candidate"
+    n_chunks = len(corpus["chunks"])
+    assert first["n_chunks"] == first["n_fts_rows"] == first["n_vectors"] == n_chunks
+    assert first["n_documents"] == len(SAMPLE)
+    assert all(c["passed"] for c in first["checks"].values()), first["checks"]
+    generations.publish(engine, first["gen_id"], keep=2, store=obj)
+    searcher = generations.open_searcher(engine, obj, embedder)
+    assert searcher.gen_id == first["gen_id"]
+    assert searcher.search("multi-class confusion matrix statistics", k=3)[0].doc_id == pycm
+    # Publishing the live generation again is a no-op (a retried publish step).
+    assert generations.publish(engine, first["gen_id"], store=obj)["changed"] is False
+
+    # An ungated candidate cannot go live.
+    second = generations.build_generation(engine, obj, embedder)
+    with pytest.raises(generations.GenerationError, match="missing gates: volume, latency, quality"):
+        generations.publish(engine, second["gen_id"], store=obj)
+    gates.evaluate_generation(engine, obj, embedder, second["gen_id"], thresholds=RELAXED, max_probe_queries=1)
+    out = generations.publish(engine, second["gen_id"], keep=2, store=obj)
+    assert (out["gen_id"], out["previous_gen_id"], out["retired"]) == (second["gen_id"], first["gen_id"], [])
+    # The Searcher opened before the swap still answers from its own generation.
+    assert searcher.search("multi-class confusion matrix statistics", k=3)[0].doc_id == pycm
+
+    assert generations.rollback(engine) == first["gen_id"]
+    live = generations.live_generation(engine)
+    assert (live["gen_id"], live["previous_gen_id"]) == (first["gen_id"], second["gen_id"])
+    assert generations.rollback(engine, second["gen_id"]) == second["gen_id"]
+
+    third = gated(engine, obj, embedder, probes=1)
+    fourth = gated(engine, obj, embedder, probes=1)
+    # keep=2 retains live (third) and previous (second): first is retired, its files are gone.
+    assert generations.publish(engine, third["gen_id"], keep=2, store=obj)["retired"] == [first["gen_id"]]
+    assert generations.publish(engine, fourth["gen_id"], keep=2, store=obj)["retired"] == [second["gen_id"]]
+    statuses = {g["gen_id"]: g["status"] for g in generations.list_generations(engine)}
+    assert statuses[first["gen_id"]] == "retired"
+    assert statuses[fourth["gen_id"]] == statuses[third["gen_id"]] == "published"
+    assert not fts_exists(engine, first["fts_table"])
+    assert list(obj.list(generations.vector_prefix(first["gen_id"]) + "/")) == []
+    assert fts_exists(engine, third["fts_table"])
+    assert [g["gen_id"] for g in generations.list_generations(engine) if g["live"]] == [fourth["gen_id"]]
+    with pytest.raises(generations.GenerationError, match="retired"):
+        generations.rollback(engine, first["gen_id"])
+    assert generations.rollback(engine) == third["gen_id"]
+
+
+def test_failed_gate_rejects_and_keeps_live(env, corpus, embedder):
+    engine, obj = env
+    # Built before the live one, so it is stale once that is published.
+    old = gated(engine, obj, embedder, probes=1)
+    live = gated(engine, obj, embedder, probes=1)
+    generations.publish(engine, live["gen_id"], store=obj)
+    broken = generations.build_generation(engine, obj, embedder)
+    results = gates.evaluate_generation(
+        engine, obj, embedder, broken["gen_id"], thresholds=gates.GateThresholds(ndcg_floor=1.01, latency_p95_ms=600_000.0), max_probe_queries=2
+    )
+    assert not results["quality"]["passed"]
+    assert "below the floor" in results["quality"]["description"]
+    assert results["volume"]["passed"] and results["latency"]["passed"]
+    assert generations.get_generation(engine, broken["gen_id"])["status"] == "rejected"
+    with pytest.raises(generations.GenerationError, match="rejected by its release gates .*quality"):
+        generations.publish(engine, broken["gen_id"], store=obj)
+    searcher = generations.open_searcher(engine, obj, embedder)
+    assert searcher.gen_id == live["gen_id"]
+    assert searcher.search("AutoML nature-inspired optimisation", k=3)
+    # A candidate older than the live generation is stale and refused.
+    assert old["status"] == "candidate"
+    with pytest.raises(generations.GenerationError, match="older than the live generation"):
+        generations.publish(engine, old["gen_id"], store=obj)
+    assert generations.live_generation(engine)["gen_id"] == live["gen_id"]
+
+
+def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
+    engine, obj = env
+    first = gated(engine, obj, embedder, probes=1)
+    generations.publish(engine, first["gen_id"], keep=3, store=obj)
+    candidates = [gated(engine, obj, embedder, probes=1) for _ in range(5)]
+    probe = gates.load_probe_set()
+    present = {r["doc_id"] for r in corpus["documents"]}
+    known = [probe.queries[q] for q, rel in sorted(probe.qrels.items()) if set(rel) & present]
+    assert len(known) >= 3
+    errors: list[BaseException] = []
+    empty: list[str] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def search_loop(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            try:
+                searcher = generations.open_searcher(engine, obj, embedder)
+                seen.add(searcher.gen_id)
+                query = known[i % len(known)]
+                if not searcher.search(query, k=5):
+                    empty.append(query)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+            i += 1
+
+    threads = [threading.Thread(target=search_loop, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for cand in candidates:
+            # Swaps are paced apart like real publications: with keep=3 a generation is retired two
+            # publications after it stopped being live, far longer than one search takes.
+            time.sleep(1.0)
+            generations.publish(engine, cand["gen_id"], keep=3, store=obj)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert not empty
+    assert len(seen) >= 2, seen
+    assert generations.live_generation(engine)["gen_id"] == candidates[-1]["gen_id"]
+    statuses = [g["status"] for g in generations.list_generations(engine)]
+    assert statuses.count("published") == 3 and statuses.count("retired") == 3
+
+
+def test_gate_results_are_recorded_on_the_generation(env, embedder):
+    engine, obj = env
+    gen = generations.build_generation(engine, obj, embedder)
+    gates.evaluate_generation(
+        engine, obj, embedder, gen["gen_id"], thresholds=gates.GateThresholds(latency_p95_ms=0.0), max_probe_queries=1
+    )
+    with engine.connect() as conn:
+        raw = conn.execute(
+            sa.select(store.index_generations.c.checks).where(store.index_generations.c.gen_id == gen["gen_id"])
+        ).scalar_one()
+    checks = json.loads(raw)
+    assert set(checks) == {"volume", "latency", "quality", "parse_quality", "freshness"}
+    assert checks["latency"]["passed"] is False and checks["latency"]["blocking"] is True
+    assert checks["latency"]["metadata"]["latency_ms_p95"] > 0.0
+    assert "exceeds the SLA" in checks["latency"]["description"]
+    assert checks["freshness"]["blocking"] is False
