@@ -286,10 +286,12 @@ def ingest(
                 with engine.begin() as conn:
                     if result.ok:
                         meta = result.metadata
-                        extra = {"info": meta.get("info") or {}, "parse_seconds": round(result.seconds, 3)}
+                        extra = {"info": meta.get("info") or {}}
                         row = _document_row(doc_id, "pdf", result, meta, result.text, result.page_offsets,
                                             PARSER, PARSER_VERSION, extra)
                         writer.document(conn, row, items)
+                        # The same bytes under further names in this run count as known documents.
+                        report.documents_unchanged += len(items) - 1
                     else:
                         for it in items:
                             writer.quarantine(conn, it, result.reason or "corrupt", result.message, doc_id)

@@ -220,6 +220,9 @@ def _has_images(page: Any) -> bool:
 def _ocr_page(page: Any, dpi: int) -> str:
     import pytesseract
 
+    # pytesseract passes this process's environment to `tesseract`; with OpenMP's default
+    # thread count it fights the other worker for the cores and runs several times slower.
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
     image = page.render(scale=dpi / 72, grayscale=True).to_pil()
     return pytesseract.image_to_string(image, lang="eng")
 

@@ -1,0 +1,197 @@
+"""PDF parsing: text cleanup, garble detection, and the worker pool's timeouts, memory cap and cleanup."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from research_pipeline.lib import pdf
+from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, PAPERS, require_shared
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int | None = None) -> set[int]:
+    pid = pid or os.getpid()
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.update(int(c) for c in (task / "children").read_text().split())
+        except FileNotFoundError:
+            continue
+    return {c for c in out if _alive(c)}
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat[2]) == pgid and stat[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def test_ligatures_soft_hyphens_and_controls_are_cleaned():
+    raw = "e\ufb03cient \ufb02ow of \ufb01les\r\nexam\ufffe\r\nple\x00 and\x07 \ue000tab\tok"
+    assert pdf.clean_text(raw) == "efficient flow of files\nexample and tab\tok"
+
+
+def test_dehyphenation_joins_broken_words_and_keeps_real_hyphens():
+    pages = ["an exam-\nple of a well-\nknown effect", "this well-known effect is an example"]
+    out = pdf.dehyphenate(pages)
+    assert out[0] == "an example of a well-known effect"
+    assert out[1] == pages[1]
+    # Capitalised continuations are not line-break hyphenation (e.g. "Navier-\nStokes").
+    assert pdf.dehyphenate(["Navier-\nStokes"]) == ["Navier-\nStokes"]
+
+
+def test_page_stats_separates_clean_and_junk_text():
+    clean = "The present LISP free storage control program, the garbage collector, has a limitation. " * 5
+    junk = "a³`¹\x95·3½&´3¹\"¹\x86¾T·&¿£À\x8eÀ\x15Á&ÂÄÃ\x9fÅ'Æ\x88Ç?È&¶º\x88¼\x8cÉËÊÌÈÍº\x8e³=Î" * 5
+    assert not pdf.page_stats(clean).garbled
+    assert pdf.page_stats(junk).garbled
+    spaced = " ".join("O ^ r c W O R Z T b W Q c N Q a W T Q W d Q c W s W P S Z W T O R Z T Q R S O".split()) * 20
+    assert pdf.page_stats(spaced).garbled
+    assert pdf.page_stats("").chars == 0
+
+
+def test_quality_score_bounds():
+    assert pdf.quality_score([100, 100], 0, 0, 0) == 1.0
+    assert pdf.quality_score([100, 0], 0, 1, 0) == 0.75
+    assert pdf.quality_score([0], 0, 1, 0) == 0.0
+    assert 0 < pdf.quality_score([100], 0, 0, 1) < 1
+
+
+def test_parse_demo_paper_offsets_and_pages():
+    path = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
+    r = pdf.parse_pdf(path, ocr=False)
+    assert r.ok and r.page_count == len(r.pages) >= 1
+    text = r.text
+    for i, off in enumerate(r.page_offsets):
+        assert text[off: off + len(r.pages[i])] == r.pages[i]
+    assert "\f" not in "".join(r.pages)
+    assert r.quality > 0.9
+
+
+def test_empty_password_encrypted_paper_parses():
+    path = require_shared(PAPERS) / "papers-we-love" / "systematic-review-in-software-engineering.pdf"
+    assert b"/Encrypt" in path.read_bytes()
+    r = pdf.parse_pdf(path, ocr=False)
+    assert r.ok and r.page_count > 10 and len(r.text) > 10000
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("synthetic/empty.pdf", "empty"),
+        ("synthetic/zero-pages.pdf", "empty"),
+        ("synthetic/not-a-pdf-html.pdf", "not_pdf"),
+        ("synthetic/not-a-pdf-png.pdf", "not_pdf"),
+        ("synthetic/truncated.pdf", "corrupt"),
+        ("synthetic/encrypted-user-password.pdf", "encrypted"),
+        ("synthetic/blank-5000-pages.pdf", "empty"),
+    ],
+)
+def test_bad_files_get_their_reason(name, reason):
+    r = pdf.parse_pdf(require_shared(HOSTILE) / name, ocr=False)
+    assert r.reason == reason, r.message
+    assert r.message
+
+
+def test_image_only_page_needs_ocr_without_ocr_and_is_read_with_it():
+    path = require_shared(PAPERS) / "papers-we-love" / "the_lisp_ii_garbage_collector.pdf"
+    assert pdf.parse_pdf(path, ocr=False).reason == "needs_ocr"
+    if not pdf.tesseract_available():
+        pytest.skip("tesseract binary not installed")
+    r = pdf.parse_pdf(path, ocr=True)
+    assert r.ok and r.ocr_pages == r.page_count == 2
+    assert "garbage collector" in r.text.lower()
+
+
+def test_pool_kills_a_file_past_its_timeout_and_leaves_no_process():
+    # The 64 MiB text bomb takes seconds of pdfium work on its single page.
+    bomb = require_shared(HOSTILE) / "synthetic" / "text-bomb-64mib.pdf"
+    good = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
+    before = _children()
+    with pdf.ParsePool(workers=2, timeout_s=0.5, file_timeout_s=0.5, ocr=False) as pool:
+        results = {}
+        seen_pids: set[int] = set()
+        for key, res in pool.imap_unordered([("bomb", str(bomb))]):
+            results[key] = res
+            seen_pids.update(pool.pids())
+        pool.timeout_s = pool.file_timeout_s = 60
+        for key, res in pool.imap_unordered([("good", str(good))]):
+            results[key] = res
+            seen_pids.update(pool.pids())
+    assert results["bomb"].reason == "timeout", results["bomb"].message
+    assert results["good"].ok
+    assert seen_pids
+    assert not any(_alive(p) for p in seen_pids)
+    assert _children() <= before
+
+
+def test_timeout_during_ocr_kills_tesseract_too():
+    if not pdf.tesseract_available():
+        pytest.skip("tesseract binary not installed")
+    scan = require_shared(PAPERS) / "papers-we-love" / "1985-Flajolet-Probabilistic-counting.pdf"
+    good = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
+    seen: set[int] = set()
+    stop = threading.Event()
+    with pdf.ParsePool(workers=1, timeout_s=60, ocr=True) as pool:
+        list(pool.imap_unordered([("warm", str(good))]))  # the worker is started and imported
+
+        def watch() -> None:
+            # Record every process in the worker's process group: the worker and its tesseract.
+            while not stop.is_set():
+                for pgid in pool.pids():
+                    seen.update(_group_members(pgid))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        # One page of OCR takes about a second of CPU, so half a second without progress fires.
+        pool.timeout_s = 0.5
+        try:
+            [(_key, res)] = list(pool.imap_unordered([("scan", str(scan))]))
+        finally:
+            stop.set()
+            watcher.join()
+    assert res.reason == "timeout", res.message
+    assert seen
+    print(f"processes seen in the worker's group: {len(seen)}")
+    assert not any(_alive(p) for p in seen)
+
+
+def test_memory_cap_turns_a_flate_bomb_into_memory():
+    bomb = require_shared(HOSTILE) / "synthetic" / "flate-bomb-1gib.pdf"
+    with pdf.ParsePool(workers=1, timeout_s=60, memory_mb=1024, ocr=False) as pool:
+        [(_, res)] = list(pool.imap_unordered([("bomb", str(bomb))]))
+    assert res.reason == "memory", res.message
+
+
+def test_pool_closes_idle_workers_on_exit():
+    path = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
+    with pdf.ParsePool(workers=2, ocr=False) as pool:
+        list(pool.imap_unordered([(1, str(path)), (2, str(path))]))
+        pids = pool.pids()
+        assert pids and all(_alive(p) for p in pids)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
