@@ -6,8 +6,7 @@ import sqlalchemy as sa
 from research_pipeline.defs.resources import DatabaseResource, EmbedderResource, InboxResource
 from research_pipeline.lib import store
 
-#: Every quarantine reason the ingest can record; each becomes its own metadata series so a
-#: plot of e.g. `quarantine_timeout` over materializations is continuous (0, not missing).
+#: Every quarantine reason the ingest can record.
 QUARANTINE_REASONS = (
     "encrypted",
     "needs_ocr",
@@ -61,21 +60,22 @@ def documents(
         log=context.log.info,
     )
     totals = store.counts(engine)
-    quarantined = dict(report.quarantined)
     metadata: dict[str, dg.MetadataValue] = {
         "documents": dg.MetadataValue.int(totals["documents"]),
         "new": dg.MetadataValue.int(report.documents_new),
         "unchanged": dg.MetadataValue.int(report.documents_unchanged),
-        "sources_recorded": dg.MetadataValue.int(report.sources_recorded),
-        "pages": dg.MetadataValue.int(report.pages),
-        "pages_per_s": dg.MetadataValue.float(float(report.pages_per_s)),
-        "seconds": dg.MetadataValue.float(float(report.seconds)),
-        "quarantined": dg.MetadataValue.int(sum(quarantined.values())),
         "quarantined_total": dg.MetadataValue.int(totals["quarantined"]),
-        "released": dg.MetadataValue.int(len(report.released)),
     }
-    for reason in sorted(set(QUARANTINE_REASONS) | set(quarantined)):
-        metadata[f"quarantine_{reason}"] = dg.MetadataValue.int(int(quarantined.get(reason, 0)))
+    for key, value in report.as_metadata().items():
+        if key in ("documents_new", "documents_unchanged"):
+            continue
+        if key.startswith("quarantined_"):
+            key = "quarantine_" + key.removeprefix("quarantined_")
+        metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value)
+    # Every reason is a series of its own, 0 when absent, so plots over materializations are continuous.
+    for reason in QUARANTINE_REASONS:
+        metadata.setdefault(f"quarantine_{reason}", dg.MetadataValue.int(0))
+    quarantined = dict(report.quarantined)
     context.log.info(
         f"ingest: {report.documents_new} new, {report.documents_unchanged} unchanged, "
         f"{sum(quarantined.values())} quarantined, {report.pages} pages in {report.seconds:.1f}s"

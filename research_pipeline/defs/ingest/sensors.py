@@ -12,8 +12,10 @@ import dagster as dg
 from research_pipeline.defs.ingest.assets import ingest_job
 from research_pipeline.defs.resources import InboxResource
 
-#: What the ingest reads from an inbox: PDFs (any depth) and BEIR-layout record files.
-_WATCHED_SUFFIXES = (".pdf", ".jsonl")
+
+def _watched(name: str) -> bool:
+    """What the ingest reads from an inbox folder: PDFs at any depth and BEIR `corpus.jsonl` files."""
+    return not name.startswith(".") and (name.lower().endswith(".pdf") or name == "corpus.jsonl")
 
 
 def inbox_listing(root: Path) -> list[tuple[str, int, int]]:
@@ -22,7 +24,7 @@ def inbox_listing(root: Path) -> list[tuple[str, int, int]]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.lower().endswith(_WATCHED_SUFFIXES) or name.startswith("."):
+            if not _watched(name):
                 continue
             path = Path(dirpath) / name
             try:
@@ -68,7 +70,7 @@ def new_papers_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource)
     previous = json.loads(context.cursor) if context.cursor else None
     if state["files"] == 0:
         context.update_cursor(json.dumps(state))
-        return dg.SkipReason(f"inbox {root} has no PDF or JSONL files")
+        return dg.SkipReason(f"inbox {root} has no PDF or corpus.jsonl files")
     if previous is not None and previous.get("fingerprint") == state["fingerprint"]:
         return dg.SkipReason(f"no new or changed files in {root} ({state['files']} files)")
     context.update_cursor(json.dumps(state))
