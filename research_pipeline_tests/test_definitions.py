@@ -37,7 +37,7 @@ def test_every_job_schedule_and_sensor_resolves(defs):
         assert sensor.name.endswith("_sensor"), f"sensor {sensor.name} must be named <event>_sensor"
         for target in sensor.targets:
             assert target.job_name in jobs, f"{sensor.name} targets unknown job {target.job_name}"
-    assert [t.job_name for t in defs.resolve_sensor_def("new_papers_sensor").targets] == ["ingest_job"]
+    assert [t.job_name for t in defs.resolve_sensor_def("new_papers_sensor").targets] == ["reindex_job"]
 
 
 def test_every_asset_has_a_group_kinds_and_a_description(defs):

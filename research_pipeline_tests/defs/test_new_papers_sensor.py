@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 
 import dagster as dg
 import pytest
@@ -86,3 +87,22 @@ def test_missing_inbox_skips_with_the_fix(instance, tmp_path):
     assert isinstance(result, dg.SkipReason)
     assert "RP_INBOX" in result.skip_message
     assert cursor is None
+
+
+def test_no_second_run_while_a_reindex_is_active(instance, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy2(PDFS[0], inbox / PDFS[0].name)
+    first, cursor = tick(instance, inbox, None)
+    assert isinstance(first, dg.RunRequest)
+
+    run = instance.add_run(dg.DagsterRun(job_name="reindex_job", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED))
+    shutil.copy2(PDFS[1], inbox / PDFS[1].name)
+    busy, cursor_busy = tick(instance, inbox, cursor)
+    assert isinstance(busy, dg.SkipReason) and "still queued or running" in busy.skip_message
+    assert cursor_busy == cursor, "the change is kept for the next tick"
+
+    instance.report_run_failed(run)
+    after, cursor_after = tick(instance, inbox, cursor)
+    assert isinstance(after, dg.RunRequest)
+    assert json.loads(cursor_after)["files"] == 2

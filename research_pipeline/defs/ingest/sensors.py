@@ -1,4 +1,4 @@
-"""The sensor that starts an ingest when papers appear in (or change in) the inbox."""
+"""The sensor that starts a reindex when papers appear in (or change in) the inbox."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from research_pipeline.defs.ingest.assets import ingest_job
 from research_pipeline.defs.resources import InboxResource
+from research_pipeline.defs.search.jobs import reindex_job
+
+#: Run states in which a reindex is still going to ingest what is in the inbox now or soon.
+_ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def _watched(name: str) -> bool:
@@ -49,19 +57,22 @@ def listing_state(listing: list[tuple[str, int, int]]) -> dict:
 
 
 @dg.sensor(
-    job=ingest_job,
+    job=reindex_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Starts ingest_job when files in the inbox are added or changed.",
+    description="Starts reindex_job when files in the inbox are added or changed.",
 )
 def new_papers_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource):
-    """Watches the inbox; requests one `ingest_job` run per distinct inbox state.
+    """Watches the inbox; requests one `reindex_job` run per new inbox state, so new papers are
+    ingested, indexed and (if the release gates pass) searchable within minutes.
 
     The cursor is the fingerprint of the sorted (path, size, mtime) listing, so a tick only
     stats files (no hashing of PDF bytes). The run key is that fingerprint: if the daemon
     crashes after requesting a run, the next tick re-requests the same key and Dagster
-    de-duplicates it. A removal also changes the fingerprint; the resulting run is cheap
-    because the ingest skips every unchanged file by content hash.
+    de-duplicates it. While a reindex_job run is queued or running the tick skips without
+    moving the cursor, so papers that arrive meanwhile get the next run instead of a
+    concurrent second generation build. A removal also changes the fingerprint; the resulting
+    run is cheap because the ingest skips every unchanged file by content hash.
     """
     root = inbox.get_path()
     if not root.is_dir():
@@ -73,9 +84,12 @@ def new_papers_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource)
         return dg.SkipReason(f"inbox {root} has no PDF or corpus.jsonl files")
     if previous is not None and previous.get("fingerprint") == state["fingerprint"]:
         return dg.SkipReason(f"no new or changed files in {root} ({state['files']} files)")
+    active = context.instance.get_runs_count(dg.RunsFilter(job_name=reindex_job.name, statuses=_ACTIVE))
+    if active:
+        return dg.SkipReason(f"inbox changed, but {active} reindex_job run(s) are still queued or running")
     context.update_cursor(json.dumps(state))
     before = previous["files"] if previous else 0
-    context.log.info(f"inbox {root}: {state['files']} files (was {before}); requesting ingest_job")
+    context.log.info(f"inbox {root}: {state['files']} files (was {before}); requesting reindex_job")
     return dg.RunRequest(
         run_key=f"inbox-{state['fingerprint']}",
         tags={"research_pipeline/inbox_files": str(state["files"])},
