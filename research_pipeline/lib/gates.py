@@ -194,22 +194,49 @@ def volume_gate(
     )
 
 
-def time_queries(searcher: Any, queries: Iterable[str], k: int = 10, mode: str = "hybrid") -> list[float]:
-    """Wall-clock milliseconds of each search (after one untimed warm-up search)."""
-    queries = list(queries)
-    if queries:
-        searcher.search(queries[0], k=k, mode=mode)
-    out = []
-    for q in queries:
+class RecordingEmbedder:
+    """An embedder proxy that remembers query vectors: the live generation is judged on the very
+    vectors the candidate used, without encoding each probe query twice."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.dim = inner.dim
+        self.vectors: dict[str, Any] = {}
+
+    def encode_query(self, query: str) -> Any:
+        vec = self.vectors.get(query)
+        if vec is None:
+            vec = self.vectors[query] = self.inner.encode_query(query)
+        return vec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+#: Searched once, untimed, before the probes: the first search pays for lazy loading.
+WARM_UP_QUERY = "release gate warm-up query"
+
+
+def run_probes(
+    searcher: Any, queries: Mapping[str, str], k: int = 10, warm_up: bool = True
+) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Search every probe query once (hybrid, top k): (milliseconds, ranked doc_ids) by query id."""
+    if warm_up:
+        searcher.search(WARM_UP_QUERY, k=k)
+    latencies: dict[str, float] = {}
+    rankings: dict[str, list[str]] = {}
+    for qid, text in queries.items():
         started = time.perf_counter()
-        searcher.search(q, k=k, mode=mode)
-        out.append((time.perf_counter() - started) * 1000.0)
-    return out
+        hits = searcher.search(text, k=k)
+        latencies[qid] = (time.perf_counter() - started) * 1000.0
+        rankings[qid] = [h.doc_id for h in hits]
+    return latencies, rankings
 
 
-def latency_gate(searcher: Any, queries: Sequence[str], sla_p95_ms: float, k: int = 10) -> GateResult:
-    """p50/p95/p99 of the probe queries (hybrid search, top k) against the p95 SLA."""
-    lat = time_queries(searcher, queries, k=k)
+def latency_gate(latencies_ms: Sequence[float], sla_p95_ms: float) -> GateResult:
+    """p50/p95/p99 of the probe searches' wall-clock latency against the p95 SLA."""
+    lat = list(latencies_ms)
     pct = percentiles(lat)
     meta: dict[str, float | int] = {
         "probe_queries": len(lat),
@@ -230,15 +257,21 @@ def latency_gate(searcher: Any, queries: Sequence[str], sla_p95_ms: float, k: in
     return GateResult(True, meta, f"p95 {pct['p95']:.1f} ms <= {sla_p95_ms:g} ms over {len(lat)} probe queries")
 
 
-def probe_ndcg(searcher: Any, probe: ProbeSet, query_ids: Sequence[str], k: int = 10) -> float:
-    """Mean nDCG@k of the searcher over the given probe queries (paper-level ranking)."""
-    if not query_ids:
+def mean_ndcg(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> float:
+    """Mean nDCG@k over the queries of `qrels` (paper-level rankings by query id)."""
+    if not qrels:
         return 0.0
-    total = 0.0
-    for qid in query_ids:
-        ranked = [h.doc_id for h in searcher.search(probe.queries[qid], k=k)]
-        total += ndcg_at_k(ranked, probe.qrels[qid], k)
-    return total / len(query_ids)
+    return sum(ndcg_at_k(rankings.get(q, []), rel, k) for q, rel in qrels.items()) / len(qrels)
+
+
+def answerable_qrels(probe: ProbeSet, present_doc_ids: set[str]) -> dict[str, dict[str, int]]:
+    """The probe judgements restricted to papers in the corpus, for queries with at least one left."""
+    out = {}
+    for qid, rel in sorted(probe.qrels.items()):
+        kept = {d: r for d, r in rel.items() if d in present_doc_ids}
+        if kept and qid in probe.queries:
+            out[qid] = kept
+    return out
 
 
 def indexed_doc_ids(engine: Engine, doc_ids: Iterable[str]) -> set[str]:
@@ -254,30 +287,25 @@ def indexed_doc_ids(engine: Engine, doc_ids: Iterable[str]) -> set[str]:
 
 
 def quality_gate(
-    searcher: Any,
-    probe: ProbeSet,
-    present_doc_ids: set[str],
+    rankings: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
     floor: float,
     max_regression: float,
-    live_searcher: Any = None,
+    live_rankings: Mapping[str, Sequence[str]] | None = None,
+    probe_queries_total: int = 0,
 ) -> GateResult:
     """nDCG@10 of the candidate on the probe queries it can answer, vs a floor and vs the live generation.
 
-    Only queries with at least one judged paper in the corpus are scored, each against the
-    judged papers present (a corpus without the probe papers cannot be judged by this set).
+    `qrels` holds only the answerable queries, each judged against the papers present (see
+    `answerable_qrels`): a corpus without the probe papers cannot be judged by this set.
     """
-    qids = sorted(q for q, rel in probe.qrels.items() if q in probe.queries and set(rel) & present_doc_ids)
-    scoped = ProbeSet(
-        queries=probe.queries,
-        qrels={q: {d: r for d, r in probe.qrels[q].items() if d in present_doc_ids} for q in qids},
-    )
     meta: dict[str, float | int] = {
-        "probe_queries": len(qids),
-        "probe_queries_total": len(probe.queries),
+        "probe_queries": len(qrels),
+        "probe_queries_total": int(probe_queries_total),
         "ndcg_floor": float(floor),
         "ndcg_max_regression": float(max_regression),
     }
-    if not qids:
+    if not qrels:
         meta.update({"ndcg_at_10": 0.0, "live_ndcg_at_10": 0.0})
         return GateResult(
             True,
@@ -285,14 +313,14 @@ def quality_gate(
             "quality gate not applicable: none of the probe papers is in this corpus, so nDCG could not be "
             "measured; add a probe set for this corpus (see docs/RELEASE_GATES.md)",
         )
-    ndcg = probe_ndcg(searcher, scoped, qids)
-    live = probe_ndcg(live_searcher, scoped, qids) if live_searcher is not None else None
+    ndcg = mean_ndcg(rankings, qrels)
+    live = mean_ndcg(live_rankings, qrels) if live_rankings is not None else None
     meta["ndcg_at_10"] = round(ndcg, 4)
     meta["live_ndcg_at_10"] = round(live, 4) if live is not None else 0.0
     problems = []
     if ndcg < floor:
         problems.append(
-            f"nDCG@10 {ndcg:.3f} on {len(qids)} probe queries is below the floor {floor:.3f}: search quality "
+            f"nDCG@10 {ndcg:.3f} on {len(qrels)} probe queries is below the floor {floor:.3f}: search quality "
             "broke (parser, chunking, model or index change?); compare with `research-pipeline eval`"
         )
     if live is not None and ndcg < live - max_regression:
@@ -303,7 +331,7 @@ def quality_gate(
     if problems:
         return GateResult(False, meta, "quality gate failed: " + "; ".join(problems))
     vs = f", live {live:.3f}" if live is not None else ""
-    return GateResult(True, meta, f"nDCG@10 {ndcg:.3f} on {len(qids)} probe queries (floor {floor:.3f}{vs})")
+    return GateResult(True, meta, f"nDCG@10 {ndcg:.3f} on {len(qrels)} probe queries (floor {floor:.3f}{vs})")
 
 
 def parse_quality_gate(engine: Engine, thresholds: GateThresholds) -> GateResult:
@@ -406,20 +434,31 @@ def evaluate_generation(
         for name in BLOCKING_GATES:
             put(name, GateResult(False, {}, reason), True)
     else:
-        searcher = generations.open_searcher(engine, object_store, embedder, gen_id=gen_id)
+        recorder = RecordingEmbedder(embedder)
+        searcher = generations.open_searcher(engine, object_store, recorder, gen_id=gen_id)
         put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
-        live_searcher = None
-        if live is not None and live["model_id"] == embedder.model_id:
-            try:
-                live_searcher = generations.open_searcher(engine, object_store, embedder, gen_id=live["gen_id"])
-            except Exception:  # noqa: BLE001 - a broken live generation must not block its replacement
-                live_searcher = None
         present = indexed_doc_ids(engine, probe.doc_ids)
         probe = probe.limited(max_probe_queries, present)
-        put("latency", latency_gate(searcher, list(probe.queries.values()), thresholds.latency_p95_ms), True)
+        latencies, rankings = run_probes(searcher, probe.queries)
+        put("latency", latency_gate(list(latencies.values()), thresholds.latency_p95_ms), True)
+        qrels = answerable_qrels(probe, present)
+        live_rankings = None
+        if live is not None and live["model_id"] == embedder.model_id and qrels:
+            try:
+                live_searcher = generations.open_searcher(engine, object_store, recorder, gen_id=live["gen_id"])
+                _, live_rankings = run_probes(live_searcher, {q: probe.queries[q] for q in qrels}, warm_up=False)
+            except Exception:  # noqa: BLE001 - a broken live generation must not block its replacement
+                live_rankings = None
         put(
             "quality",
-            quality_gate(searcher, probe, present, thresholds.ndcg_floor, thresholds.ndcg_max_regression, live_searcher),
+            quality_gate(
+                rankings,
+                qrels,
+                thresholds.ndcg_floor,
+                thresholds.ndcg_max_regression,
+                live_rankings,
+                probe_queries_total=len(probe.queries),
+            ),
             True,
         )
     put("parse_quality", parse_quality_gate(engine, thresholds), False)
