@@ -8,6 +8,7 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ NO_GENERATION = (
     "no index generation is published yet: run `make demo` or materialize reindex_job "
     "(then `research-pipeline index list` shows it)"
 )
+
+
+#: The local Dagster instance settings shipped with the repository (telemetry off, run queue, retries).
+LOCAL_INSTANCE_FILE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
 class CliError(Exception):
@@ -264,11 +269,20 @@ def read_queries(path: Path) -> list[tuple[str, list[str]]]:
         ]
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    settings = _settings()
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME (default $RP_HOME/dagster), created, with the repository's dagster.yaml if it has none."""
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
+    instance_file = dagster_home / "dagster.yaml"
+    if not instance_file.exists() and LOCAL_INSTANCE_FILE.is_file():
+        shutil.copyfile(LOCAL_INSTANCE_FILE, instance_file)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dagster_home
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings()
+    dagster_home = prepare_dagster_home(settings)
     os.environ.setdefault("RP_HOME", str(settings.home))
     if not settings.inbox.is_dir():
         raise CliError(f"inbox {settings.inbox} is not a folder: set RP_INBOX to a folder of PDFs")
@@ -281,7 +295,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         for job in demo_jobs(defs):
             print(f"demo: running {job.name} ...", flush=True)
-            result = job.execute_in_process(instance=instance, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                # Step progress at INFO; the per-event DEBUG lines are in the UI (`make dev`).
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            )
             if not result.success:
                 raise CliError(
                     f"{job.name} failed (run {result.run_id}); see `make dev` -> Runs for the step logs"

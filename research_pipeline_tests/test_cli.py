@@ -86,3 +86,16 @@ def test_bad_inputs_fail_with_a_message(monkeypatch, tmp_path, capsys):
     assert "corpus.jsonl" in capsys.readouterr().err
     assert cli.main(["search", "x", "--k", "0"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+def test_demo_prepares_dagster_home_without_overwriting(monkeypatch, tmp_path):
+    monkeypatch.setenv("RP_HOME", str(tmp_path / "rp"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = cli.prepare_dagster_home(cli.Settings.from_env())
+    assert home == tmp_path / "rp" / "dagster"
+    assert os.environ["DAGSTER_HOME"] == str(home)
+    assert (home / "dagster.yaml").read_text() == (REPO / "dagster.yaml").read_text()
+
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    cli.prepare_dagster_home(cli.Settings.from_env())
+    assert (home / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n", "an operator's file is kept"
