@@ -383,6 +383,8 @@ def chunk_documents(
 ) -> dict[str, int]:
     """Chunk every document that has no chunks yet; returns documents_chunked, chunks, chunks_removed.
 
+    `documents_chunked` counts the documents that got chunks in this call.
+
     Idempotent: a document's chunks are replaced in one transaction, so a crash leaves each
     document fully chunked or not at all, and a re-run picks up the rest. Chunks whose document
     is gone are removed (`chunks_removed`). `log` is a logger (with .info) or a callable.
@@ -410,7 +412,9 @@ def chunk_documents(
             with engine.begin() as conn:
                 conn.execute(sa.delete(c).where(c.c.doc_id == doc["doc_id"]))
                 store.upsert(conn, c, rows, ["chunk_id"])
-            documents_chunked += 1
+            # A document with no text has no chunks and is looked at again next time; it is
+            # not counted, so an unchanged corpus reports zero work.
+            documents_chunked += bool(rows)
             n_chunks += len(rows)
         _info(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
     stats = {"documents_chunked": documents_chunked, "chunks": n_chunks, "chunks_removed": int(orphans)}
