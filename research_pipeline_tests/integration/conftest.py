@@ -16,7 +16,7 @@ from research_pipeline_tests.moto_server import s3_endpoint  # noqa: F401 - a fi
 
 #: Demo papers the migration source is built from: the first answers of examples/queries.tsv,
 #: so a fixed query set has real hits on both sides.
-N_PAPERS = 6
+N_PAPERS = 3
 
 
 @dataclass

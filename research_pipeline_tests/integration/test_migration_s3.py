@@ -1,0 +1,223 @@
+"""The whole migration of a real demo deployment to PostgreSQL + S3 (moto's server over HTTP).
+
+The source is built by the pipeline's own code (ingest, chunk, embed, index, publish) from
+demo papers; the target is a fresh PostgreSQL database and bucket per test. S3 faults are
+injected into the real HTTP client with a botocore `before-send` hook.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import boto3
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from botocore.awsrequest import AWSResponse
+from botocore.config import Config
+from dagster_aws.s3 import S3Resource
+
+from research_pipeline.defs.migration.assets import migrated_objects, migrated_rows, migration, migration_cutover
+from research_pipeline.defs.migration.checks import migration_verified
+from research_pipeline.defs.migration.resources import MigrationTargetResource
+from research_pipeline.defs.resources import DatabaseResource, ObjectStoreResource
+from research_pipeline.lib import generations, migrate, store
+from research_pipeline.lib.objectstore import S3ObjectStore
+from research_pipeline_tests.conftest import drop_pg_database, make_pg_database
+
+# One worker runs the whole module, so the demo source and the moto server are built once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("migration_s3")]
+
+
+class _Raw:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_kwargs):
+        yield self.body
+
+
+class Faults:
+    """Answers a share of S3 calls with 503 before they are sent (the rest go over HTTP)."""
+
+    def __init__(self, share: float = 0.0, first: int = 0, seed: int = 1):
+        self.share, self.first, self.rng = share, first, random.Random(seed)
+        self.calls = self.injected = 0
+
+    def __call__(self, request, **_kwargs):  # noqa: ANN001
+        self.calls += 1
+        if self.calls <= self.first or self.rng.random() < self.share:
+            self.injected += 1
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>injected by the test</Message></Error>"
+            return AWSResponse(request.url, 503, {"Content-Type": "application/xml"}, _Raw(body))
+        return None
+
+    def attach(self, client):  # noqa: ANN001
+        client.meta.events.register("before-send.s3", self)
+        return client
+
+
+def _client(endpoint: str, attempts: int = 10):
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        config=Config(retries={"max_attempts": attempts, "mode": "standard"}),
+    )
+
+
+@pytest.fixture
+def target_url(pg_server):
+    url = make_pg_database("rp_migration")
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def bucket() -> str:
+    return f"rp-migration-{uuid.uuid4().hex[:10]}"
+
+
+def _migrate_everything(demo, src, target, s3, bucket: str) -> tuple[int, int]:  # noqa: ANN001
+    rows = sent = 0
+    for shard in store.SHARDS:
+        rows += migrate.migrate_rows(src, target, shard)["rows"]
+        sent += migrate.migrate_objects(src, demo.store, s3, bucket, "rp", target, shard)["bytes"]
+    return rows, sent
+
+
+@pytest.fixture
+def source(demo_source):
+    engine = migrate.open_source_engine(demo_source.url)
+    yield engine
+    engine.dispose()
+
+
+def _results(searcher, queries: list[str], mode: str) -> list[list[tuple[str, str, float]]]:  # noqa: ANN001
+    return [[(h.doc_id, h.chunk_id, round(h.score, 4)) for h in searcher.search(q, k=5, mode=mode)] for q in queries]
+
+
+def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
+    demo_source, source, target_url, bucket, s3_endpoint, embedder
+):
+    faults = Faults(share=0.3, seed=11)
+    s3 = faults.attach(_client(s3_endpoint))
+    target = migrate.open_target_engine(target_url, demo_source.url)
+    _migrate_everything(demo_source, source, target, s3, bucket)
+    assert faults.injected > 0, "the fault hook never fired"
+
+    report = migrate.verify(source, target, demo_source.store, s3, bucket, "rp", deep=True)
+    assert report.ok, report.summary()
+    with demo_source.engine.connect() as conn:
+        total = sum(conn.execute(sa.select(sa.func.count()).select_from(t.table)).scalar_one() for t in migrate.TABLE_SPECS)
+    assert report.rows == total
+
+    s3_store = S3ObjectStore(bucket, "rp", client=_client(s3_endpoint))
+    keys = set(s3_store.list())
+    with demo_source.engine.connect() as conn:
+        doc_ids = conn.execute(sa.select(store.documents.c.doc_id)).scalars().all()
+    assert {f"papers/{d}.pdf" for d in doc_ids} <= keys
+    assert set(demo_source.store.list("indexes/")) <= keys
+
+    republished = migrate.republish(target, s3_store)
+    live = generations.live_generation(demo_source.engine)
+    assert republished["live_generation"] == live["gen_id"]
+    assert republished["vectors"] == live["n_vectors"]
+
+    before = generations.open_searcher(demo_source.engine, demo_source.store, embedder)
+    after = generations.open_searcher(target, s3_store, embedder)
+    assert after.gen_id == before.gen_id
+    assert demo_source.queries
+    # Same vectors, same FAISS files: dense results are identical, scores included.
+    assert _results(after, demo_source.queries, "dense") == _results(before, demo_source.queries, "dense")
+    # Full-text scores come from FTS5 bm25 on SQLite and weighted ts_rank on PostgreSQL, so only
+    # the best paper and the set of papers found are backend-independent.
+    for mode in ("bm25", "hybrid"):
+        got, want = _results(after, demo_source.queries, mode), _results(before, demo_source.queries, mode)
+        assert [r[0][0] for r in got] == [r[0][0] for r in want], mode
+        assert [{h[0] for h in r} for r in got] == [{h[0] for h in r} for r in want], mode
+
+    rows, sent = _migrate_everything(demo_source, source, target, s3, bucket)
+    assert (rows, sent) == (0, 0), "a second run must copy nothing"
+    target.dispose()
+
+
+def test_tampered_target_is_named_and_the_cutover_refused(demo_source, source, target_url, bucket, s3_endpoint):
+    s3 = _client(s3_endpoint)
+    target = migrate.open_target_engine(target_url, demo_source.url)
+    _migrate_everything(demo_source, source, target, s3, bucket)
+    with target.begin() as conn:
+        chunk_id = conn.execute(sa.select(store.chunks.c.chunk_id).order_by(store.chunks.c.chunk_id).limit(1)).scalar_one()
+        conn.execute(sa.update(store.chunks).where(store.chunks.c.chunk_id == chunk_id).values(n_tokens=-1))
+    index_key = sorted(demo_source.store.list("indexes/"))[0]
+    s3.delete_object(Bucket=bucket, Key=f"rp/{index_key}")
+
+    with pytest.raises(migrate.MigrationNotVerified) as err:
+        migrate.cutover(source, target, demo_source.store, s3, bucket, "rp")
+    found = {(d.kind, d.key, d.problem) for d in err.value.report.differences}
+    assert found == {("row", chunk_id, "differs from source"), ("object", index_key, "missing on target")}
+    assert chunk_id in str(err.value) and index_key in str(err.value)
+    assert migrate._head(s3, bucket, f"rp/{migrate.CUTOVER_KEY}") is None
+    target.dispose()
+
+
+#: Shared by every client FlakyS3 makes, so the failures are spread over step attempts.
+_STEP_FAULTS = Faults()
+
+
+class FlakyS3(S3Resource):
+    """dagster-aws's S3 resource whose clients answer the first calls of `_STEP_FAULTS` with 503."""
+
+    def get_client(self):
+        return _STEP_FAULTS.attach(super().get_client())
+
+
+def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, bucket, s3_endpoint):
+    resources = {
+        "database": DatabaseResource(url=demo_source.url),
+        "object_store": ObjectStoreResource(url=str(demo_source.store.root)),
+        "migration_target": MigrationTargetResource(database_url=target_url, bucket=bucket, prefix="rp"),
+        # Few botocore attempts per call: injected 503s fail the step, and its RetryPolicy runs it again.
+        "migration_s3": FlakyS3(endpoint_url=s3_endpoint, region_name="us-east-1", max_attempts=1),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+
+    dry = dg.materialize([migrated_rows], partition_key="0", resources=resources, instance=instance,
+                         run_config={"ops": {"migrated_rows": {"config": {"dry_run": True}}}})
+    assert dry.success
+    assert not dry.asset_materializations_for_node("migrated_rows")
+    target = migrate.open_target_engine(target_url, demo_source.url)
+    assert not sa.inspect(target).get_table_names(), "a dry run must not create anything on the target"
+
+    s3 = _client(s3_endpoint)
+    dagster_shards = ["0", "1"]
+    for shard in dagster_shards:
+        # More failing calls in a row than botocore's attempts: the first step attempt fails.
+        _STEP_FAULTS.__init__(first=2)
+        result = dg.materialize([migrated_rows, migrated_objects], partition_key=shard, resources=resources,
+                                instance=instance)
+        assert result.success
+        events = result.all_events
+        assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in events), "the S3 fault should force a retry"
+        assert _STEP_FAULTS.injected == 2
+    for shard in store.SHARDS:
+        if shard not in dagster_shards:
+            migrate.migrate_rows(source, target, shard)
+            migrate.migrate_objects(source, demo_source.store, s3, bucket, "rp", target, shard)
+
+    resources["migration_s3"] = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
+    done = dg.materialize([migration, migration_cutover, migration_verified], resources=resources, instance=instance)
+    assert done.success
+    (check,) = done.get_asset_check_evaluations()
+    assert check.passed
+    assert done.asset_materializations_for_node("migration_cutover")
+    assert migrate._head(s3, bucket, f"rp/{migrate.CUTOVER_KEY}") is not None
+
+    paper = s3.list_objects_v2(Bucket=bucket, Prefix="rp/papers/")["Contents"][0]["Key"]
+    s3.delete_object(Bucket=bucket, Key=paper)
+    refused = dg.materialize([migration, migration_cutover, migration_verified], resources=resources,
+                             instance=instance, raise_on_error=False)
+    (check,) = refused.get_asset_check_evaluations()
+    assert not check.passed
+    assert paper.removeprefix("rp/") in check.description
+    assert not refused.asset_materializations_for_node("migration_cutover")
+    target.dispose()
