@@ -2,8 +2,8 @@
 
 Starts the three real processes the way docker/docker-compose.yaml does (same instance file,
 docker/dagster.yaml, pointed at a fresh PostgreSQL database), checks that the webserver's
-GraphQL API sees the code location and its jobs, launches a one-paper ingest_job run through
-GraphQL, waits for the daemon's run queue to launch it and for it to succeed, then stops every
+GraphQL API sees the code location and its jobs, launches a one-paper ingest run (the
+`documents` step of ingest_job) through GraphQL, waits for the daemon's run queue to launch it and for it to succeed, then stops every
 process it started (and their children) and checks that none is left.
 """
 
@@ -234,8 +234,14 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
                             "repositoryLocationName": "research_pipeline",
                             "repositoryName": repo["name"],
                             "jobName": "ingest_job",
+                            # Only the ingest step: the run worker need not load the model.
+                            "assetSelection": [{"path": ["documents"]}],
                         },
-                        "runConfigData": {"ops": {"documents": {"config": {"workers": 1}}}},
+                        "runConfigData": {
+                            "ops": {"documents": {"config": {"workers": 1}}},
+                            # One step: run it in the run worker instead of a further subprocess.
+                            "execution": {"config": {"in_process": {}}},
+                        },
                     }
                 },
             )["launchRun"]
