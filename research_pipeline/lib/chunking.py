@@ -407,15 +407,19 @@ def chunk_documents(
         ids = todo[g : g + group]
         with engine.connect() as conn:
             docs = conn.execute(sa.select(*cols).where(d.c.doc_id.in_(ids))).mappings().all()
+        rows: list[dict[str, Any]] = []
         for doc in docs:
-            rows = chunk_document(doc, count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
-            with engine.begin() as conn:
-                conn.execute(sa.delete(c).where(c.c.doc_id == doc["doc_id"]))
-                store.upsert(conn, c, rows, ["chunk_id"])
+            mine = chunk_document(doc, count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
             # A document with no text has no chunks and is looked at again next time; it is
             # not counted, so an unchanged corpus reports zero work.
-            documents_chunked += bool(rows)
-            n_chunks += len(rows)
+            documents_chunked += bool(mine)
+            rows += mine
+        # One transaction per group of documents (thousands of one-page records would otherwise
+        # cost a commit each); each document's chunks are still replaced all at once.
+        with engine.begin() as conn:
+            conn.execute(sa.delete(c).where(c.c.doc_id.in_([doc["doc_id"] for doc in docs])))
+            store.upsert(conn, c, rows, ["chunk_id"])
+        n_chunks += len(rows)
         _info(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
     stats = {"documents_chunked": documents_chunked, "chunks": n_chunks, "chunks_removed": int(orphans)}
     _info(log, f"chunking done in {time.perf_counter() - started:.1f}s: {stats}")
