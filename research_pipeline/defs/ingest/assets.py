@@ -25,6 +25,9 @@ class IngestConfig(dg.Config):
 
     workers: int = 2
     ocr: bool = True
+    # Per-file limits of a parser child process; a file over either is quarantined (timeout/memory).
+    timeout_s: float = 60.0
+    memory_mb: int = 2048
 
 
 @dg.asset(
@@ -56,6 +59,8 @@ def documents(
         engine,
         sources_for(path),
         workers=config.workers,
+        timeout_s=config.timeout_s,
+        memory_mb=config.memory_mb,
         ocr=config.ocr,
         log=context.log.info,
     )
