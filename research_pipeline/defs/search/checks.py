@@ -43,6 +43,13 @@ def thresholds_of(release_gates: ReleaseGatesResource) -> gates.GateThresholds:
     )
 
 
+class ReleaseGatesConfig(dg.Config):
+    """Run-time knobs of the gate step."""
+
+    #: Probe queries to run (0: the whole bundled set); answerable ones are kept first.
+    max_probe_queries: int = 0
+
+
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec(
@@ -58,6 +65,7 @@ def thresholds_of(release_gates: ReleaseGatesResource) -> gates.GateThresholds:
 )
 def release_gates_check(
     context: dg.AssetCheckExecutionContext,
+    config: ReleaseGatesConfig,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
     embedder: EmbedderResource,
@@ -73,6 +81,7 @@ def release_gates_check(
         embedder.get_embedder(),
         gen_id,
         thresholds=thresholds_of(release_gates),
+        max_probe_queries=config.max_probe_queries,
     )
     for gate, res in results.items():
         metadata: dict[str, dg.MetadataValue] = {"gen_id": dg.MetadataValue.text(gen_id)}

@@ -1,0 +1,161 @@
+"""Release gates in Dagster: a failing blocking check keeps the live generation and stops published_index,
+in the same run and (through its automation condition) across runs; a passing run publishes."""
+
+import dagster as dg
+import pytest
+
+from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
+from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
+from research_pipeline.defs.search.checks import release_gates_check
+from research_pipeline.lib import generations, store
+from research_pipeline.lib.settings import Settings
+from research_pipeline_tests.lib.test_generations import SAMPLE, build_corpus_rows, load_corpus_rows
+
+SEARCH_DEFS = [fts_index, vector_index, published_index, release_gates_check]
+#: Two probe queries keep each gate step short; latency has its own failing case below.
+FAST_GATES = dg.RunConfig(ops={"release_gates_check": {"config": {"max_probe_queries": 2}}})
+RELAXED = {"latency_p95_ms": 600_000.0}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from research_pipeline.lib.embedder import load_embedder
+
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, embedder):
+    return build_corpus_rows(tmp_path_factory.mktemp("corpus"), embedder)
+
+
+@pytest.fixture
+def deployment(tmp_path, corpus):
+    """Resources over a fresh SQLite database holding the sample corpus (no generation yet)."""
+    settings = Settings(
+        home=tmp_path,
+        inbox=tmp_path / "inbox",
+        database_url=f"sqlite:///{tmp_path / 'rp.db'}",
+        object_store_url=str(tmp_path / "objects"),
+    )
+    resources = build_resources(settings)
+    engine = resources["database"].get_engine()
+    load_corpus_rows(engine, corpus)
+    yield resources
+    engine.dispose()
+
+
+def with_gates(resources: dict, **thresholds) -> dict:
+    return {**resources, "release_gates": ReleaseGatesResource(**{**RELAXED, **thresholds})}
+
+
+def materialize(resources, instance=None, selection=None, run_config=FAST_GATES, **gate_thresholds):
+    return dg.materialize(
+        SEARCH_DEFS,
+        resources=with_gates(resources, **gate_thresholds),
+        run_config=run_config,
+        instance=instance,
+        selection=selection,
+        raise_on_error=False,
+    )
+
+
+def materialized_keys(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def check_evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def run_gen_id(result) -> str:
+    mats = {
+        e.asset_key.to_user_string(): e.step_materialization_data.materialization
+        for e in result.get_asset_materialization_events()
+    }
+    ids = {mats[k].metadata["gen_id"].value for k in ("fts_index", "vector_index")}
+    assert len(ids) == 1, f"fts_index and vector_index of one run built different generations: {ids}"
+    return ids.pop()
+
+
+def test_passing_run_publishes(deployment):
+    result = materialize(deployment)
+    assert result.success
+    assert materialized_keys(result) == {"fts_index", "vector_index", "published_index"}
+    gen_id = run_gen_id(result)
+    evals = check_evaluations(result)
+    assert set(evals) == {f"vector_index_{g}" for g in ("volume", "latency", "quality", "parse_quality", "freshness")}
+    assert all(e.passed for e in evals.values())
+    assert evals["vector_index_quality"].metadata["ndcg_at_10"].value >= 0.3
+    engine = deployment["database"].get_engine()
+    assert generations.live_generation(engine)["gen_id"] == gen_id
+    pub = result.asset_materializations_for_node("published_index")[0]
+    assert pub.metadata["gen_id"].value == gen_id
+    assert pub.metadata["documents"].value == len(SAMPLE)
+
+
+@pytest.mark.parametrize(
+    "gate, thresholds, expected",
+    [
+        ("latency", {"latency_p95_ms": 0.0}, "exceeds the SLA"),
+        ("volume", {"min_documents": 1_000_000}, "minimum is 1000000"),
+        ("quality", {"ndcg_floor": 1.01}, "below the floor"),
+    ],
+)
+def test_failing_gate_keeps_the_live_generation(deployment, embedder, gate, thresholds, expected):
+    first = materialize(deployment)
+    assert first.success
+    live_id = run_gen_id(first)
+
+    result = materialize(deployment, **thresholds)
+    assert not result.success
+    assert "published_index" not in materialized_keys(result)
+    failing = check_evaluations(result)[f"vector_index_{gate}"]
+    assert not failing.passed
+    assert failing.severity == dg.AssetCheckSeverity.ERROR
+    assert expected in failing.description
+    assert failing.metadata["gen_id"].value == run_gen_id(result)
+    engine = deployment["database"].get_engine()
+    candidate = generations.get_generation(engine, run_gen_id(result))
+    assert candidate["status"] == "rejected"
+    assert candidate["checks"][gate]["passed"] is False
+    live = generations.live_generation(engine)
+    assert live["gen_id"] == live_id
+    searcher = generations.open_searcher(engine, deployment["object_store"].get_store(), embedder)
+    assert searcher.search("multi-class confusion matrix in Python", k=3)
+
+
+def test_gates_hold_across_runs_for_automation(deployment):
+    """published_index, launched by automation in its own run, is not requested while a blocking check fails."""
+    defs = dg.Definitions(
+        assets=[fts_index, vector_index, published_index],
+        asset_checks=[release_gates_check],
+        resources=with_gates(deployment),
+    )
+    selection = dg.AssetSelection.assets(published_index)
+    engine = deployment["database"].get_engine()
+    with dg.instance_for_test() as instance:
+        build = dg.AssetSelection.assets(fts_index, vector_index)
+        failed = materialize(deployment, instance=instance, selection=build, ndcg_floor=1.01)
+        assert not failed.success
+        assert materialized_keys(failed) == {"fts_index", "vector_index"}
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        assert tick.get_num_requested(published_index.key) == 0
+
+        # Launched anyway (e.g. by hand), the publish step refuses the rejected candidate.
+        forced = materialize(deployment, instance=instance, selection=selection, run_config=None)
+        assert not forced.success
+        failure = forced.failure_data_for_node("published_index")
+        assert "rejected by its release gates" in str(failure.user_failure_data.description)
+        assert generations.live_generation(engine) is None
+
+        passed = materialize(deployment, instance=instance, selection=build)
+        assert passed.success
+        tick = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=tick.cursor
+        )
+        assert tick.get_num_requested(published_index.key) == 1
+        published = materialize(deployment, instance=instance, selection=selection, run_config=None)
+        assert published.success
+        assert generations.live_generation(engine)["gen_id"] == run_gen_id(passed)
+        assert store.counts(engine)["live_generation"] == run_gen_id(passed)
