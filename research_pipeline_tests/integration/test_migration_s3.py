@@ -24,7 +24,7 @@ from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.defs.resources import DatabaseResource, ObjectStoreResource
 from research_pipeline.lib import generations, migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
-from research_pipeline_tests.conftest import drop_pg_database, make_pg_database
+from research_pipeline_tests.conftest import REPO, drop_pg_database, make_pg_database
 
 # One worker runs the whole module, so the demo source and the moto server are built once.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("migration_s3")]
@@ -221,3 +221,30 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
     assert paper.removeprefix("rp/") in check.description
     assert not refused.asset_materializations_for_node("migration_cutover")
     target.dispose()
+
+
+def test_production_instance_keeps_runs_in_postgresql(tmp_path, monkeypatch, pg_server):
+    url = sa.engine.make_url(make_pg_database("rp_dagster"))
+    try:
+        for var, value in (("HOST", url.host), ("USER", url.username), ("PASSWORD", url.password or "trust"),
+                           ("DB", url.database)):
+            monkeypatch.setenv(f"DAGSTER_PG_{var}", value)
+        (tmp_path / "dagster.yaml").write_text((REPO / "deploy" / "dagster.prod.yaml").read_text())
+
+        @dg.asset
+        def probe() -> int:
+            return 1
+
+        with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+            assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+            assert instance.run_retries_enabled
+            assert dg.materialize([probe], instance=instance).success
+            assert instance.get_runs_count() == 1
+        admin = sa.create_engine(url.render_as_string(hide_password=False))
+        with admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM runs")).scalar_one() == 1
+        admin.dispose()
+    finally:
+        drop_pg_database(url.render_as_string(hide_password=False))

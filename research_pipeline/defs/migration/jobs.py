@@ -11,6 +11,8 @@ migration_job = dg.define_asset_job(
     name="migration_job",
     selection=dg.AssetSelection.assets(migrated_rows, migrated_objects),
     partitions_def=shard_partitions,
+    # deploy/dagster.prod.yaml caps concurrent runs with this tag.
+    tags={"research_pipeline/migration": "shard"},
     description=(
         "Copy one shard of rows to PostgreSQL and its files to S3, verified; backfill all 16 shards "
         "to migrate everything. Config dry_run: true reports what would move and changes nothing."
