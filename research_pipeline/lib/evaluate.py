@@ -114,7 +114,7 @@ def _corpus_ids(engine: Engine) -> dict[str, str]:
     with engine.connect() as conn:
         for doc_id, extra in conn.execute(sa.select(store.documents.c.doc_id, store.documents.c.extra)):
             meta = json.loads(extra) if extra else {}
-            rid = meta.get("_id", meta.get("record", {}).get("_id") if isinstance(meta.get("record"), dict) else None)
+            rid = meta.get("record_id")
             if rid is not None:
                 out[doc_id] = str(rid)
     return out

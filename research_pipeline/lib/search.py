@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ from research_pipeline.lib import store
 from research_pipeline.lib.fts import MAX_QUERY_CHARS, fts_search, query_terms
 
 MODES = ("hybrid", "bm25", "dense")
+
+#: Fusion parameters tuned on SciFact train, shipped as package data.
+TUNING_FILE = Path(__file__).resolve().parents[1] / "data" / "search_tuning.json"
 
 #: Used when the packaged tuning file is absent; every key can be overridden per Searcher.
 BASE_TUNING: dict[str, Any] = {
@@ -51,11 +54,8 @@ _WORD_RE = re.compile(r"[^\W_]+")
 def default_tuning() -> dict[str, Any]:
     """The shipped fusion parameters (package data), over `BASE_TUNING`."""
     tuning = dict(BASE_TUNING)
-    try:
-        text = resources.files("research_pipeline").joinpath("data/search_tuning.json").read_text("utf-8")
-    except FileNotFoundError:
-        return tuning
-    tuning.update(json.loads(text).get("params", {}))
+    if TUNING_FILE.is_file():
+        tuning.update(json.loads(TUNING_FILE.read_text("utf-8")).get("params", {}))
     return tuning
 
 
@@ -118,21 +118,27 @@ def _normalise(scores: list[float], norm: str) -> list[float]:
 
 def make_snippet(text: str, terms: list[str], width: int) -> str:
     """A window of about `width` characters of `text` around the first query term it contains."""
-    flat = " ".join(text.split())
-    if len(flat) <= width:
-        return flat
-    lower = flat.lower()
+    lower = text.lower()
     first = min((p for p in (lower.find(t) for t in terms) if p >= 0), default=0)
-    start = max(0, first - width // 4)
-    # Start and end on word boundaries.
-    if start > 0:
+    # Flatten whitespace only in a window around the hit: chunks can be long.
+    lo = max(0, first - width)
+    window = text[lo : first + 2 * width]
+    lead = len(" ".join(text[lo:first].split())) + (1 if lo < first and text[first - 1].isspace() else 0)
+    flat = " ".join(window.split())
+    cut_left, cut_right = lo > 0, first + 2 * width < len(text)
+    if len(flat) <= width and not (cut_left or cut_right):
+        return flat
+    start = max(0, lead - width // 4)
+    if start > 0 or cut_left:
         space = flat.find(" ", start)
-        start = space + 1 if 0 <= space < first else start
+        start = space + 1 if 0 <= space < lead else start
     end = min(len(flat), start + width)
     if end < len(flat):
         space = flat.rfind(" ", start, end)
         end = space if space > start else end
-    return ("…" if start > 0 else "") + flat[start:end] + ("…" if end < len(flat) else "")
+    left = "…" if (start > 0 or cut_left) else ""
+    right = "…" if (end < len(flat) or cut_right) else ""
+    return left + flat[start:end] + right
 
 
 class Searcher:
@@ -168,10 +174,7 @@ class Searcher:
     def _chunk_rows(self, chunk_ids: list[str], filters: SearchFilters | None) -> dict[str, Mapping[str, Any]]:
         c, d = store.chunks, store.documents
         stmt = (
-            sa.select(
-                c.c.chunk_id, c.c.doc_id, c.c.is_references, c.c.section, c.c.page_start, c.c.text,
-                d.c.title, d.c.year, d.c.authors, d.c.source_kind,
-            )
+            sa.select(c.c.chunk_id, c.c.doc_id, c.c.is_references)
             .join(d, d.c.doc_id == c.c.doc_id)
             .where(c.c.chunk_id.in_(sa.bindparam("ids", expanding=True)))
         )
@@ -184,6 +187,20 @@ class Searcher:
                 stmt = stmt.where(sa.func.lower(d.c.authors).contains(filters.author.lower(), autoescape=True))
             if filters.source:
                 stmt = stmt.where(d.c.source_kind == filters.source)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt, {"ids": chunk_ids}).mappings().all() if chunk_ids else []
+        return {r["chunk_id"]: r for r in rows}
+
+    def _hit_rows(self, chunk_ids: list[str]) -> dict[str, Mapping[str, Any]]:
+        c, d = store.chunks, store.documents
+        stmt = (
+            sa.select(
+                c.c.chunk_id, c.c.section, c.c.page_start, c.c.text,
+                d.c.title, d.c.year, d.c.authors, d.c.source_kind,
+            )
+            .join(d, d.c.doc_id == c.c.doc_id)
+            .where(c.c.chunk_id.in_(sa.bindparam("ids", expanding=True)))
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(stmt, {"ids": chunk_ids}).mappings().all() if chunk_ids else []
         return {r["chunk_id"]: r for r in rows}
@@ -250,9 +267,12 @@ class Searcher:
 
         terms = query_terms(query)
         width = int(self.tuning["snippet_chars"])
+        details = self._hit_rows([cid for _, (_, cid) in ranked_docs])
         hits = []
         for doc_id, (score, cid) in ranked_docs:
-            r = rows[cid]
+            r = details.get(cid)
+            if r is None:  # the chunk was replaced between the two reads
+                continue
             hits.append(
                 PaperHit(
                     doc_id=doc_id,
