@@ -4,7 +4,7 @@ import dagster as dg
 
 from research_pipeline.defs.resources import DatabaseResource, QueryCacheResource
 from research_pipeline.defs.search.jobs import warm_cache_job
-from research_pipeline.lib import generations
+from research_pipeline.lib import generations, store
 
 
 @dg.sensor(
@@ -18,26 +18,29 @@ def published_index_sensor(
     database: DatabaseResource,
     query_cache: QueryCacheResource,
 ):
-    """Watches the live pointer; requests one warm_cache_job run per generation that goes live.
+    """Watches the live pointer; requests one warm_cache_job run each time a generation goes live.
 
-    The cursor is the last live generation id it saw and the run key is `warm-<gen_id>`, so a
-    generation is warmed once even if the daemon restarts. It reads the pointer rather than
-    asset events so that a rollback from the CLI is warmed too. With no Redis (in-process LRU)
-    there is no shared cache to warm, so it only moves the cursor.
+    The cursor is the live generation id and when the pointer last moved, so a publish and a
+    later rollback to a generation are each warmed once; the run key is derived from the same
+    pair, so a daemon restart never warms twice. It reads the pointer rather than asset events
+    so that a rollback from the CLI is warmed too. With no Redis (in-process LRU) there is no
+    shared cache to warm, so it only moves the cursor.
     """
     live = generations.live_generation(database.get_engine())
     if live is None:
         return dg.SkipReason("no index generation is live yet")
     gen_id = live["gen_id"]
-    if context.cursor == gen_id:
+    since = live["live_since"]
+    state = f"{gen_id}@{since.isoformat() if since is not None else ''}"
+    if context.cursor == state:
         return dg.SkipReason(f"generation {gen_id} is still live and already warmed")
-    context.update_cursor(gen_id)
+    context.update_cursor(state)
     if not query_cache.redis_url:
         return dg.SkipReason(
             f"generation {gen_id} is live, but the query cache is in-process (RP_REDIS_URL unset): nothing to warm"
         )
     return dg.RunRequest(
-        run_key=f"warm-{gen_id}",
+        run_key=f"warm-{store.sha256_hex(state)[:16]}",
         run_config=dg.RunConfig(ops={"warm_query_cache": {"config": {"gen_id": gen_id}}}),
         tags={"research_pipeline/gen_id": gen_id},
     )
