@@ -83,6 +83,17 @@ class PageStats:
     garbled: bool
 
 
+# Junk characters: replacement/non-characters, private use, C0/C1 controls, and the Latin-1
+# symbols (not letters) that Type 3 fonts without a ToUnicode map decode to.
+_JUNK_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\xa1-\xa9\xab-\xb4\xb6-\xb9\xbb-\xbf\xd7\xf7\ufffd-\uffff\ue000-\uf8ff]")
+_SPACE_RE = re.compile(r"\s+")
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_LATIN1_LETTER_RE = re.compile("[\xc0-\xd6\xd8-\xf6\xf8-\xff]")
+_ASCII_WORD_RE = re.compile(r"[A-Za-z]+")
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+_SINGLE_LETTER_RE = re.compile(r"(?<![A-Za-z])[A-Za-z](?![A-Za-z])")
+
+
 def page_stats(raw: str) -> PageStats:
     """Measure how much of a page's raw extracted text is junk.
 
@@ -90,32 +101,21 @@ def page_stats(raw: str) -> PageStats:
     symbols outside letters (the signature of Type 3 fonts without a ToUnicode map). A page
     is also garbled when Latin text arrives as single letters separated by spaces, which is
     what a substitution-cipher font map produces. Calibrated on shared/data/papers (see
-    docs/PARSING.md): clean pages stay below 0.10, garbled ones are above 0.14.
+    docs/PARSING.md): clean pages stay below 0.10, garbled ones are above 0.14. Regular
+    expressions rather than a per-character loop: this runs on every page.
     """
-    nonspace = [c for c in raw if not c.isspace()]
-    n = len(nonspace)
+    n = len(_SPACE_RE.sub("", raw))
     if n == 0:
         return PageStats(0, 0, False)
-    bad = 0
-    for c in nonspace:
-        o = ord(c)
-        if (
-            c in "\ufffd\ufffe\uffff"
-            or 0xE000 <= o <= 0xF8FF
-            or unicodedata.category(c) == "Cc"
-            or (0x80 <= o <= 0xFF and not c.isalpha())
-        ):
-            bad += 1
-    bad += sum(len(m) for m in _CID_RE.findall(raw))
-    letters = [c for c in nonspace if c.isalpha()]
-    latin1_letters = sum(1 for c in letters if 0xC0 <= ord(c) <= 0xFF)
-    garbled = n >= 20 and (bad / n > GARBLED_PAGE_THRESHOLD or latin1_letters / max(1, len(letters)) > 0.15)
+    bad = len(_JUNK_RE.findall(raw)) + sum(len(m) for m in _CID_RE.findall(raw))
+    n_letters = len(_LETTER_RE.findall(raw))
+    latin1_letters = len(_LATIN1_LETTER_RE.findall(raw))
+    garbled = n >= 20 and (bad / n > GARBLED_PAGE_THRESHOLD or latin1_letters / max(1, n_letters) > 0.15)
     if not garbled and n >= 200:
-        ascii_share = sum(1 for c in letters if c.isascii()) / max(1, len(letters))
-        words = [w for w in re.findall(r"[A-Za-z]+", raw)]
-        if ascii_share > 0.9 and len(words) >= 200:
-            single = sum(1 for w in words if len(w) == 1) / len(words)
-            garbled = single > 0.9
+        ascii_letters = len(_ASCII_LETTER_RE.findall(raw))
+        n_words = len(_ASCII_WORD_RE.findall(raw))
+        if ascii_letters > 0.9 * n_letters and n_words >= 200:
+            garbled = len(_SINGLE_LETTER_RE.findall(raw)) / n_words > 0.9
     if garbled:
         bad = n
     return PageStats(n, min(bad, n), garbled)
@@ -140,9 +140,11 @@ def dehyphenate(pages: list[str]) -> list[str]:
     elsewhere in the document and the joined form does not, the hyphen is real and only the
     line break goes; otherwise the word was split by typesetting and is joined.
     """
+    if not any(_HYPHEN_BREAK_RE.search(p) for p in pages):
+        return pages
     vocab: set[str] = set()
     for page in pages:
-        vocab.update(w.lower() for w in _WORD_RE.findall(page))
+        vocab.update(_WORD_RE.findall(page.lower()))
 
     def join(m: re.Match) -> str:
         left, right = m.group(1), m.group(2)
