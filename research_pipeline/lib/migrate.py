@@ -22,13 +22,13 @@ only ever read: SQLite is opened read-only through SQLite itself, so the WAL is 
 from __future__ import annotations
 
 import hashlib
-import os
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
@@ -219,28 +219,52 @@ def prepare_target(target: Engine) -> None:
 # --------------------------------------------------------------------------- canonical rows
 
 
-def _norm_datetime(v: datetime) -> str:
-    # SQLite hands back naive datetimes that were written as UTC; PostgreSQL hands back aware
-    # ones in the session time zone. Both become the same UTC string.
+# The canonical encoding of a row, computed identically in Python (any source) and in
+# PostgreSQL's own SQL (the target, so verification reads back 64 hex characters per row rather
+# than the row): every column becomes text by its declared type (timestamps as UTC epoch
+# microseconds, floats as their IEEE-754 bits, bytes as hex, booleans as true/false), each value
+# is length-prefixed ("V<len>:<text>", NULL is "N"), and the row digest is the sha256 of the
+# concatenation.
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _canon_datetime(v: datetime) -> str:
+    # SQLite hands back naive datetimes that were written as UTC; PostgreSQL aware ones.
     if v.tzinfo is None:
         v = v.replace(tzinfo=timezone.utc)
-    return v.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return str((v - _EPOCH) // timedelta(microseconds=1))
 
 
-def _normalizer(col: sa.Column) -> Callable[[Any], Any] | None:
-    """The canonical Python value of a column, by declared type (None: str, as every driver returns)."""
+def _canon_py(col: sa.Column) -> Callable[[Any], str]:
+    """The canonical text of a column's value, by declared type (not by what a driver returned)."""
     t = col.type
     if isinstance(t, sa.Boolean):
-        return bool
+        return lambda v: "true" if v else "false"
     if isinstance(t, sa.DateTime):
-        return _norm_datetime
+        return _canon_datetime
     if isinstance(t, sa.LargeBinary):
-        return lambda v: bytes(v).hex()  # repr() of bytes escapes byte by byte: 10x slower
+        return lambda v: bytes(v).hex()
     if isinstance(t, sa.Float):
-        return float
+        return lambda v: struct.pack(">d", float(v)).hex()
     if isinstance(t, sa.Integer):
-        return int
-    return None
+        return lambda v: str(int(v))
+    return str
+
+
+def _canon_sql(col: sa.Column) -> str:
+    """The same canonical text as `_canon_py`, as a PostgreSQL expression."""
+    name = f't."{col.name}"'
+    t = col.type
+    if isinstance(t, sa.DateTime):
+        return f"(extract(epoch from {name}) * 1000000)::bigint::text"
+    if isinstance(t, sa.LargeBinary):
+        return f"encode({name}, 'hex')"
+    if isinstance(t, sa.Float):
+        return f"encode(float8send({name}), 'hex')"
+    if isinstance(t, (sa.Boolean, sa.Integer)):
+        return f"{name}::text"
+    return f"{name}::text"
 
 
 def _pg_value(col: sa.Column) -> Callable[[Any], Any] | None:
@@ -259,7 +283,7 @@ class RowCodec:
         self.table = table
         self.columns = [c.name for c in table.columns]
         self.key_idx = [self.columns.index(c.name) for c in table.primary_key.columns]
-        self._norms = [(i, f) for i, f in enumerate(_normalizer(c) for c in table.columns) if f is not None]
+        self._canon = [_canon_py(c) for c in table.columns]
         self._pg = [_pg_value(c) for c in table.columns]
         self._text_idx = [i for i, c in enumerate(table.columns) if isinstance(c.type, sa.String)]
 
@@ -267,12 +291,22 @@ class RowCodec:
         return tuple(row[i] for i in self.key_idx)
 
     def digest(self, row: Sequence[Any]) -> int:
-        # The repr of the normalised values is unambiguous (quoted, escaped, typed) and C-fast.
-        values = list(row)
-        for i, f in self._norms:
-            if values[i] is not None:
-                values[i] = f(values[i])
-        return int.from_bytes(hashlib.sha256(repr(values).encode("utf-8", "surrogatepass")).digest(), "big")
+        parts = []
+        for f, v in zip(self._canon, row):
+            if v is None:
+                parts.append("N")
+            else:
+                text = f(v)
+                parts.append(f"V{len(text)}:{text}")
+        return int.from_bytes(hashlib.sha256("".join(parts).encode("utf-8", "surrogatepass")).digest(), "big")
+
+    def digest_sql(self) -> str:
+        """A PostgreSQL expression (over alias `t`) equal to `digest` as 64 hex characters."""
+        parts = []
+        for col in self.table.columns:
+            x = _canon_sql(col)
+            parts.append(f"CASE WHEN t.\"{col.name}\" IS NULL THEN 'N' ELSE 'V' || length({x}) || ':' || {x} END")
+        return f"encode(sha256(convert_to(concat({', '.join(parts)}), 'UTF8')), 'hex')"
 
     def to_pg(self, row: Sequence[Any]) -> list[Any]:
         for i in self._text_idx:
@@ -306,11 +340,28 @@ def _partition_rows(conn: sa.Connection, spec: TableSpec, shard: str, batch: int
             yield part
 
 
-def digests_of(engine: Engine, spec: TableSpec, shard: str, batch: int = 5000) -> dict[tuple, int]:
-    """{primary key: row digest} of one shard of a table."""
+def digests_of(engine: Engine, spec: TableSpec, shard: str, batch: int = 5000, in_database: bool | None = None) -> dict[tuple, int]:
+    """{primary key: row digest} of one shard of a table.
+
+    PostgreSQL computes the digests itself (`in_database`, the default there); elsewhere the
+    rows are read and digested in Python. Both give the same digest for the same row.
+    """
     codec = RowCodec(spec.table)
     out: dict[tuple, int] = {}
+    if in_database is None:
+        in_database = engine.dialect.name == "postgresql"
     with engine.connect() as conn:
+        if in_database:
+            pred = spec.predicate(shard, conn.dialect.name)
+            where = str(pred.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            where = where.replace(f'"{spec.name}".', "t.").replace(f"{spec.name}.", "t.")
+            keys = ", ".join(f't."{c}"' for c in spec.key)
+            sql = f'SELECT {keys}, {codec.digest_sql()} FROM "{spec.name}" AS t WHERE {where}'
+            result = conn.execution_options(yield_per=batch).exec_driver_sql(sql)
+            n = len(spec.key)
+            for row in result:
+                out[tuple(row[:n])] = int(row[n], 16)
+            return out
         for part in _partition_rows(conn, spec, shard, batch):
             for row in part:
                 out[codec.key(row)] = codec.digest(row)
@@ -329,20 +380,16 @@ def _relaxed_commit(conn: sa.Connection) -> None:
     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
-def _set_state(conn: sa.Connection, table_name: str, shard: str, state: str, rows: int = 0, checksum: str | None = None) -> None:
+def _set_states(conn: sa.Connection, rows: Sequence[tuple[str, str, str, int, str | None]]) -> None:
+    """Upsert (table_name, shard, state, rows, checksum) rows of migration_state."""
     _relaxed_commit(conn)
+    now = store.utcnow()
     store.upsert(
         conn,
         store.migration_state,
         [
-            {
-                "table_name": table_name,
-                "partition": shard,
-                "state": state,
-                "rows": rows,
-                "checksum": checksum,
-                "updated_at": store.utcnow(),
-            }
+            {"table_name": t, "partition": p, "state": st, "rows": n, "checksum": c, "updated_at": now}
+            for t, p, st, n, c in rows
         ],
         ["table_name", "partition"],
     )
@@ -386,30 +433,18 @@ def _fmt_key(key: tuple) -> str:
     return key[0] if len(key) == 1 else "|".join(str(k) for k in key)
 
 
-def migrate_table_shard(
+def _copy_table_shard(
     source: Engine,
     target: Engine,
     spec: TableSpec,
     shard: str,
-    force: bool = False,
-    batch_rows: int = 5000,
-    on_batch: Callable[[BatchInfo], None] | None = None,
-    log: Log = None,
-    state: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Copy one shard of one table to the target and verify it; returns rows/bytes/seconds.
+    batch_rows: int,
+    on_batch: Callable[[BatchInfo], None] | None,
+) -> tuple[dict[tuple, int], int]:
+    """Copy one shard of one table in one target transaction; returns (source digests, bytes).
 
-    The shard's rows and its `copied` state commit in one transaction (so a killed copy leaves
-    nothing), then the target is read back and compared with the rows read from the source.
+    The shard's rows and its `copied` state commit together, so a killed copy leaves nothing.
     """
-    _check_shard(shard)
-    t0 = time.perf_counter()
-    if state is None:
-        state = migration_states(target).get((spec.name, shard))
-    if state and state["state"] == "verified" and not force:
-        return {"table": spec.name, "shard": shard, "skipped": True, "rows": 0, "bytes": 0, "seconds": 0.0}
-    with target.begin() as conn:
-        _set_state(conn, spec.name, shard, "pending")
     codec = RowCodec(spec.table)
     cols = ", ".join(f'"{c}"' for c in codec.columns)
     key_cols = ", ".join(f'"{c}"' for c in spec.key)
@@ -461,28 +496,8 @@ def migrate_table_shard(
                 "SELECT setval(pg_get_serial_sequence('query_log', 'id'), "
                 "COALESCE((SELECT max(id) FROM query_log), 0) + 1, false)"
             )
-        checksum = checksum_of(source_digests.values())
-        _set_state(tconn, spec.name, shard, "copied", len(source_digests), checksum)
-    target_digests = digests_of(target, spec, shard, batch_rows)
-    diffs = _diff(spec.name, shard, source_digests, target_digests)
-    if diffs:
-        raise MigrationError(
-            f"{spec.name} shard {shard} read back different from the source: "
-            + "; ".join(str(d) for d in diffs[:10])
-        )
-    with target.begin() as conn:
-        _set_state(conn, spec.name, shard, "verified", len(source_digests), checksum)
-    seconds = time.perf_counter() - t0
-    _emit(log, f"{spec.name}[{shard}]: {len(source_digests)} rows copied and verified in {seconds:.2f}s")
-    return {
-        "table": spec.name,
-        "shard": shard,
-        "skipped": False,
-        "rows": len(source_digests),
-        "bytes": nbytes,
-        "seconds": seconds,
-        "checksum": checksum,
-    }
+        _set_states(tconn, [(spec.name, shard, "copied", len(source_digests), checksum_of(source_digests.values()))])
+    return source_digests, nbytes
 
 
 def migrate_rows(
@@ -494,23 +509,44 @@ def migrate_rows(
     on_batch: Callable[[BatchInfo], None] | None = None,
     log: Log = None,
 ) -> dict[str, Any]:
-    """Copy and verify every table's rows of one shard; returns totals and per-table rows."""
+    """Copy and verify every table's rows of one shard; returns totals and per-table rows.
+
+    Tables already verified in this shard are skipped unless `force`. Each table's shard is
+    copied in its own transaction (`pending` -> `copied`), then read back: PostgreSQL digests
+    its rows, which must equal the digests of the rows read from the source (-> `verified`).
+    Raises MigrationError naming the rows that differ.
+    """
+    _check_shard(shard)
     prepare_target(target)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"rows": 0, "bytes": 0, "tables_skipped": 0, "tables": {}}
     states = migration_states(target)
-    for spec in TABLE_SPECS:
-        if shard not in spec.shards:
-            continue
-        res = migrate_table_shard(
-            source, target, spec, shard, force, batch_rows, on_batch, log, states.get((spec.name, shard), {})
+    specs = [spec for spec in TABLE_SPECS if shard in spec.shards]
+    todo = [s for s in specs if force or states.get((s.name, shard), {}).get("state") != "verified"]
+    out: dict[str, Any] = {"rows": 0, "bytes": 0, "tables_skipped": len(specs) - len(todo), "tables": {}}
+    if todo:
+        with target.begin() as conn:
+            _set_states(conn, [(spec.name, shard, "pending", 0, None) for spec in todo])
+    verified, diffs = [], []
+    for spec in todo:
+        source_digests, nbytes = _copy_table_shard(source, target, spec, shard, batch_rows, on_batch)
+        found = _diff(spec.name, shard, source_digests, digests_of(target, spec, shard, batch_rows))
+        diffs += found
+        if not found:
+            verified.append((spec.name, shard, "verified", len(source_digests), checksum_of(source_digests.values())))
+        out["rows"] += len(source_digests)
+        out["bytes"] += nbytes
+        out["tables"][spec.name] = len(source_digests)
+    if verified:
+        with target.begin() as conn:
+            _set_states(conn, verified)
+    if diffs:
+        raise MigrationError(
+            f"shard {shard} read back different from the source: " + "; ".join(str(d) for d in diffs[:10])
         )
-        out["rows"] += res["rows"]
-        out["bytes"] += res["bytes"]
-        out["tables_skipped"] += int(res["skipped"])
-        out["tables"][spec.name] = res["rows"]
     out["seconds"] = time.perf_counter() - t0
     out["rows_per_s"] = out["rows"] / out["seconds"] if out["seconds"] > 0 else 0.0
+    _emit(log, f"rows[{shard}]: {out['rows']} copied and verified, {out['tables_skipped']} tables skipped, "
+          f"{out['seconds']:.2f}s")
     return out
 
 
@@ -529,16 +565,21 @@ class ObjectPlan:
     problem: str | None = None  # why it cannot be uploaded (the source file is gone, changed...)
 
 
-def _local_path(uri: str) -> Path | None:
+def _local_path(uri: str, base: Path | None) -> Path | None:
+    """The local file a source URI names (relative ones under `base`), or None for remote URIs."""
     if uri.startswith("file://"):
         return Path(unquote(urlparse(uri).path))
-    if os.path.isabs(uri):
-        return Path(uri)
-    return None
+    if "://" in uri:
+        return None
+    path = Path(uri)
+    return path if path.is_absolute() else (base or Path.cwd()) / path
 
 
-def _plan_papers(source: Engine, shard: str) -> list[ObjectPlan]:
-    """The original PDFs of a shard: one object per document, `papers/<doc_id>.pdf`."""
+def _plan_papers(source: Engine, shard: str, inbox: Path | None = None) -> list[ObjectPlan]:
+    """The original PDFs of a shard: one object per document, `papers/<doc_id>.pdf`.
+
+    Documents whose every source is remote (already in S3) have nothing to upload.
+    """
     d, s = store.documents, store.document_sources
     with source.connect() as conn:
         rows = conn.execute(
@@ -549,7 +590,7 @@ def _plan_papers(source: Engine, shard: str) -> list[ObjectPlan]:
         ).all()
     by_doc: dict[str, list[tuple[Path, int | None]]] = {}
     for doc_id, uri, size in rows:
-        path = _local_path(uri)
+        path = _local_path(uri, inbox)
         if path is not None:
             by_doc.setdefault(doc_id, []).append((path, size))
     plans = []
@@ -595,10 +636,10 @@ def _sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan_objects(source: Engine, source_store: Any, shard: str) -> dict[str, list[ObjectPlan]]:
-    """{object family: plans} of one shard."""
+def plan_objects(source: Engine, source_store: Any, shard: str, inbox: Path | None = None) -> dict[str, list[ObjectPlan]]:
+    """{object family: plans} of one shard (relative source paths resolve under `inbox`)."""
     _check_shard(shard)
-    return {"s3:papers": _plan_papers(source, shard), "s3:indexes": _plan_indexes(source_store, shard)}
+    return {"s3:papers": _plan_papers(source, shard, inbox), "s3:indexes": _plan_indexes(source_store, shard)}
 
 
 def _s3_key(prefix: str, key: str) -> str:
@@ -681,6 +722,7 @@ def migrate_objects(
     force: bool = False,
     workers: int = 8,
     log: Log = None,
+    inbox: Path | None = None,
 ) -> dict[str, Any]:
     """Upload and verify the papers and index files of one shard (skipping what S3 already has).
 
@@ -692,13 +734,13 @@ def migrate_objects(
     states = migration_states(target)
     out: dict[str, Any] = {"objects": 0, "bytes": 0, "objects_skipped": 0}
     problems: list[str] = []
-    for family, plans in plan_objects(source, source_store, shard).items():
+    for family, plans in plan_objects(source, source_store, shard, inbox).items():
         state = states.get((family, shard))
         if state and state["state"] == "verified" and not force:
             out["objects_skipped"] += len(plans)
             continue
         with target.begin() as conn:
-            _set_state(conn, family, shard, "pending")
+            _set_states(conn, [(family, shard, "pending", 0, None)])
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             results = list(pool.map(lambda p: _upload(s3, bucket, prefix, p, source_store), plans))
         family_problems = [f"{p.key}: {why}" for p, (_, why) in zip(plans, results) if why]
@@ -708,7 +750,7 @@ def migrate_objects(
             problems += family_problems
             continue
         with target.begin() as conn:
-            _set_state(conn, family, shard, "verified", len(plans), checksum_of(int(p.sha256, 16) for p in plans))
+            _set_states(conn, [(family, shard, "verified", len(plans), checksum_of(int(p.sha256, 16) for p in plans))])
     out["seconds"] = time.perf_counter() - t0
     out["mb_per_s"] = out["bytes"] / 1e6 / out["seconds"] if out["seconds"] > 0 else 0.0
     if problems:
@@ -784,6 +826,7 @@ def verify(
     shards: Sequence[str] = store.SHARDS,
     deep: bool = False,
     log: Log = None,
+    inbox: Path | None = None,
 ) -> VerifyReport:
     """Compare source and target row by row and object by object; name every difference.
 
@@ -819,7 +862,7 @@ def verify(
                     Difference("table", spec.name, "*", "row count", f"{n_tgt} rows on target, {n_src} in source")
                 )
     for shard in shards if s3 is not None else ():
-        for family, plans in plan_objects(source, source_store, shard).items():
+        for family, plans in plan_objects(source, source_store, shard, inbox).items():
             st = states.get((family, shard))
             if st is None or st["state"] != "verified":
                 report.differences.append(
@@ -884,13 +927,14 @@ def cutover(
     bucket: str,
     prefix: str = "",
     log: Log = None,
+    inbox: Path | None = None,
 ) -> dict[str, Any]:
     """Record the cutover in the bucket after a full verification; refuses when anything differs.
 
     Raises MigrationNotVerified naming the differences. Nothing on the source changes: rolling
     back is pointing RP_DATABASE_URL and RP_OBJECT_STORE_URL at the old values.
     """
-    report = verify(source, target, source_store, s3, bucket, prefix, log=log)
+    report = verify(source, target, source_store, s3, bucket, prefix, log=log, inbox=inbox)
     if not report.ok:
         raise MigrationNotVerified(report)
     record = {
@@ -921,6 +965,7 @@ def dry_run(
     source_store: Any,
     shards: Sequence[str] = store.SHARDS,
     target: Engine | None = None,
+    inbox: Path | None = None,
 ) -> dict[str, Any]:
     """What a migration of `shards` would move (rows, bytes, objects, estimated seconds); changes nothing.
 
@@ -951,7 +996,7 @@ def dry_run(
             out["rows"] += rows
             out["bytes"] += nbytes
     for shard in shards:
-        for family, plans in plan_objects(source, source_store, shard).items():
+        for family, plans in plan_objects(source, source_store, shard, inbox).items():
             if states.get((family, shard), {}).get("state") == "verified":
                 continue
             out["objects"] += len(plans)

@@ -21,7 +21,7 @@ from dagster_aws.s3 import S3Resource
 from research_pipeline.defs.migration.assets import migrated_objects, migrated_rows, migration, migration_cutover
 from research_pipeline.defs.migration.checks import migration_verified
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, ObjectStoreResource
+from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
 from research_pipeline.lib import generations, migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
 from research_pipeline_tests.conftest import REPO, drop_pg_database, make_pg_database
@@ -175,6 +175,7 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
     resources = {
         "database": DatabaseResource(url=demo_source.url),
         "object_store": ObjectStoreResource(url=str(demo_source.store.root)),
+        "inbox": InboxResource(path=str(demo_source.inbox)),
         "migration_target": MigrationTargetResource(database_url=target_url, bucket=bucket, prefix="rp"),
         # Few botocore attempts per call: injected 503s fail the step, and its RetryPolicy runs it again.
         "migration_s3": FlakyS3(endpoint_url=s3_endpoint, region_name="us-east-1", max_attempts=1),

@@ -9,7 +9,7 @@ from dagster_aws.s3 import S3Resource
 
 from research_pipeline.defs.embeddings.assets import shard_partitions
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, ObjectStoreResource
+from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
 from research_pipeline.lib import migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
 
@@ -44,10 +44,10 @@ def _plan_metadata(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dry_run(context: dg.AssetExecutionContext, database: DatabaseResource, object_store: ObjectStoreResource,
-             migration_target: MigrationTargetResource) -> dg.AssetObservation:
+             inbox: InboxResource, migration_target: MigrationTargetResource) -> dg.AssetObservation:
     source = _source(database)
     target = migration_target.get_engine(database.url) if migration_target.database_url else None
-    plan = migrate.dry_run(source, object_store.get_store(), [context.partition_key], target)
+    plan = migrate.dry_run(source, object_store.get_store(), [context.partition_key], target, inbox.get_path())
     context.log.info(f"dry run of shard {context.partition_key}: {store.dumps(plan)}")
     return dg.AssetObservation(asset_key=context.asset_key, partition=context.partition_key,
                                metadata={"dry_run": True, **_plan_metadata(plan)})
@@ -65,6 +65,7 @@ def migrated_rows(
     config: MigrationConfig,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
+    inbox: InboxResource,
     migration_target: MigrationTargetResource,
 ):
     """The rows of one shard of every table, copied from the source database to the PostgreSQL
@@ -76,7 +77,7 @@ def migrated_rows(
     is missing. With `dry_run` it only reports what would move.
     """
     if config.dry_run:
-        yield _dry_run(context, database, object_store, migration_target)
+        yield _dry_run(context, database, object_store, inbox, migration_target)
         return
     stats = migrate.migrate_rows(
         _source(database),
@@ -111,6 +112,7 @@ def migrated_objects(
     config: MigrationConfig,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
+    inbox: InboxResource,
     migration_target: MigrationTargetResource,
     migration_s3: S3Resource,
 ):
@@ -118,7 +120,7 @@ def migrated_objects(
     original PDFs (`papers/<doc_id>.pdf`) and the index files (`indexes/...`, same keys as in
     the local object store, so index manifests resolve unchanged)."""
     if config.dry_run:
-        yield _dry_run(context, database, object_store, migration_target)
+        yield _dry_run(context, database, object_store, inbox, migration_target)
         return
     stats = migrate.migrate_objects(
         _source(database),
@@ -131,6 +133,7 @@ def migrated_objects(
         force=config.force,
         workers=config.workers,
         log=context.log.info,
+        inbox=inbox.get_path(),
     )
     yield dg.MaterializeResult(
         metadata={
@@ -188,6 +191,7 @@ def migration_cutover(
     context: dg.AssetExecutionContext,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
+    inbox: InboxResource,
     migration_target: MigrationTargetResource,
     migration_s3: S3Resource,
 ) -> dg.MaterializeResult:
@@ -203,6 +207,7 @@ def migration_cutover(
             migration_target.get_bucket(),
             migration_target.prefix,
             log=context.log.info,
+            inbox=inbox.get_path(),
         )
     except migrate.MigrationNotVerified as exc:
         raise dg.Failure(description=f"cutover refused: {exc}", allow_retries=False) from exc

@@ -6,7 +6,7 @@ from dagster_aws.s3 import S3Resource
 
 from research_pipeline.defs.migration.assets import migration
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, ObjectStoreResource
+from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
 from research_pipeline.lib import migrate
 
 
@@ -15,6 +15,7 @@ def migration_verified(
     context: dg.AssetCheckExecutionContext,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
+    inbox: InboxResource,
     migration_target: MigrationTargetResource,
     migration_s3: S3Resource,
 ) -> dg.AssetCheckResult:
@@ -28,6 +29,7 @@ def migration_verified(
         migration_target.get_bucket(),
         migration_target.prefix,
         log=context.log.info,
+        inbox=inbox.get_path(),
     )
     return dg.AssetCheckResult(
         passed=report.ok,
