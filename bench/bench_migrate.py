@@ -155,7 +155,7 @@ def run_raw(source_url: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=2, help="shards migrated concurrently")
+    parser.add_argument("--workers", type=int, default=4, help="shards migrated concurrently")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_migrate_") as tmp:
         t0 = time.perf_counter()

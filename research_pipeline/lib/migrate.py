@@ -50,8 +50,8 @@ OBJECT_FAMILIES = ("s3:papers", "s3:indexes")
 #: Where the cutover record is written in the target bucket.
 CUTOVER_KEY = "migration/cutover.json"
 #: Throughputs used for the dry-run estimate (measured by bench/bench_migrate.py on 2 cores).
-EST_ROWS_PER_S = 8_000.0
-EST_BYTES_PER_S = 20e6
+EST_ROWS_PER_S = 7_000.0
+EST_BYTES_PER_S = 12e6
 _MOD = 1 << 256
 
 
