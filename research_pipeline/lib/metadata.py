@@ -56,6 +56,10 @@ _LETTER_RE = re.compile(r"[^\W\d_]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HANGUL_RE = re.compile("[\uac00-\ud7af]")
 _HAN_RE = re.compile("[\u4e00-\u9fff]")
+_ASCII_WORD_RE = re.compile(r"[a-z]+")
+_ENGLISH_COMMON = frozenset(
+    "the of and to in a is that for it as with be on by this are we which an or not from at".split()
+)
 
 
 def detect_language(text: str) -> str | None:
@@ -70,6 +74,11 @@ def detect_language(text: str) -> str | None:
         return "ko"
     if len(_HAN_RE.findall(sample)) / n_letters > 0.2:
         return "zh"
+    words = _ASCII_WORD_RE.findall(sample[:3000].lower())
+    if len(words) >= 50 and sum(1 for w in words if w in _ENGLISH_COMMON) / len(words) > 0.15:
+        # Running English text is ~25% function words; other languages using Latin script
+        # stay far below. This skips langdetect (the costliest step of a parse) for most papers.
+        return "en"
     try:
         from langdetect import DetectorFactory, detect
         from langdetect.lang_detect_exception import LangDetectException
@@ -110,8 +119,8 @@ def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
             sizes: list[float] = []
             top = 0.0
             rect = pdfium_c.FS_RECTF()
-            # The title is near the top: the first 1,500 characters are enough.
-            for i in range(min(n, 1500)):
+            # The title is near the top: the first 1,000 characters are enough.
+            for i in range(min(n, 1000)):
                 ch = chr(pdfium_c.FPDFText_GetUnicode(textpage, i))
                 if ch == "\n":
                     if buf:
@@ -120,7 +129,9 @@ def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
                     continue
                 if ch == "\r":
                     continue
-                if not ch.isspace() and pdfium_c.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(rect)):
+                # Six glyphs per line give its size; boxing every glyph costs more than the parse.
+                if (not ch.isspace() and len(sizes) < 6
+                        and pdfium_c.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(rect))):
                     if not sizes:
                         top = rect.top
                     sizes.append(round(abs(rect.top - rect.bottom), 1))

@@ -86,7 +86,6 @@ class PageStats:
 # Junk characters: replacement/non-characters, private use, C0/C1 controls, and the Latin-1
 # symbols (not letters) that Type 3 fonts without a ToUnicode map decode to.
 _JUNK_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\xa1-\xa9\xab-\xb4\xb6-\xb9\xbb-\xbf\xd7\xf7\ufffd-\uffff\ue000-\uf8ff]")
-_SPACE_RE = re.compile(r"\s+")
 _LETTER_RE = re.compile(r"[^\W\d_]")
 _LATIN1_LETTER_RE = re.compile("[\xc0-\xd6\xd8-\xf6\xf8-\xff]")
 _ASCII_WORD_RE = re.compile(r"[A-Za-z]+")
@@ -104,18 +103,23 @@ def page_stats(raw: str) -> PageStats:
     docs/PARSING.md): clean pages stay below 0.10, garbled ones are above 0.14. Regular
     expressions rather than a per-character loop: this runs on every page.
     """
-    n = len(_SPACE_RE.sub("", raw))
-    if n == 0:
+    # str.count runs in C; other whitespace (NBSP, ...) is rare enough to count as text.
+    n = len(raw) - sum(raw.count(c) for c in " \n\r\t\f\v")
+    if n <= 0:
         return PageStats(0, 0, False)
     bad = len(_JUNK_RE.findall(raw)) + sum(len(m) for m in _CID_RE.findall(raw))
-    n_letters = len(_LETTER_RE.findall(raw))
+    garbled = n >= 20 and bad / n > GARBLED_PAGE_THRESHOLD
+    # The costlier measures run only when the cheap count leaves room for them to fire.
     latin1_letters = len(_LATIN1_LETTER_RE.findall(raw))
-    garbled = n >= 20 and (bad / n > GARBLED_PAGE_THRESHOLD or latin1_letters / max(1, n_letters) > 0.15)
+    if not garbled and n >= 20 and latin1_letters > 0.15 * 20:
+        garbled = latin1_letters / max(1, len(_LETTER_RE.findall(raw))) > 0.15
     if not garbled and n >= 200:
-        ascii_letters = len(_ASCII_LETTER_RE.findall(raw))
-        n_words = len(_ASCII_WORD_RE.findall(raw))
-        if ascii_letters > 0.9 * n_letters and n_words >= 200:
-            garbled = len(_SINGLE_LETTER_RE.findall(raw)) / n_words > 0.9
+        singles = len(_SINGLE_LETTER_RE.findall(raw))
+        if singles >= 180:
+            n_words = len(_ASCII_WORD_RE.findall(raw))
+            ascii_letters = len(_ASCII_LETTER_RE.findall(raw))
+            n_letters = len(_LETTER_RE.findall(raw))
+            garbled = ascii_letters > 0.9 * n_letters and n_words >= 200 and singles / n_words > 0.9
     if garbled:
         bad = n
     return PageStats(n, min(bad, n), garbled)
