@@ -122,8 +122,11 @@ def list_generations(engine: Engine) -> list[dict[str, Any]]:
     return out
 
 
-def start_generation(engine: Engine, gen_id: str, model_id: str) -> dict[str, Any]:
-    """Record `gen_id` as building (no-op if it exists); refuses a generation that is already final."""
+def start_generation(engine: Engine, gen_id: str, model_id: str | None) -> dict[str, Any]:
+    """Record `gen_id` as building (no-op if it exists); refuses a generation that is already final.
+
+    `model_id` None (the full-text half, which needs no model) leaves it to the vector half.
+    """
     with engine.begin() as conn:
         db.upsert(
             conn,
@@ -132,7 +135,7 @@ def start_generation(engine: Engine, gen_id: str, model_id: str) -> dict[str, An
                 {
                     "gen_id": gen_id,
                     "status": "building",
-                    "model_id": model_id,
+                    "model_id": model_id or "",
                     "fts_table": "",
                     "vector_key": "",
                     "created_at": db.utcnow(),
@@ -147,7 +150,7 @@ def start_generation(engine: Engine, gen_id: str, model_id: str) -> dict[str, An
             f"index generation {gen_id} is already {gen['status']}; it is immutable. "
             "Start a new reindex run to build a new generation."
         )
-    if gen["model_id"] != model_id:
+    if model_id and gen["model_id"] and gen["model_id"] != model_id:
         raise GenerationError(
             f"index generation {gen_id} was started with model {gen['model_id']}, not {model_id}; "
             "start a new reindex run"
@@ -175,7 +178,7 @@ def _promote_if_complete(engine: Engine, gen_id: str) -> str:
     return get_generation(engine, gen_id)["status"]
 
 
-def build_fts_part(engine: Engine, gen_id: str, model_id: str, log: Log = None) -> dict[str, Any]:
+def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None, log: Log = None) -> dict[str, Any]:
     """Build the full-text table of generation `gen_id` from the current chunks."""
     from research_pipeline.lib import fts
 
@@ -241,6 +244,7 @@ def build_vector_part(
             gen_id,
             {
                 "vector_key": key,
+                "model_id": embedder.model_id,
                 "n_vectors": int(index.ntotal),
                 "n_chunks": len(chunk_ids),
                 "n_documents": n_documents,

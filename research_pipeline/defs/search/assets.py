@@ -21,10 +21,15 @@ CHUNK_EMBEDDINGS = dg.AssetKey("chunk_embeddings")
 
 
 def run_generation_id(context: dg.AssetExecutionContext) -> str:
-    """The candidate generation id of this run: its creation time plus a hash of the run id."""
-    record = context.instance.get_run_record_by_id(context.run_id)
+    """The candidate generation id of this run: its creation time plus a hash of the run id.
+
+    A re-execution (e.g. "from failure") uses its root run, so the step it re-runs finishes the
+    same candidate as the steps it reuses.
+    """
+    root = context.run.root_run_id or context.run_id
+    record = context.instance.get_run_record_by_id(root)
     when = record.create_timestamp if record is not None else None
-    return generations.new_generation_id(when=when, salt=context.run_id)
+    return generations.new_generation_id(when=when, salt=root)
 
 
 def latest_generation_id(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
@@ -56,7 +61,6 @@ def generation_metadata(gen: dict) -> dict[str, dg.MetadataValue]:
 def fts_index(
     context: dg.AssetExecutionContext,
     database: DatabaseResource,
-    embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """The full-text (BM25) table of this run's candidate index generation, `fts_<gen_id>`.
 
@@ -65,8 +69,7 @@ def fts_index(
     the pointer.
     """
     gen_id = run_generation_id(context)
-    model_id = embedder.get_embedder().model_id
-    part = generations.build_fts_part(database.get_engine(), gen_id, model_id, log=context.log.info)
+    part = generations.build_fts_part(database.get_engine(), gen_id, log=context.log.info)
     return dg.MaterializeResult(
         metadata={
             "gen_id": dg.MetadataValue.text(gen_id),
