@@ -169,7 +169,7 @@ def ingest(
     timeout_s: float = 60,
     memory_mb: int = 2048,
     ocr: bool = True,
-    log: Log | None = None,
+    log: Log | Any = None,
     log_every: int = 25,
 ) -> IngestReport:
     """Ingest every item of `sources` into `engine`'s store and report what happened.
@@ -182,7 +182,8 @@ def ingest(
     report = IngestReport()
     writer = _Writer(engine, report)
     known_sources, known_quarantine = _known(engine)
-    say = log or (lambda _msg: None)
+    # A callable, or a logger with .info (Dagster's context.log, logging.Logger).
+    say: Log = getattr(log, "info", None) or log or (lambda _msg: None)
     seen = 0
 
     # Parsed-PDF bookkeeping: doc_id -> the items (names) waiting on that parse, so the same
