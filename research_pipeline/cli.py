@@ -280,6 +280,25 @@ def prepare_dagster_home(settings: Settings) -> Path:
     return dagster_home
 
 
+def describe_failure(job_name: str, result) -> str:  # noqa: ANN001
+    """Why a demo run failed: the blocking release gates that did not pass, else the failed steps."""
+    gates = [
+        f"{e.check_name}: {e.description}"
+        for e in result.get_asset_check_evaluations()
+        if not e.passed and e.blocking
+    ]
+    if gates:
+        return (
+            f"{job_name} built an index generation but did not publish it; blocking release gates failed:\n  "
+            + "\n  ".join(gates)
+        )
+    failed = [e.step_key for e in result.all_events if e.is_step_failure]
+    return (
+        f"{job_name} failed in step(s) {', '.join(failed) or '?'} (run {result.run_id}); "
+        "see `make dev` -> Runs for the step logs"
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings()
     dagster_home = prepare_dagster_home(settings)
@@ -302,9 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             )
             if not result.success:
-                raise CliError(
-                    f"{job.name} failed (run {result.run_id}); see `make dev` -> Runs for the step logs"
-                )
+                raise CliError(describe_failure(job.name, result))
     print()
     cmd_status(argparse.Namespace(json=False))
 

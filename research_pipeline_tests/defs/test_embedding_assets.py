@@ -25,7 +25,7 @@ def _embedded_hashes(engine, model_id: str) -> set[str]:
 
 
 def test_two_shard_partitions_embed_their_own_chunks_once(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, small_papers(2))
+    settings = make_settings(tmp_path, db_url, small_papers(1))
     resources = build_resources(settings)
     model_id = resources["embedder"].get_embedder().model_id
     with dg.DagsterInstance.ephemeral() as instance:
