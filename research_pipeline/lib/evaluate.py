@@ -274,3 +274,62 @@ def evaluate(
     )
     index.engine.dispose()
     return result
+
+
+class _SweepSearcher(Searcher):
+    """A Searcher whose candidate lists are shared across a sweep of fusion parameters.
+
+    The BM25 and dense candidates of a query depend only on the query, the depth and the field
+    weights, so a sweep over fusion settings computes them once.
+    """
+
+    def __init__(self, *args: Any, candidates: dict, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._candidates = candidates
+
+    def _bm25(self, query: str, depth: int) -> list[tuple[str, float]]:
+        key = ("bm25", query, depth, json.dumps(self.tuning["field_weights"], sort_keys=True))
+        if key not in self._candidates:
+            self._candidates[key] = super()._bm25(query, depth)
+        return self._candidates[key]
+
+    def _dense(self, query: str, depth: int) -> list[tuple[str, float]]:
+        key = ("dense", query, depth)
+        if key not in self._candidates:
+            self._candidates[key] = super()._dense(query, depth)
+        return self._candidates[key]
+
+
+def tune(
+    beir_dir: Path | str,
+    grid: list[dict[str, Any]],
+    split: str = "train",
+    work_dir: Path | str | None = None,
+    embedder: Any = None,
+    log: Log = None,
+) -> list[dict[str, Any]]:
+    """Evaluate hybrid search for every tuning dict of `grid` on `split` (never tune on test).
+
+    Returns one result per grid entry ({"params", "ndcg@10", "recall@100", "mrr@10"}), best
+    first. Candidate lists are computed once for the whole sweep, so latencies are not
+    comparable with `evaluate`'s.
+    """
+    beir_dir = Path(beir_dir)
+    if split == "test":
+        raise ValueError("tune on a train or dev split: test figures must stay unseen")
+    queries, qrels = load_queries(beir_dir, split)
+    embedder = embedder or _default_embedder()
+    need_vectors = any(p.get("mode", "hybrid") != "bm25" for p in grid)
+    index = prepare(beir_dir, work_dir, embedder, need_vectors, log)
+    candidates: dict = {}
+    results = []
+    for params in grid:
+        mode = params.get("mode", "hybrid")
+        tuning = {k: v for k, v in params.items() if k != "mode"}
+        searcher = _SweepSearcher(index.engine, index.fts_table, index.vectors, embedder, candidates=candidates, **tuning)
+        metrics = run_queries(index, searcher, queries, qrels, mode)
+        row = {"params": params, **{k: metrics[k] for k in ("ndcg@10", "recall@100", "mrr@10")}}
+        _emit(log, json.dumps(row, sort_keys=True))
+        results.append(row)
+    index.engine.dispose()
+    return sorted(results, key=lambda r: -r["ndcg@10"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -198,24 +199,28 @@ def _build_postgres(engine: Engine, table: str) -> int:
     return n
 
 
-def fts_search(engine: Engine, table: str, query: str, k: int = 100) -> list[tuple[str, float]]:
+def fts_search(
+    engine: Engine, table: str, query: str, k: int = 100, weights: Mapping[str, float] | None = None
+) -> list[tuple[str, float]]:
     """The `k` best chunks for `query` by BM25 as (chunk_id, score), higher is better.
 
-    Never raises on user text; a query with no searchable terms gives [].
+    `weights` overrides `FIELD_WEIGHTS` (keys title, abstract, body). Never raises on user
+    text; a query with no searchable terms gives [].
     """
+    w = {**FIELD_WEIGHTS, **(weights or {})}
+    w = {key: float(w[key]) for key in ("title", "abstract", "body")}
     check_table_name(table)
     terms = query_terms(query)
     k = int(k)
     if not terms or k <= 0:
         return []
     if engine.dialect.name == "sqlite":
-        return _search_sqlite(engine, table, terms, k)
-    return _search_postgres(engine, table, terms, k)
+        return _search_sqlite(engine, table, terms, k, w)
+    return _search_postgres(engine, table, terms, k, w)
 
 
-def _search_sqlite(engine: Engine, table: str, terms: list[str], k: int) -> list[tuple[str, float]]:
+def _search_sqlite(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
     match = " OR ".join(f'"{t}"' for t in terms)
-    w = FIELD_WEIGHTS
     sql = sa.text(
         f'SELECT chunk_id, bm25("{table}", 0.0, {w["title"]}, {w["abstract"]}, {w["body"]}) AS s '
         f'FROM "{table}" WHERE "{table}" MATCH :q ORDER BY s LIMIT :k'
@@ -226,9 +231,8 @@ def _search_sqlite(engine: Engine, table: str, terms: list[str], k: int) -> list
     return [(cid, -float(s)) for cid, s in rows]
 
 
-def _search_postgres(engine: Engine, table: str, terms: list[str], k: int) -> list[tuple[str, float]]:
+def _search_postgres(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
     stats = _stats_table(table)
-    w = FIELD_WEIGHTS
     # Terms are alphanumeric tokens, so joining them with '|' is a valid tsquery; it is still
     # passed as a bound parameter, never spliced into the SQL.
     sql = sa.text(

@@ -42,6 +42,7 @@ BASE_TUNING: dict[str, Any] = {
     "depth": 100,  # candidates taken from each list
     "references_weight": 0.5,
     "snippet_chars": 280,
+    "field_weights": None,  # BM25 weights {title, abstract, body}; None: fts.FIELD_WEIGHTS
 }
 
 #: With filters, candidates are drawn this many times deeper so that enough survive them.
@@ -163,7 +164,7 @@ class Searcher:
     def _bm25(self, query: str, depth: int) -> list[tuple[str, float]]:
         if not self.fts_table:
             return []
-        return fts_search(self.engine, self.fts_table, query, k=depth)
+        return fts_search(self.engine, self.fts_table, query, k=depth, weights=self.tuning["field_weights"])
 
     def _dense(self, query: str, depth: int) -> list[tuple[str, float]]:
         if self.vector_index is None or self.embedder is None:

@@ -96,3 +96,8 @@ def test_cranfield_bm25_beats_sanity_floor(tmp_path):
     print(f"cranfield test bm25: {json.dumps(result)}")
     assert result["queries"] == 225
     assert result["ndcg@10"] >= CRANFIELD_BM25_FLOOR
+
+
+def test_tuning_on_the_test_split_is_refused():
+    with pytest.raises(ValueError, match="test figures must stay unseen"):
+        evaluate_lib.tune(IR / "scifact", [{"fusion": "rrf"}], split="test")
