@@ -209,7 +209,9 @@ def ingest(
             store.upsert(conn, store.documents, new_rows, ["doc_id"], update=())
             report.documents_new += len(new_rows)
             report.pages += len(new_rows)
-            src = [writer.source_row(item, row["doc_id"]) for row, item in record_rows]
+            # A repeated _id within a batch: the last record wins, as it would across batches.
+            by_uri = {item.uri: writer.source_row(item, row["doc_id"]) for row, item in record_rows}
+            src = list(by_uri.values())
             store.upsert(conn, store.document_sources, src, ["uri"])
             report.sources_recorded += len(src)
             uris = [item.uri for _, item in record_rows]
@@ -245,6 +247,13 @@ def ingest(
                     report.documents_unchanged += 1
                     continue
                 rec = item.record
+                if not str(rec.get("text") or "").strip() and not str(rec.get("title") or "").strip():
+                    prev_q = known_quarantine.get(item.uri)
+                    if not (prev_q and prev_q[1] == doc_id):
+                        with engine.begin() as conn:
+                            writer.quarantine(conn, item, "empty", f"{item.uri}: the record has no title and "
+                                              "no text; fill one in or drop the line", doc_id)
+                    continue
                 meta = record_metadata(rec)
                 # PostgreSQL text cannot hold NUL; nothing else in a record is rewritten.
                 text = str(rec.get("text") or "").replace("\x00", "")

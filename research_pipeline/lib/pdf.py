@@ -548,8 +548,3 @@ class ParsePool:
                 else:
                     self._replace(w)
                 yield key, result
-
-
-if __name__ == "__main__":  # pragma: no cover - manual check: python -m research_pipeline.lib.pdf FILE
-    r = parse_pdf(sys.argv[1])
-    print(r.reason, r.message, r.page_count, r.quality, r.metadata)

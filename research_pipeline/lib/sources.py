@@ -163,17 +163,6 @@ class JsonlSource:
                 )
 
 
-@dataclass
-class ChainSource:
-    """Several sources, one after the other."""
-
-    sources: list[Any]
-
-    def __iter__(self) -> Iterator[SourceItem]:
-        for s in self.sources:
-            yield from s
-
-
 def sources_for(path: str | os.PathLike) -> list[Any]:
     """The sources of a path: a folder is a FolderSource plus a JsonlSource per corpus.jsonl
     found under it; a .jsonl file is a JsonlSource; a .pdf file is a one-file FolderSource."""

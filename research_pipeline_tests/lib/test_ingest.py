@@ -138,22 +138,29 @@ def test_jsonl_records(engine, tmp_path):
     lines = corpus.read_text(encoding="utf-8").splitlines()[:40]
     folder = tmp_path / "beir"
     folder.mkdir()
-    (folder / "corpus.jsonl").write_text("\n".join(lines + [lines[0].replace('"_id": "', '"_id": "dup-'), "{not json"]) + "\n",
-                                         encoding="utf-8")
+    extra = [
+        lines[0].replace('"_id": "', '"_id": "dup-'),  # same content, another _id: another document
+        lines[1],  # the same _id twice in one file: one source row, one document
+        '{"_id": "blank", "title": "", "text": "  "}',
+        "{not json",
+    ]
+    (folder / "corpus.jsonl").write_text("\n".join(lines + extra) + "\n", encoding="utf-8")
     srcs = sources_for(folder)
     assert [type(s) for s in srcs] == [FolderSource, JsonlSource]
     report = ingest(engine, srcs)
     assert report.documents_new == 41  # 40 records + the copy with another _id (another canonical JSON)
-    assert report.quarantined == {"corrupt": 1}
+    assert report.quarantined == {"corrupt": 1, "empty": 1}
     rec = json.loads(lines[3])
     doc_id = store.sha256_hex(canonical_json(rec))
     with engine.connect() as conn:
         row = conn.execute(sa.select(store.documents).where(store.documents.c.doc_id == doc_id)).one()
     assert row.source_kind == "record" and row.title == rec["title"] and row.text == rec["text"]
     assert row.page_count == 1 and json.loads(row.page_offsets) == [0]
+    item = next(i for i in JsonlSource(folder / "corpus.jsonl") if i.record and i.record["_id"] == rec["_id"])
+    assert store.sha256_hex(item.read_bytes()) == doc_id
     before = snapshot(engine)
     again = ingest(engine, sources_for(folder))
-    assert again.documents_new == 0 and again.documents_unchanged == 41
+    assert again.documents_new == 0 and again.documents_unchanged == 42 and again.quarantined == {}
     assert snapshot(engine) == before
 
 

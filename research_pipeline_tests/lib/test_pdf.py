@@ -165,8 +165,8 @@ def test_timeout_during_ocr_kills_tesseract_too():
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        # One page of OCR takes about a second of CPU, so half a second without progress fires.
-        pool.timeout_s = 0.5
+        # One page of OCR takes about a second of CPU, so a quarter second without progress fires.
+        pool.timeout_s = 0.25
         try:
             [(_key, res)] = list(pool.imap_unordered([("scan", str(scan))]))
         finally:
