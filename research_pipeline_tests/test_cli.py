@@ -109,7 +109,8 @@ PUBLISHED_SAMPLE = (
     "joss-2021-niaaml-automl-framework-based-stochastic.pdf",
     "jose-2018-cfd-python-12-steps-navier-stokes.pdf",
 )
-#: The tests on the demo-built store share one (module-scoped) build: keep them on one xdist worker.
+#: The tests on the demo-built store: one xdist worker where loadgroup scheduling honours it
+#: (the `published` fixture shares one build across workers either way).
 PUBLISHED_GROUP = pytest.mark.xdist_group("cli_published_store")
 JUNK_QUERIES = (
     '"unbalanced quote',
@@ -123,16 +124,33 @@ JUNK_QUERIES = (
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
+def published(tmp_path_factory, worker_id):
     """A store built by `research-pipeline demo` (the console script, so reindex_job through Dagster)
-    on PUBLISHED_SAMPLE, with the example queries that those papers answer."""
+    on PUBLISHED_SAMPLE, with the example queries that those papers answer.
+
+    Built once per test run: xdist workers share it through this run's temp root, the first
+    one building it under a file lock while the others wait (the build takes a minute).
+    """
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base if worker_id == "master" else base.parent) / "cli_published"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "published.json"
+        if not done.exists():
+            done.write_text(json.dumps(_build_published(shared)))
+    return json.loads(done.read_text())
+
+
+def _build_published(root: Path) -> dict:
     import csv
     import re
     import shutil
 
     from research_pipeline_tests.conftest import DEMO_PAPERS
 
-    root = tmp_path_factory.mktemp("published")
     inbox = root / "inbox"
     inbox.mkdir()
     for name in PUBLISHED_SAMPLE:
@@ -167,7 +185,7 @@ def published(tmp_path_factory):
     assert live, "the demo published a generation"
     return {
         "url": url, "objects": str(root / "rp" / "objects"), "home": str(root / "rp"), "gen_id": live,
-        "dagster_home": root / "rp" / "dagster", "found": int(summary.group(1)), "stdout": proc.stdout,
+        "dagster_home": str(root / "rp" / "dagster"), "found": int(summary.group(1)), "stdout": proc.stdout,
     }
 
 
@@ -176,8 +194,8 @@ def test_demo_runs_reindex_job_on_the_dagster_instance(published):
     import dagster as dg
     from dagster._core.instance.ref import InstanceRef
 
-    assert (published["dagster_home"] / "dagster.yaml").is_file()
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(published["dagster_home"]))) as instance:
+    assert (Path(published["dagster_home"]) / "dagster.yaml").is_file()
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(published["dagster_home"])) as instance:
         runs = instance.get_runs()
     assert [(r.job_name, r.status) for r in runs] == [("reindex_job", dg.DagsterRunStatus.SUCCESS)]
     assert "live generation: " + published["gen_id"] in published["stdout"]
