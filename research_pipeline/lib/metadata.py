@@ -119,9 +119,13 @@ def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
             sizes: list[float] = []
             top = 0.0
             rect = pdfium_c.FS_RECTF()
-            # The title is near the top: the first 1,000 characters are enough.
-            for i in range(min(n, 1000)):
-                ch = chr(pdfium_c.FPDFText_GetUnicode(textpage, i))
+            # The title is near the top: the first 1,000 characters are enough. One call reads
+            # them; per-character calls are the fallback when indexes do not line up (surrogates).
+            limit = min(n, 1000)
+            head = textpage.get_text_range(0, limit)
+            if len(head) != limit:
+                head = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(limit))
+            for i, ch in enumerate(head):
                 if ch == "\n":
                     if buf:
                         lines.append((_median(sizes), top, "".join(buf).strip()))
@@ -157,7 +161,7 @@ def _title_from_fonts(lines: list[tuple[float, float, str]]) -> str | None:
     """The run of consecutive largest-font lines in the top part of page 1."""
     candidates = [
         ln for ln in lines[:40]
-        if sum(1 for c in ln[2] if c.isalpha()) >= 3 and not re.match(r"(?i)(arxiv|doi|http|www\.)", ln[2])
+        if len(_LETTER_RE.findall(ln[2])) >= 3 and not re.match(r"(?i)(arxiv|doi|http|www\.)", ln[2])
     ]
     if not candidates:
         return None

@@ -72,6 +72,7 @@ _DROP_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd\ufffe\uffff\ue000-\uf8
 _CID_RE = re.compile(r"\(cid:\d+\)")
 _HYPHEN_BREAK_RE = re.compile(r"(\w+)-[ \t]*\n[ \t]*([a-z]\w*)")
 _WORD_RE = re.compile(r"\w+(?:-\w+)*")
+_LINE_END_HYPHEN_RE = re.compile(r"-[ \t]*\n[ \t]*[a-z]")
 
 
 @dataclass
@@ -144,7 +145,9 @@ def dehyphenate(pages: list[str]) -> list[str]:
     elsewhere in the document and the joined form does not, the hyphen is real and only the
     line break goes; otherwise the word was split by typesetting and is joined.
     """
-    if not any(_HYPHEN_BREAK_RE.search(p) for p in pages):
+    # A literal-led search finds the few pages with a hyphen at a line end; the word-capturing
+    # pattern is only run on those.
+    if not any(_LINE_END_HYPHEN_RE.search(p) for p in pages):
         return pages
     vocab: set[str] = set()
     for page in pages:
@@ -158,7 +161,7 @@ def dehyphenate(pages: list[str]) -> list[str]:
             return f"{left}-{right}"
         return left + right
 
-    return [_HYPHEN_BREAK_RE.sub(join, p) for p in pages]
+    return [_HYPHEN_BREAK_RE.sub(join, p) if _LINE_END_HYPHEN_RE.search(p) else p for p in pages]
 
 
 @dataclass
