@@ -140,23 +140,32 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         filters = _filters(args)
         searcher = open_live_searcher(settings, engine)
-        hits = searcher.search(args.query, k=args.k, filters=filters, mode=args.mode)
-        files = _files_by_doc(engine, [h.doc_id for h in hits])
+        cache_lib = _require("research_pipeline.lib.cache", "search")
+        querylog_lib = _require("research_pipeline.lib.querylog", "search")
+        # A one-shot process has no use for an in-process cache; Redis is shared with the search API.
+        cache = cache_lib.QueryCache(redis_url=settings.redis_url) if settings.redis_url else None
+        with querylog_lib.QueryLog(engine) as query_log:
+            hits, _ = cache_lib.cached_search(
+                searcher, args.query, k=args.k, filters=filters, mode=args.mode, cache=cache, query_log=query_log
+            )
+        if cache is not None:
+            cache.close()
+        files = _files_by_doc(engine, [h["doc_id"] for h in hits])
     finally:
         engine.dispose()
     if args.json:
-        _print_json({"query": args.query, "results": [dict(h.as_dict(), files=files.get(h.doc_id, [])) for h in hits]})
+        _print_json({"query": args.query, "results": [dict(h, files=files.get(h["doc_id"], [])) for h in hits]})
         return 0
     if not hits:
         print("no results")
         return 0
     for rank, hit in enumerate(hits, 1):
-        year = f" ({hit.year})" if hit.year else ""
-        print(f"{rank:>2}. {hit.title or '(untitled)'}{year}  score={hit.score:.3f}")
-        where = f"p.{hit.page_start}" if hit.page_start is not None else ""
-        print(f"    {', '.join(files.get(hit.doc_id, [])) or hit.doc_id[:12]} {hit.section or ''} {where}".rstrip())
-        if hit.snippet:
-            print(f"    {' '.join(hit.snippet.split())[:240]}")
+        year = f" ({hit['year']})" if hit.get("year") else ""
+        print(f"{rank:>2}. {hit.get('title') or '(untitled)'}{year}  score={hit['score']:.3f}")
+        where = f"p.{hit['page_start']}" if hit.get("page_start") is not None else ""
+        print(f"    {', '.join(files.get(hit['doc_id'], [])) or hit['doc_id'][:12]} {hit.get('section') or ''} {where}".rstrip())
+        if hit.get("snippet"):
+            print(f"    {' '.join(hit['snippet'].split())[:240]}")
     return 0
 
 

@@ -8,6 +8,7 @@ loads, so a load balancer sends no queries to a replica that cannot answer them.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from datetime import datetime, timezone
@@ -103,7 +104,16 @@ class SearchApp:
         self.requests = Counter(
             "rp_search_requests", "/search requests by outcome", ["outcome"], registry=self.registry
         )
+        self.cache_hits = Counter(
+            "rp_search_cache_hits", "/search answers served from the query cache", registry=self.registry
+        )
         self.registry.register(_CorpusCollector(self))
+        from research_pipeline.lib.cache import QueryCache
+        from research_pipeline.lib.querylog import QueryLog
+
+        # Redis when RP_REDIS_URL is set: shared by every replica and warmed after each publish.
+        self.cache = QueryCache(redis_url=settings.redis_url)
+        self.query_log = QueryLog(self.engine)
         self._lock = threading.Lock()
         self._searcher = None
         self._searcher_gen: str | None = None
@@ -164,6 +174,7 @@ class SearchApp:
         except NotReady as exc:
             self.requests.labels("not_ready").inc()
             return 503, {"error": str(exc)}
+        from research_pipeline.lib.cache import cached_search
         from research_pipeline.lib.search import SearchFilters
 
         filters = None
@@ -171,16 +182,28 @@ class SearchApp:
             filters = SearchFilters(year_min=year_min, year_max=year_max, author=author)
         start = time.perf_counter()
         with self._lock:
-            hits = searcher.search(query, k=k, filters=filters, mode=mode)
+            hits, cache_hit = cached_search(
+                searcher, query, k=k, filters=filters, mode=mode,
+                cache=self.cache, query_log=self.query_log, gen_id=gen_id,
+            )
         elapsed = time.perf_counter() - start
         self.latency.observe(elapsed)
         self.requests.labels("ok").inc()
+        if cache_hit:
+            self.cache_hits.inc()
         return 200, {
             "query": query,
             "generation": gen_id,
             "latency_ms": round(elapsed * 1000, 2),
-            "results": [h.as_dict() for h in hits],
+            "cache_hit": cache_hit,
+            "results": hits,
         }
+
+    def close(self) -> None:
+        """Write the buffered query log and release the cache and database connections."""
+        self.query_log.close()
+        self.cache.close()
+        self.engine.dispose()
 
 
 def _opt_int(params: dict[str, list[str]], name: str) -> int | None:
@@ -234,17 +257,34 @@ def make_handler(app: SearchApp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+class SearchServer(ThreadingHTTPServer):
+    """The HTTP server with its SearchApp; `server_close` also closes the app."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], app: SearchApp):
+        self.app = app
+        super().__init__(address, make_handler(app))
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.close()
+
+
+def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> SearchServer:
     """The HTTP server (not started); port 0 picks a free port (see server.server_address)."""
-    server = ThreadingHTTPServer((host, port), make_handler(SearchApp(settings)))
-    server.daemon_threads = True
-    return server
+    return SearchServer((host, port), SearchApp(settings))
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until interrupted."""
+    """Serve until interrupted (SIGINT or SIGTERM, as Kubernetes stops a pod)."""
     server = make_server(settings, host, port)
-    print(f"research-pipeline: serving on http://{host}:{server.server_address[1]} (/search, /healthz, /readyz, /metrics)", flush=True)
+    # SIGTERM -> KeyboardInterrupt, so that the query log is flushed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(
+        f"research-pipeline: serving on http://{host}:{server.server_address[1]} (/search, /healthz, /readyz, /metrics)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -226,6 +226,18 @@ def test_search_finds_the_paper_an_example_query_names(published_env, capsys):
     assert cli.main(["index", "list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["live"] == published_env["gen_id"]
+    assert _example_query(target) in _logged_queries(published_env["url"]), "CLI searches feed the query log"
+
+
+def _logged_queries(url: str) -> set[str]:
+    import sqlalchemy as sa
+
+    engine = store.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.select(store.query_log.c.query)).scalars())
+    finally:
+        engine.dispose()
 
 
 @PUBLISHED_GROUP
@@ -278,10 +290,14 @@ def test_serve_health_readiness_search_and_metrics(published, tmp_path):
         status, body = _get(port, "/readyz")
         assert status == 200 and json.loads(body)["generation"] == published["gen_id"]
 
-        status, body = _get(port, "/search?q=" + quote(_example_query(PUBLISHED_SAMPLE[0])) + "&k=3")
+        query = _example_query(PUBLISHED_SAMPLE[1])
+        status, body = _get(port, "/search?q=" + quote(query) + "&k=3")
         assert status == 200
         answer = json.loads(body)
         assert answer["generation"] == published["gen_id"] and 1 <= len(answer["results"]) <= 3
+        assert answer["cache_hit"] is False
+        repeat = json.loads(_get(port, "/search?q=" + quote(query) + "&k=3")[1])
+        assert repeat["cache_hit"] is True and repeat["results"] == answer["results"]
         for junk in JUNK_QUERIES:
             status, body = _get(port, "/search?q=" + quote(junk))
             assert status == 200 and isinstance(json.loads(body)["results"], list)
@@ -297,12 +313,14 @@ def test_serve_health_readiness_search_and_metrics(published, tmp_path):
         assert f"rp_documents {float(counts['documents'])}" in text
         assert f"rp_chunks {float(counts['chunks'])}" in text
         assert "rp_database_up 1.0" in text
-        ok = 1 + len(JUNK_QUERIES)
+        ok = 2 + len(JUNK_QUERIES)
         assert f'rp_search_requests_total{{outcome="ok"}} {float(ok)}' in text
         assert 'rp_search_requests_total{outcome="bad_request"} 2.0' in text
         assert f"rp_search_latency_seconds_count {float(ok)}" in text
+        assert "rp_search_cache_hits_total 1.0" in text
         age = float(next(line.split()[1] for line in text.splitlines() if line.startswith("rp_live_generation_age_seconds ")))
         assert age >= 0
     finally:
         server.shutdown()
         server.server_close()
+    assert query in _logged_queries(published["url"]), "closing the server flushes the query log"
