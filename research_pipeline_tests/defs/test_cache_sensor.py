@@ -10,11 +10,13 @@ from research_pipeline.lib import gates, generations
 from research_pipeline.lib.cache import QueryCache, cache_key, cached_search
 from research_pipeline.lib.querylog import QueryLog, top_queries
 from research_pipeline.lib.settings import Settings
-from research_pipeline_tests.lib.test_generations import build_corpus_rows, load_corpus_rows
+from research_pipeline_tests.lib.test_generations import SEARCH_GROUP, load_corpus_rows, sample_corpus
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RELAXED = gates.GateThresholds(latency_p95_ms=600_000.0)
 QUERIES = ["multi-class confusion matrix in Python", "AutoML pipelines", "repeated games tutorial"]
+
+pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,8 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, embedder):
-    return build_corpus_rows(tmp_path_factory.mktemp("corpus"), embedder)
+def corpus(tmp_path_factory):
+    return sample_corpus(tmp_path_factory)
 
 
 @pytest.fixture

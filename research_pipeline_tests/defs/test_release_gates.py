@@ -9,12 +9,14 @@ from research_pipeline.defs.search.assets import fts_index, published_index, vec
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.lib import generations, store
 from research_pipeline.lib.settings import Settings
-from research_pipeline_tests.lib.test_generations import SAMPLE, build_corpus_rows, load_corpus_rows
+from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP, load_corpus_rows, sample_corpus
 
 SEARCH_DEFS = [fts_index, vector_index, published_index, release_gates_check]
 #: Two probe queries keep each gate step short; latency has its own failing case below.
 FAST_GATES = dg.RunConfig(ops={"release_gates_check": {"config": {"max_probe_queries": 2}}})
 RELAXED = {"latency_p95_ms": 600_000.0}
+
+pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,8 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, embedder):
-    return build_corpus_rows(tmp_path_factory.mktemp("corpus"), embedder)
+def corpus(tmp_path_factory):
+    return sample_corpus(tmp_path_factory)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from research_pipeline.defs.search.schedules import DEFAULT_NIGHTLY_CRON, build_
 from research_pipeline.lib import generations, store
 from research_pipeline.lib.settings import Settings
 from research_pipeline_tests.conftest import DEMO_PAPERS
-from research_pipeline_tests.lib.test_generations import SAMPLE
+from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP
+
+pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 SEARCH_KEYS = {"fts_index", "vector_index", "published_index"}
 GATES = {f"vector_index_{g}" for g in ("volume", "latency", "quality", "parse_quality", "freshness")}

@@ -4,16 +4,21 @@ Four small demo papers are ingested, chunked and embedded once per module (real 
 model) into SQLite; each test copies those rows into a fresh SQLite or PostgreSQL database.
 """
 
+import fcntl
 import json
+import os
+import pickle
 import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib import gates, generations, store
-from research_pipeline.lib.objectstore import LocalObjectStore
+from research_pipeline.lib.objectstore import LocalObjectStore, fsync_write
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
@@ -27,6 +32,9 @@ SAMPLE = (
 CORPUS_TABLES = (store.documents, store.document_sources, store.chunks, store.embeddings)
 #: The machine is shared: latency is the subject of its own test, the others must not trip on it.
 RELAXED = gates.GateThresholds(latency_p95_ms=600_000.0)
+#: One worker runs every module that uses the sample corpus, so it is built once.
+SEARCH_GROUP = "search_sample_corpus"
+pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 
 def build_corpus_rows(tmp_dir, embedder) -> dict[str, list[dict]]:
@@ -59,6 +67,35 @@ def load_corpus_rows(engine, rows) -> None:
                 conn.execute(sa.insert(t), rows[t.name])
 
 
+_CORPUS: dict[str, list[dict]] = {}
+
+
+def sample_corpus(tmp_path_factory) -> dict[str, list[dict]]:
+    """The SAMPLE corpus rows, built once per test session and shared by the search test modules.
+
+    Under xdist every worker's temp folder sits in one session folder: the first worker builds
+    the rows under a file lock and pickles them there; the others (and later modules) load them.
+    Callers must not modify the rows.
+    """
+    if _CORPUS:
+        return _CORPUS
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    data = root / "rp_sample_corpus.pickle"
+    with open(root / "rp_sample_corpus.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if data.exists():
+            rows = pickle.loads(data.read_bytes())
+        else:
+            from research_pipeline.lib.embedder import load_embedder
+
+            with tempfile.TemporaryDirectory(prefix="rp_sample_corpus_") as tmp:
+                rows = build_corpus_rows(Path(tmp), load_embedder())
+            fsync_write(data, pickle.dumps(rows))
+    _CORPUS.update(rows)
+    return _CORPUS
+
+
 @pytest.fixture(scope="module")
 def embedder():
     from research_pipeline.lib.embedder import load_embedder
@@ -67,8 +104,8 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, embedder):
-    return build_corpus_rows(tmp_path_factory.mktemp("corpus"), embedder)
+def corpus(tmp_path_factory):
+    return sample_corpus(tmp_path_factory)
 
 
 @pytest.fixture
