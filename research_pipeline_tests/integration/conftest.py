@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,51 +46,15 @@ def _demo_selection() -> tuple[list[str], list[str]]:
     return files, queries
 
 
-def _ingest(engine, inbox: Path) -> None:  # noqa: ANN001
-    """Engineer A's ingest when it is there; else the PDFs' text layer in the agreed row shapes."""
-    try:
-        from research_pipeline.lib.ingest import ingest
-        from research_pipeline.lib.sources import sources_for
-    except ImportError:
-        ingest = None
-    if ingest is not None:
-        ingest(engine, sources_for(inbox), workers=1, ocr=False)
-        return
-    import pypdfium2
-
-    now = store.utcnow()
-    docs, sources = [], []
-    for path in sorted(inbox.glob("*.pdf")):
-        data = path.read_bytes()
-        doc_id = store.sha256_hex(data)
-        pdf = pypdfium2.PdfDocument(data)
-        pages = [pdf[i].get_textpage().get_text_range() for i in range(len(pdf))]
-        offsets, pos = [], 0
-        for page in pages:
-            offsets.append(pos)
-            pos += len(page) + 3
-        text = "\n\f\n".join(pages)
-        docs.append(
-            dict(doc_id=doc_id, shard=doc_id[0], source_kind="pdf", title=text.strip().split("\n")[0][:200],
-                 authors="[]", year=None, abstract=None, doi=None, arxiv_id=None, language="en",
-                 page_count=len(pages), text=text, page_offsets=store.dumps(offsets), parser="pypdfium2",
-                 parser_version="5", quality=1.0, garbled_ratio=0.0, empty_pages=0, ocr_pages=0, extra=None,
-                 ingested_at=now)
-        )
-        stat = path.stat()
-        sources.append(dict(uri=str(path), doc_id=doc_id, size=stat.st_size, mtime=stat.st_mtime, seen_at=now))
-    with engine.begin() as conn:
-        store.upsert(conn, store.documents, docs, ["doc_id"])
-        store.upsert(conn, store.document_sources, sources, ["uri"])
-
-
-def build_demo_source(home: Path, embedder) -> DemoSource:  # noqa: ANN001
+def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
     """Ingest, chunk, embed, index and publish a few demo papers with the pipeline's own code."""
     from research_pipeline.lib import generations
     from research_pipeline.lib.chunking import chunk_documents
     from research_pipeline.lib.embeddings import embed_missing
+    from research_pipeline.lib.ingest import ingest
+    from research_pipeline.lib.sources import sources_for
 
-    files, queries = _demo_selection()
+    files, _ = _demo_selection()
     inbox = home / "inbox"
     inbox.mkdir(parents=True)
     for name in files:
@@ -98,7 +63,8 @@ def build_demo_source(home: Path, embedder) -> DemoSource:  # noqa: ANN001
     engine = store.make_engine(url)
     store.create_schema(engine)
     objects = LocalObjectStore(home / "objects")
-    _ingest(engine, inbox)
+    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    assert report.documents_new == len(files), report
     chunk_documents(engine, embedder.count_tokens)
     embed_missing(engine, embedder)
     gen = generations.build_generation(engine, objects, embedder)
@@ -110,7 +76,13 @@ def build_demo_source(home: Path, embedder) -> DemoSource:  # noqa: ANN001
         {g: {"passed": True, "description": "migration test fixture"} for g in generations.REQUIRED_GATES},
     )
     generations.publish(engine, gen["gen_id"], store=objects)
-    return DemoSource(url, engine, objects, inbox, queries[:5])
+    engine.dispose()
+
+
+def open_demo_source(home: Path) -> DemoSource:
+    url = f"sqlite:///{home / 'rp.db'}"
+    return DemoSource(url, store.make_engine(url), LocalObjectStore(home / "objects"), home / "inbox",
+                      _demo_selection()[1][:5])
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +94,23 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def demo_source(tmp_path_factory, embedder) -> DemoSource:
-    src = build_demo_source(tmp_path_factory.mktemp("demo_source"), embedder)
+def demo_source(request, tmp_path_factory, worker_id) -> DemoSource:
+    """The demo deployment, built once per test run and shared by the xdist workers.
+
+    (pytest-xdist's loadgroup does not keep a group on one worker under this pytest, so a
+    file lock in the run's shared temp folder makes the first worker build it.) Tests only
+    read it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    home = root / "migration_demo_source"
+    with open(root / "migration_demo_source.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "built").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            build_demo_source(home, request.getfixturevalue("embedder"))
+            (home / "built").write_text("ok")
+    src = open_demo_source(home)
     yield src
     src.engine.dispose()

@@ -26,7 +26,8 @@ from research_pipeline.lib import generations, migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
 from research_pipeline_tests.conftest import REPO, drop_pg_database, make_pg_database
 
-# One worker runs the whole module, so the demo source and the moto server are built once.
+# Kept on one worker where loadgroup honours it (then the moto server starts once); the demo
+# source is shared across workers either way (see conftest.demo_source).
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("migration_s3")]
 
 
