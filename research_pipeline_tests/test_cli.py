@@ -324,3 +324,31 @@ def test_serve_health_readiness_search_and_metrics(published, tmp_path):
         server.shutdown()
         server.server_close()
     assert query in _logged_queries(published["url"]), "closing the server flushes the query log"
+
+
+def test_serve_is_live_but_not_ready_without_a_database(tmp_path, pg_server):
+    import threading
+
+    import sqlalchemy as sa
+
+    from research_pipeline import health
+    from research_pipeline.lib.settings import Settings
+
+    # A PostgreSQL database that does not exist: the process is up, but it cannot answer searches.
+    missing = sa.engine.make_url(pg_server).set(database="rp_test_no_such_database").render_as_string(hide_password=False)
+    settings = Settings(home=tmp_path, inbox=tmp_path, database_url=missing, object_store_url=str(tmp_path / "objects"))
+    server = health.make_server(settings, port=0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _get(port, "/healthz")[0] == 200
+        status, body = _get(port, "/readyz")
+        assert status == 503 and "database unreachable" in json.loads(body)["reason"]
+        status, body = _get(port, "/search?q=anything")
+        assert status == 503 and "database unreachable" in json.loads(body)["error"]
+        status, body = _get(port, "/metrics")
+        assert status == 200 and "rp_database_up 0.0" in body.decode()
+        assert _get(port, "/nope")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
