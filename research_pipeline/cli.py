@@ -57,7 +57,7 @@ def _engine(settings: Settings):  # noqa: ANN202
     except ValueError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the driver's errors vary; the fix is the same
-        raise CliError(f"cannot open the database {settings.database_url!r}: {exc}") from None
+        raise CliError(f"cannot open the database {_redact(settings.database_url)}: {exc}") from None
     return engine
 
 
