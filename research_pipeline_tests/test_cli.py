@@ -90,7 +90,8 @@ def test_bad_inputs_fail_with_a_message(monkeypatch, tmp_path, capsys):
 
 def test_demo_prepares_dagster_home_without_overwriting(monkeypatch, tmp_path):
     monkeypatch.setenv("RP_HOME", str(tmp_path / "rp"))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    # Empty counts as unset; setenv (unlike delenv of an absent variable) restores it afterwards.
+    monkeypatch.setenv("DAGSTER_HOME", "")
     home = cli.prepare_dagster_home(cli.Settings.from_env())
     assert home == tmp_path / "rp" / "dagster"
     assert os.environ["DAGSTER_HOME"] == str(home)
