@@ -117,6 +117,7 @@ def test_failing_gate_keeps_the_live_generation(deployment, embedder, gate, thre
     assert failing.severity == dg.AssetCheckSeverity.ERROR
     assert expected in failing.description
     assert failing.metadata["gen_id"].value == run_gen_id(result)
+    assert failing.metadata["live_gen_id"].value == live_id
     engine = deployment["database"].get_engine()
     candidate = generations.get_generation(engine, run_gen_id(result))
     assert candidate["status"] == "rejected"

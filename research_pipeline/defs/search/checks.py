@@ -18,7 +18,7 @@ from research_pipeline.defs.resources import (
     ReleaseGatesResource,
 )
 from research_pipeline.defs.search.assets import fts_index, latest_generation_id, vector_index
-from research_pipeline.lib import gates
+from research_pipeline.lib import gates, generations
 
 _DESCRIPTIONS = {
     "volume": "Blocking: enough documents, document drop vs live within bounds, chunks == fts rows == vectors == embeddings.",
@@ -75,8 +75,10 @@ def release_gates_check(
     gen_id = latest_generation_id(context.instance, vector_index.key)
     if gen_id is None:
         raise dg.Failure(description="vector_index has never been materialized: run reindex_job")
+    engine = database.get_engine()
+    live = generations.live_generation(engine)
     results = gates.evaluate_generation(
-        database.get_engine(),
+        engine,
         object_store.get_store(),
         embedder.get_embedder(),
         gen_id,
@@ -84,7 +86,11 @@ def release_gates_check(
         max_probe_queries=config.max_probe_queries,
     )
     for gate, res in results.items():
-        metadata: dict[str, dg.MetadataValue] = {"gen_id": dg.MetadataValue.text(gen_id)}
+        metadata: dict[str, dg.MetadataValue] = {
+            "gen_id": dg.MetadataValue.text(gen_id),
+            # Which generation stays live if this gate blocks the candidate.
+            "live_gen_id": dg.MetadataValue.text(live["gen_id"] if live else ""),
+        }
         for key, value in res["metadata"].items():
             metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(float(value))
         if not res["passed"]:
