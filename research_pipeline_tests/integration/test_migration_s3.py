@@ -172,12 +172,38 @@ class FlakyS3(S3Resource):
         return _STEP_FAULTS.attach(super().get_client())
 
 
-def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, bucket, s3_endpoint):
+#: Backends KillingTarget terminated, shared by every engine it makes (one kill per test).
+_KILLED: list[bool] = []
+
+
+class KillingTarget(MigrationTargetResource):
+    """The migration target whose engine has its PostgreSQL backend terminated, once, inside the
+    transaction of a shard copy: after the COPY, as the shard's `copied` state is written."""
+
+    admin_url: str = ""
+
+    def get_engine(self, source_url=None):  # noqa: ANN001
+        engine = super().get_engine(source_url)
+        if not sa.event.contains(engine, "before_cursor_execute", self._kill):
+            sa.event.listen(engine, "before_cursor_execute", self._kill)
+        return engine
+
+    def _kill(self, conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if not _KILLED and "migration_state" in statement and "copied" in str(parameters):
+            admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                pid = conn.connection.driver_connection.info.backend_pid
+                _KILLED.append(c.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar())
+            admin.dispose()
+
+
+def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, bucket, s3_endpoint, pg_server):
+    _KILLED.clear()
     resources = {
         "database": DatabaseResource(url=demo_source.url),
         "object_store": ObjectStoreResource(url=str(demo_source.store.root)),
         "inbox": InboxResource(path=str(demo_source.inbox)),
-        "migration_target": MigrationTargetResource(database_url=target_url, bucket=bucket, prefix="rp"),
+        "migration_target": KillingTarget(database_url=target_url, bucket=bucket, prefix="rp", admin_url=pg_server),
         # Few botocore attempts per call: injected 503s fail the step, and its RetryPolicy runs it again.
         "migration_s3": FlakyS3(endpoint_url=s3_endpoint, region_name="us-east-1", max_attempts=1),
     }
@@ -198,9 +224,11 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
         result = dg.materialize([migrated_rows, migrated_objects], partition_key=shard, resources=resources,
                                 instance=instance)
         assert result.success
-        events = result.all_events
-        assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in events), "the S3 fault should force a retry"
+        retried = {e.step_key for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"}
+        assert "migrated_objects" in retried, "the S3 faults should force a retry"
         assert _STEP_FAULTS.injected == 2
+        if shard == dagster_shards[0]:
+            assert _KILLED == [True] and "migrated_rows" in retried, "the killed backend should force a retry"
     for shard in store.SHARDS:
         if shard not in dagster_shards:
             migrate.migrate_rows(source, target, shard)
