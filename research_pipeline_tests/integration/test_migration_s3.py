@@ -24,7 +24,7 @@ from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
 from research_pipeline.lib import generations, migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
-from research_pipeline_tests.conftest import REPO, drop_pg_database, make_pg_database
+from research_pipeline_tests.conftest import DEMO_PAPERS, REPO, drop_pg_database, make_pg_database
 
 # Kept on one worker where loadgroup honours it (then the moto server starts once); the demo
 # source is shared across workers either way (see conftest.demo_source).
@@ -278,3 +278,63 @@ def test_production_instance_keeps_runs_in_postgresql(tmp_path, monkeypatch, pg_
         admin.dispose()
     finally:
         drop_pg_database(url.render_as_string(hide_password=False))
+
+
+def test_papers_gone_or_changed_since_ingest_are_named_and_the_rest_uploaded(tmp_path, target_url, bucket, s3_endpoint):
+    """Source files are checked against their doc_id (the sha256 of the ingested bytes)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    pdfs = sorted(DEMO_PAPERS.glob("*.pdf"))[:3]
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    engine = store.make_engine(url)
+    store.create_schema(engine)
+    now = store.utcnow()
+    rows = []
+    for pdf in pdfs:
+        copy = inbox / pdf.name
+        copy.write_bytes(pdf.read_bytes())
+        rows.append((store.sha256_hex(copy.read_bytes()), copy))
+    with engine.begin() as conn:
+        store.upsert(conn, store.documents, [
+            dict(doc_id=d, shard=d[0], source_kind="pdf", title=p.name, text="t", page_offsets="[0]", parser="p",
+                 parser_version="1", quality=1.0, page_count=1, garbled_ratio=0.0, empty_pages=0, ocr_pages=0,
+                 ingested_at=now) for d, p in rows
+        ], ["doc_id"])
+        # One source by absolute path, one relative to the inbox, one as a file:// URL.
+        uris = [str(rows[0][1]), rows[1][1].name, rows[2][1].as_uri()]
+        store.upsert(conn, store.document_sources, [
+            dict(uri=u, doc_id=d, size=p.stat().st_size, mtime=None, seen_at=now) for u, (d, p) in zip(uris, rows)
+        ], ["uri"])
+    engine.dispose()
+    (good, _), (gone_id, gone), (changed_id, changed) = rows
+    gone.unlink()
+    changed.write_bytes(changed.read_bytes() + b"%% edited after ingest\n")
+
+    source = migrate.open_source_engine(url)
+    target = migrate.open_target_engine(target_url, url)
+    s3 = _client(s3_endpoint)
+    problems = []
+    for shard in store.SHARDS:
+        try:
+            migrate.migrate_objects(source, _NoIndexes(), s3, bucket, "", target, shard, inbox=inbox)
+        except migrate.MigrationError as exc:
+            problems.append(str(exc))
+    text = " ".join(problems)
+    assert len(problems) == len({gone_id[0], changed_id[0]})
+    assert f"papers/{gone_id}.pdf" in text and f"{gone} is gone" in text
+    assert f"papers/{changed_id}.pdf" in text and f"{changed} changed since it was ingested" in text
+    head = s3.head_object(Bucket=bucket, Key=f"papers/{good}.pdf")
+    assert head["Metadata"]["sha256"] == good
+    report = migrate.verify(source, target, _NoIndexes(), s3, bucket, "", inbox=inbox)
+    assert {d.key for d in report.differences if d.kind == "object"} == {f"papers/{gone_id}.pdf", f"papers/{changed_id}.pdf"}
+    source.dispose()
+    target.dispose()
+
+
+class _NoIndexes:
+    """A local object store without index files."""
+
+    url = "none"
+
+    def list(self, prefix: str = ""):
+        return iter(())
