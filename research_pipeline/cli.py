@@ -201,7 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Anything the pipeline prints while it runs goes to stderr, so --json stays one object on stdout.
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_lib.evaluate(
-            beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings)
+            beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings),
+            log=lambda message: print(message, file=sys.stderr, flush=True),
         )
     if args.json:
         keys = ("ndcg@10", "recall@100", "mrr@10", "queries", "latency_ms_p50", "latency_ms_p95")

@@ -353,3 +353,50 @@ def test_serve_is_live_but_not_ready_without_a_database(tmp_path, pg_server):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _tiny_beir(src: Path, dst: Path, n_queries: int = 2, n_other: int = 8) -> tuple[int, int]:
+    """A BEIR folder with the first n test queries of `src`, their relevant documents and n_other
+    more documents; returns (queries, documents)."""
+    with (src / "qrels" / "test.tsv").open() as fh:
+        rows = [line.rstrip("\n").split("\t") for line in fh][1:]
+    queries: list[str] = []
+    for qid, _, _ in rows:
+        if qid not in queries:
+            queries.append(qid)
+        if len(queries) == n_queries:
+            break
+    qrels = [r for r in rows if r[0] in queries]
+    relevant = {r[1] for r in qrels}
+    docs, others = [], 0
+    with (src / "corpus.jsonl").open() as fh:
+        for line in fh:
+            doc_id = json.loads(line)["_id"]
+            if doc_id in relevant or others < n_other:
+                others += doc_id not in relevant
+                docs.append(line)
+    (dst / "qrels").mkdir(parents=True)
+    (dst / "corpus.jsonl").write_text("".join(docs))
+    with (src / "queries.jsonl").open() as fh:
+        (dst / "queries.jsonl").write_text("".join(line for line in fh if json.loads(line)["_id"] in queries))
+    (dst / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in qrels))
+    return len(queries), len(docs)
+
+
+@PUBLISHED_GROUP  # in-process, on the worker that already loaded the model for the search tests
+def test_eval_json_prints_exactly_one_object(tmp_path, monkeypatch, capsys):
+    from research_pipeline_tests.conftest import IR, require_shared
+
+    n_queries, _ = _tiny_beir(require_shared(IR / "scifact"), tmp_path / "tiny")
+    monkeypatch.setenv("RP_HOME", str(tmp_path / "rp"))
+    assert cli.main(["eval", str(tmp_path / "tiny"), "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert set(out) == {"ndcg@10", "recall@100", "mrr@10", "queries", "latency_ms_p50", "latency_ms_p95"}
+    assert out["queries"] == n_queries
+    for key in ("ndcg@10", "recall@100", "mrr@10"):
+        assert 0.0 <= out[key] <= 1.0
+    # Every relevant document is in a 10-document corpus, so all of them are in the top 100.
+    assert out["recall@100"] == 1.0
+    assert 0 < out["latency_ms_p50"] <= out["latency_ms_p95"]
+    assert (tmp_path / "rp" / "eval" / "tiny").is_dir(), "the ingested corpus is cached under RP_HOME"
