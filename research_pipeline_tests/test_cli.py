@@ -383,7 +383,7 @@ def _tiny_beir(src: Path, dst: Path, n_queries: int = 2, n_other: int = 8) -> tu
     return len(queries), len(docs)
 
 
-@PUBLISHED_GROUP  # in-process, on the worker that already loaded the model for the search tests
+@PUBLISHED_GROUP  # in-process: shares the loaded model with the search tests when on the same worker
 def test_eval_json_prints_exactly_one_object(tmp_path, monkeypatch, capsys):
     from research_pipeline_tests.conftest import IR, require_shared
 
