@@ -262,20 +262,15 @@ REALLY_GARBLED = {f"{PWL}/data-compression.pdf", f"{PWL}/functional-reactive-ani
 REALLY_CLEAN = {"CUMCM-Paper-And-SourceCode/2022C古代玻璃论文.pdf"}
 
 
-@pytest.fixture(scope="module")
-def corpus_engine(tmp_path_factory):
-    db = tmp_path_factory.mktemp("corpus") / "rp.db"
-    engine = store.make_engine(f"sqlite:///{db}")
+@pytest.mark.slow
+def test_full_corpus_against_manifest_then_rerun(tmp_path):
+    """All 164 shared papers in one SQLite store, checked file by file; then a re-run is a no-op.
+
+    One test rather than a shared fixture: the ingest costs minutes and must run exactly once.
+    """
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'rp.db'}")
     store.create_schema(engine)
     report = ingest(engine, sources_for(require_shared(PAPERS)), workers=2, timeout_s=120)
-    yield engine, report
-    engine.dispose()
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ingest_corpus")
-def test_full_corpus_against_manifest(corpus_engine):
-    engine, report = corpus_engine
     rows = _manifest()
     assert len(rows) == 164
     with engine.connect() as conn:
@@ -312,12 +307,8 @@ def test_full_corpus_against_manifest(corpus_engine):
     assert set(report.quarantined) <= set(REASONS)
     assert report.documents_new == len(docs)
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ingest_corpus")
-def test_full_corpus_rerun_changes_nothing(corpus_engine):
-    engine, _ = corpus_engine
     before = snapshot(engine)
     again = ingest(engine, sources_for(require_shared(PAPERS)), workers=2)
     assert again.documents_new == 0 and again.sources_recorded == 0 and again.quarantined == {}
     assert snapshot(engine) == before
+    engine.dispose()
