@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,38 @@ def test_gate_results_are_recorded_on_the_generation(env, embedder):
     assert checks["latency"]["metadata"]["latency_ms_p95"] > 0.0
     assert "exceeds the SLA" in checks["latency"]["description"]
     assert checks["freshness"]["blocking"] is False
+
+
+def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder):
+    """fts_index and vector_index run as parallel steps of one run: whichever finishes last promotes it."""
+    engine, obj = env
+    started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    gen_id = generations.new_generation_id(when=started, salt="run-1234")
+    # Every step of a run derives the same id from the run's start time and id.
+    assert gen_id == generations.new_generation_id(when=started, salt="run-1234")
+    assert gen_id.startswith("20260102T030405-")
+    assert gen_id != generations.new_generation_id(when=started, salt="run-5678")
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:  # noqa: ANN001
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    halves = [
+        threading.Thread(target=run, args=(lambda: generations.build_fts_part(engine, gen_id),)),
+        threading.Thread(target=run, args=(lambda: generations.build_vector_part(engine, obj, embedder, gen_id),)),
+    ]
+    for t in halves:
+        t.start()
+    for t in halves:
+        t.join()
+    assert not errors, errors
+    gen = generations.get_generation(engine, gen_id)
+    assert gen["status"] == "candidate"
+    assert gen["model_id"] == embedder.model_id
+    assert gen["n_fts_rows"] == gen["n_vectors"] == len(corpus["chunks"])
+    # A step retried within the run rebuilds its half of the same candidate.
+    generations.build_fts_part(engine, gen_id)
+    assert generations.get_generation(engine, gen_id)["status"] == "candidate"
