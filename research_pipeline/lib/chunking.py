@@ -68,7 +68,7 @@ _APPENDIX = re.compile(r"^(appendix|appendices)(\s+[A-Z0-9]{1,3}\b.*)?$", re.IGN
 # An abstract that starts on its heading line: "Abstract—We ...", "ABSTRACT: We ...", "Abstract. We ...".
 _INLINE_ABSTRACT = re.compile(r"^(abstract|摘要)\s*[.:—–-]\s*\S", re.IGNORECASE)
 # Numbered lines that are captions, or affiliation lists ("1 Univ. A 2 Univ. B"), not headings.
-_NOT_A_TITLE = re.compile(r"^(?:fig(?:ure)?|table|tab|algorithm|eq(?:uation)?|step)\b|\s\d+\s+[A-Z]", re.IGNORECASE)
+_NOT_A_TITLE = re.compile(r"^(?:fig(?:ure)?|table|tab|algorithm|eq(?:uation)?|step)\b|(?-i:\s\d+\s+[A-Z])", re.IGNORECASE)
 # "R E F E R E N C E S": letter-spaced capitals.
 _LETTER_SPACED = re.compile(r"^(?:\w ){3,}\w$")
 _ROMAN = {"I": 1, "V": 5, "X": 10}
@@ -229,7 +229,7 @@ def _tokenizer_of(count_tokens: Callable[[str], int]) -> Any:
     return tok if tok is not None and getattr(tok, "is_fast", False) else None
 
 
-def _tokenize(texts: list[str], tokenizer: Any) -> list[_Tokens]:
+def _tokenize(texts: list[str], tokenizer: Any, count_tokens: Callable[[str], int]) -> list[_Tokens]:
     """Tokenize all sections of a document in one batched call (the hot path of chunking)."""
     out: list[_Tokens] = []
     if not texts:
@@ -240,16 +240,23 @@ def _tokenize(texts: list[str], tokenizer: Any) -> list[_Tokens]:
         )
         per_text = [(enc["offset_mapping"][i], enc.word_ids(i)) for i in range(len(texts))]
     else:
-        # No tokenizer with offsets (a custom count_tokens): cut on words and punctuation, then
-        # verify every chunk with count_tokens.
+        # No tokenizer with offsets (a custom count_tokens): words and punctuation marks, each
+        # standing for as many tokens as count_tokens gives it; every chunk is re-counted after.
         per_text = []
+        pieces: dict[str, int] = {}
         for t in texts:
-            spans = [(m.start(), m.end()) for m in _FALLBACK_TOKEN.finditer(t)]
-            per_text.append((spans, list(range(len(spans)))))
+            offsets: list[tuple[int, int]] = []
+            word_ids: list[int] = []
+            for w, m in enumerate(_FALLBACK_TOKEN.finditer(t)):
+                if m.group() not in pieces:
+                    pieces[m.group()] = max(1, count_tokens(m.group()))
+                offsets += [(m.start(), m.end())] * pieces[m.group()]
+                word_ids += [w] * pieces[m.group()]
+            per_text.append((offsets, word_ids))
     for text, (offsets, word_ids) in zip(texts, per_text, strict=True):
         sentence_chars = {m.end() for m in _SENTENCE_START.finditer(text)}
         word_start = [k == 0 or word_ids[k] != word_ids[k - 1] for k in range(len(offsets))]
-        sent_start = [k == 0 or offsets[k][0] in sentence_chars for k in range(len(offsets))]
+        sent_start = [k == 0 or (word_start[k] and offsets[k][0] in sentence_chars) for k in range(len(offsets))]
         out.append(_Tokens([tuple(o) for o in offsets], word_start, sent_start))
     return out
 
@@ -319,20 +326,18 @@ def chunk_document(
     default = BODY if doc.get("source_kind") == "record" else FRONT_MATTER
     sections = [s for s in detect_sections(text, default) if text[s.start : s.end].strip()]
     tokenizer = _tokenizer_of(count_tokens)
-    tokenized = _tokenize([text[s.start : s.end] for s in sections], tokenizer)
+    tokenized = _tokenize([text[s.start : s.end] for s in sections], tokenizer, count_tokens)
 
     spans: list[tuple[Section, int, int]] = []
     for section, tokens in zip(sections, tokenized, strict=True):
         for i, j in _windows(tokens, budget, overlap_tokens):
             spans.append((section, section.start + tokens.offsets[i][0], section.start + tokens.offsets[j - 1][1]))
-    # Re-count every chunk as the model will see it; a cut inside a word (a single "word"
-    # longer than the budget) can tokenize differently, so shrink any chunk that overflows.
+    # Re-count every chunk as the model will see it: a cut inside a word (only a single "word"
+    # longer than the budget forces one) can tokenize differently from the slice of tokens.
     counts = _count_all([text[a:b] for _, a, b in spans], count_tokens, tokenizer)
+    checked = _fit(text, [(sec, a, b, n) for (sec, a, b), n in zip(spans, counts, strict=True)], budget, count_tokens)
     rows: list[dict[str, Any]] = []
-    for (section, a, b), n_tok in zip(spans, counts, strict=True):
-        while n_tok > budget:
-            b = a + max(1, (b - a) * budget // (n_tok + 1))
-            n_tok = count_tokens(text[a:b])
+    for section, a, b, n_tok in checked:
         chunk_text = text[a:b]
         content_hash = store.sha256_hex(chunk_text)
         ordinal = len(rows)
@@ -354,6 +359,31 @@ def chunk_document(
             }
         )
     return rows
+
+
+def _fit(
+    text: str, spans: list[tuple[Section, int, int, int]], budget: int, count_tokens: Callable[[str], int]
+) -> list[tuple[Section, int, int, int]]:
+    """Split any span over `budget` tokens in two (by characters), keeping all text the model sees."""
+    out: list[tuple[Section, int, int, int]] = []
+    pending = list(reversed(spans))
+    while pending:
+        section, a, b, n_tok = pending.pop()
+        if n_tok == 0:
+            continue  # only characters the model drops (control codes): nothing to embed
+        if n_tok <= budget:
+            out.append((section, a, b, n_tok))
+            continue
+        cut = a + max(1, (b - a) * budget // (n_tok + 1))
+        head_end, tail_start = cut, cut
+        while head_end > a + 1 and text[head_end - 1].isspace():
+            head_end -= 1
+        while tail_start < b and text[tail_start].isspace():
+            tail_start += 1
+        if tail_start < b:
+            pending.append((section, tail_start, b, count_tokens(text[tail_start:b])))
+        pending.append((section, a, head_end, count_tokens(text[a:head_end])))
+    return out
 
 
 def _count_all(texts: list[str], count_tokens: Callable[[str], int], tokenizer: Any) -> list[int]:

@@ -130,6 +130,26 @@ def test_no_text_is_lost_and_chunks_overlap(docs, embedder):
     assert len(without) < len(rows)
 
 
+def assert_covers(text: str, rows: list[dict], count_tokens) -> None:
+    """Every part of `text` the model sees (that has tokens) is in some chunk."""
+    covered = 0
+    for row in rows:
+        assert count_tokens(text[covered : row["char_start"]]) == 0, text[covered : row["char_start"]][:80]
+        covered = max(covered, row["char_end"])
+    assert count_tokens(text[covered:]) == 0
+
+
+def test_any_count_tokens_function(docs, embedder):
+    # A plain function (no tokenizer with offsets behind it) takes the fallback path: words
+    # weighted by their own counts, every chunk re-counted and split if it overflows.
+    doc = docs[JOSS]
+    rows = chunk_document(doc, lambda t: embedder.count_tokens(t), max_tokens=64, overlap_tokens=8)
+    assert len(rows) > 10
+    for row in rows:
+        check_chunk(doc, row, embedder.count_tokens, budget=62)
+    assert_covers(doc["text"], rows, embedder.count_tokens)
+
+
 def test_deterministic_ids(docs, embedder):
     doc = docs[JOSS]
     first = chunk_document(doc, embedder.count_tokens)
@@ -190,6 +210,10 @@ def test_overlong_word_and_record(embedder):
     for row in rows:
         check_chunk(doc, row, embedder.count_tokens, budget=14)
     assert "".join(r["text"] for r in rows).replace("\n", "") == doc["text"].replace("\n", "")
+    overlapping = chunk_document(doc, embedder.count_tokens, max_tokens=16, overlap_tokens=4)
+    for row in overlapping:
+        check_chunk(doc, row, embedder.count_tokens, budget=14)
+    assert_covers(doc["text"], overlapping, embedder.count_tokens)
     record = {"doc_id": "b" * 64, "text": "A short abstract of a record.", "page_offsets": "[0]", "source_kind": "record"}
     [row] = chunk_document(record, embedder.count_tokens)
     assert (row["section"], row["page_start"], row["page_end"], row["text"]) == ("Body", 1, 1, record["text"])
@@ -206,13 +230,16 @@ def test_overlong_word_and_record(embedder):
         max_size=400,
     ),
     max_tokens=st.sampled_from([16, 64, 256]),
+    fallback=st.booleans(),
 )
-def test_any_text_is_bounded(embedder, words, max_tokens):
+def test_any_text_is_bounded(embedder, words, max_tokens, fallback):
     text = " ".join(words)
     doc = {"doc_id": "c" * 64, "text": text, "page_offsets": "[0]", "source_kind": "pdf"}
-    rows = chunk_document(doc, embedder.count_tokens, max_tokens=max_tokens, overlap_tokens=max_tokens // 4)
+    count = (lambda t: embedder.count_tokens(t)) if fallback else embedder.count_tokens
+    rows = chunk_document(doc, count, max_tokens=max_tokens, overlap_tokens=max_tokens // 4)
     for row in rows:
         check_chunk(doc, row, embedder.count_tokens, budget=max_tokens - 2)
+    assert_covers(text, rows, embedder.count_tokens)
     if embedder.count_tokens(text):
         assert rows
 
