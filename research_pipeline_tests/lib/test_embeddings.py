@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -173,26 +172,28 @@ def test_resumes_after_kill_9(engine, db_url, embedder, papers, tmp_path):
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    child = subprocess.Popen(
-        [sys.executable, str(script), db_url],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    errors = tmp_path / "child.err"
+    with errors.open("w") as err:
+        child = subprocess.Popen(
+            [sys.executable, str(script), db_url],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     try:
         lines = []
         for line in child.stdout:
             lines.append(line)
             if line.startswith("embedded 32/"):
                 break
-        assert lines and lines[-1].startswith("embedded 32/"), lines
-        time.sleep(0.2)  # the child is stalled in its progress report, mid-run
-        os.kill(child.pid, signal.SIGKILL)
+        assert lines and lines[-1].startswith("embedded 32/"), (lines, errors.read_text()[-3000:])
+        os.kill(child.pid, signal.SIGKILL)  # the child is stalled in its progress report, mid-run
     finally:
         child.kill()
         child.wait(timeout=60)
+        child.stdout.close()
     assert child.returncode == -signal.SIGKILL
 
     committed = stored(engine, embedder.model_id)
