@@ -71,7 +71,8 @@ def test_bad_inputs_in_an_inbox(engine, tmp_path):
     (inbox / "sub" / "inside-link.pdf").symlink_to(inbox / GOOD[1].name)  # stays inside: fine
 
     sources = sources_for(inbox) + [FolderSource(inbox, paths=["../outside/secret.pdf"])]
-    report = ingest(engine, sources, workers=2, timeout_s=30, memory_mb=1024)
+    # A generous deadline: only the flate bomb is slow, and it must end on the memory cap.
+    report = ingest(engine, sources, workers=2, timeout_s=120, memory_mb=1024)
 
     docs, quarantine = _outcomes(engine)
     expected = {
@@ -96,7 +97,7 @@ def test_bad_inputs_in_an_inbox(engine, tmp_path):
     assert report.documents_new == len(GOOD)
     assert sum(report.quarantined.values()) == len(expected)
     # Nothing is re-parsed or re-quarantined on a second run.
-    again = ingest(engine, sources, workers=2, timeout_s=30, memory_mb=1024)
+    again = ingest(engine, sources, workers=2, timeout_s=120, memory_mb=1024)
     assert again.quarantined == {} and again.documents_new == 0
 
 
@@ -117,7 +118,9 @@ def test_hostile_batch_beside_good_papers(sqlite_url):
         FolderSource(HOSTILE, paths=[row["file"] for row in manifest]),
         FolderSource(DEMO_PAPERS, paths=[p.name for p in GOOD]),
     ]
-    report = ingest(engine, sources, workers=2, timeout_s=20, memory_mb=2048, log=watch, log_every=5)
+    # 1 GiB of address space: the flate bomb hits the cap after inflating half as much as at
+    # 2 GiB, which keeps it well inside the 20 s deadline on a loaded machine.
+    report = ingest(engine, sources, workers=2, timeout_s=20, memory_mb=1024, log=watch, log_every=5)
     rss_growth_mib = (_vm_kib("VmRSS") - rss_before) / 1024
     peak_mib = _vm_kib("VmHWM") / 1024
     print(f"\nhostile batch: {report.as_metadata()}; parent RSS growth {rss_growth_mib:.0f} MiB, peak {peak_mib:.0f} MiB")

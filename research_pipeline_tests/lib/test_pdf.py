@@ -180,7 +180,7 @@ def test_timeout_during_ocr_kills_tesseract_too():
 
 def test_memory_cap_turns_a_flate_bomb_into_memory():
     bomb = require_shared(HOSTILE) / "synthetic" / "flate-bomb-1gib.pdf"
-    with pdf.ParsePool(workers=1, timeout_s=60, memory_mb=1024, ocr=False) as pool:
+    with pdf.ParsePool(workers=1, timeout_s=120, memory_mb=1024, ocr=False) as pool:
         [(_, res)] = list(pool.imap_unordered([("bomb", str(bomb))]))
     assert res.reason == "memory", res.message
 
