@@ -33,15 +33,15 @@ RECORD_BATCH = 500
 class IngestReport:
     """What one ingest run did."""
 
-    documents_new: int = 0
-    documents_unchanged: int = 0
-    sources_recorded: int = 0
-    pages: int = 0
-    ocr_pages: int = 0
+    documents_new: int = 0  # documents inserted by this run
+    documents_unchanged: int = 0  # inputs that were already a known document (skipped or same bytes)
+    sources_recorded: int = 0  # document_sources rows written (new names, moved or changed files)
+    pages: int = 0  # pages of the new documents
+    ocr_pages: int = 0  # of which read by OCR
     seconds: float = 0.0
     pages_per_s: float = 0.0
-    quarantined: dict[str, int] = field(default_factory=dict)
-    released: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)  # reason -> files quarantined by this run
+    released: int = 0  # files that left quarantine because their new bytes became a document
 
     def as_metadata(self) -> dict[str, int | float]:
         """Plain numbers for Dagster metadata and `status --json`."""
