@@ -103,7 +103,6 @@ class _Writer:
     def __init__(self, engine: Engine, report: IngestReport):
         self.engine = engine
         self.report = report
-        self.quarantine_before: set[str] = set()
 
     def source_row(self, item: SourceItem, doc_id: str) -> dict[str, Any]:
         return {"uri": item.uri, "doc_id": doc_id, "size": item.size, "mtime": item.mtime, "seen_at": store.utcnow()}
