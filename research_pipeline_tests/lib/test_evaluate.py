@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +52,13 @@ def test_missing_split_names_the_fix(tmp_path):
 
 @pytest.fixture(scope="session")
 def scifact_index(tmp_path_factory):
-    """SciFact ingested, chunked, embedded and indexed once per test session (the slow part)."""
-    work_dir = tmp_path_factory.mktemp("eval_scifact")
+    """SciFact ingested, chunked, embedded and indexed once per test session (the slow part).
+
+    RP_TEST_EVAL_CACHE=<folder> keeps that work between sessions on a developer machine (the
+    collection's cache goes in <folder>/scifact); CI leaves it unset and builds from scratch.
+    """
+    cache = os.environ.get("RP_TEST_EVAL_CACHE")
+    work_dir = Path(cache) / "scifact" if cache else tmp_path_factory.mktemp("eval_scifact")
     embedder = load_embedder()
     index = evaluate_lib.prepare(require_shared(IR / "scifact"), work_dir, embedder, need_vectors=True)
     index.engine.dispose()
