@@ -55,7 +55,7 @@ def _section(device: str, body: str) -> None:
         "## Embeddings and chunking (bench_embed)\n\n"
         "Command: `.venv/bin/python -m bench.bench_embed` from the repo root "
         "(`RP_DEVICE=cuda` for a GPU). Pipeline and raw primitive run on the same chunk texts "
-        "of the 37 demo papers in the same run; ratio = pipeline / raw throughput.\n\n"
+        "of the 37 demo papers in the same run (order A B C C B A, best of two each); ratio = pipeline / raw throughput.\n\n"
         "Reading the figures: `SentenceTransformer.encode` already sorts its input by length "
         "within one call, so against one big call the pipeline can at best match it; what it adds "
         "(a commit per batch, so a crash loses one batch, and a cache that never embeds a text "
@@ -110,17 +110,28 @@ def main() -> None:
         embedder.encode(texts[:BATCH], batch_size=BATCH)
         plain.encode(texts[:BATCH], batch_size=BATCH, normalize_embeddings=True)
 
-        _, raw_s = _timed(
-            lambda: plain.encode(texts, batch_size=BATCH, normalize_embeddings=True, show_progress_bar=False)
-        )
-        stats, pipe_s = _timed(lambda: embed_missing(engine, embedder, batch_size=BATCH))
-        assert stats["embedded"] == n, stats
+        def raw() -> None:
+            plain.encode(texts, batch_size=BATCH, normalize_embeddings=True, show_progress_bar=False)
+
+        def pipeline() -> None:
+            stats = embed_missing(engine, embedder, batch_size=BATCH)
+            assert stats["embedded"] == n, stats
 
         def per_batch() -> None:
             for i in range(0, n, BATCH):
                 plain.encode(texts[i : i + BATCH], batch_size=BATCH, normalize_embeddings=True)
 
-        _, naive_s = _timed(per_batch)
+        # The machine is shared and its load drifts: run the three in A B C C B A order and keep
+        # each one's best time, so no method gets only the quiet (or the busy) minutes.
+        best = {"raw": float("inf"), "pipeline": float("inf"), "per_batch": float("inf")}
+        steps = {"raw": raw, "pipeline": pipeline, "per_batch": per_batch}
+        for name in ("raw", "pipeline", "per_batch", "per_batch", "pipeline", "raw"):
+            if name == "pipeline":
+                with engine.begin() as conn:  # a cold cache each time, outside the timing
+                    conn.execute(sa.delete(store.embeddings))
+            _, seconds = _timed(steps[name])
+            best[name] = min(best[name], seconds)
+        raw_s, pipe_s, naive_s = best["raw"], best["pipeline"], best["per_batch"]
         engine.dispose()
     finally:
         shutil.rmtree(work, ignore_errors=True)
