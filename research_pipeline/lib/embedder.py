@@ -39,6 +39,9 @@ class Embedder:
                 "Set RP_MODEL to a local sentence-transformers folder or an installed packaged model."
             ) from exc
         self.name = model
+        import torch
+
+        self._batch_threads = torch.get_num_threads()
         self.device = device
         self.tokenizer = self.model.tokenizer
         self.max_seq_length = int(self.model.max_seq_length)
@@ -70,7 +73,19 @@ class Embedder:
         return out
 
     def encode_query(self, query: str) -> np.ndarray:
-        return self.encode([query], batch_size=1)[0]
+        """Embed one query on a single thread.
+
+        A one-row forward pass gains nothing from intra-op parallelism, and on a busy 2-core
+        machine a second torch thread waits for a core: measured p50 14 ms on one thread against
+        35 ms (p95 99 ms) on two. Batch encoding keeps the process's thread count.
+        """
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            return self.encode([query], batch_size=1)[0]
+        finally:
+            torch.set_num_threads(self._batch_threads)
 
 
 @functools.lru_cache(maxsize=4)
