@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/research-pipeline demo
 
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 dev: setup
 	mkdir -p "$(DAGSTER_HOME)"

@@ -21,6 +21,11 @@ PG_ADMIN_URL = os.environ.get("RP_TEST_PG_URL", "postgresql+psycopg://postgres@1
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers share two cores: one torch/BLAS thread each avoids oversubscription
+    # (two threads per worker made a query embedding 10x slower). Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def _pg_admin() -> sa.Engine:

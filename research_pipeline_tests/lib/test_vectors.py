@@ -9,12 +9,10 @@ import faiss
 import numpy as np
 import pytest
 
-from research_pipeline.lib import evaluate as evaluate_lib
 from research_pipeline.lib import vectors
 from research_pipeline.lib.embedder import load_embedder
 from research_pipeline.lib.objectstore import LocalObjectStore, S3ObjectStore
 from research_pipeline_tests.conftest import IR, require_shared
-from research_pipeline_tests.lib.test_evaluate import scifact_index  # noqa: F401 - shared session fixture
 from research_pipeline_tests.moto_server import s3_endpoint  # noqa: F401 - module fixture
 
 
@@ -127,21 +125,3 @@ def test_failed_write_leaves_no_manifest(tmp_path, title_vectors, fail_on):
     assert not store.exists("g/vectors/manifest.json")
     with pytest.raises(ValueError, match="chunk ids"):
         vectors.write_vector_index(LocalObjectStore(tmp_path), "h", index, ids[:-1], {})
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("scifact")
-def test_hnsw_recall_against_exact_on_real_embeddings(scifact_index):  # noqa: F811
-    """HNSW with the shipped parameters keeps recall@10 >= 0.95 on SciFact's real chunk vectors."""
-    work_dir, embedder, index = scifact_index
-    exact = index.vectors.index
-    matrix = exact.reconstruct_n(0, exact.ntotal)
-    hnsw, params = vectors.build_vector_index(matrix, exact_threshold=0)
-    assert params["type"] == "hnsw_flat"
-    queries, _ = evaluate_lib.load_queries(IR / "scifact", "test")
-    qvecs = embedder.encode(list(queries.values()))
-    _, truth = exact.search(qvecs, 10)
-    _, approx = hnsw.search(qvecs, 10)
-    recall = np.mean([len(set(t) & set(a)) / 10 for t, a in zip(truth, approx)])
-    print(f"HNSW recall@10 vs exact on {exact.ntotal} SciFact chunks: {recall:.4f}")
-    assert recall >= 0.95
