@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test dev bench clean
+.PHONY: setup demo test dev serve bench clean
 
 $(BIN)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -27,7 +27,11 @@ test: setup
 
 dev: setup
 	mkdir -p "$(DAGSTER_HOME)"
+	test -f "$(DAGSTER_HOME)/dagster.yaml" || cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 	$(BIN)/dagster dev -w workspace.yaml
+
+serve: setup
+	$(BIN)/research-pipeline serve --port 8080
 
 bench: setup
 	$(BIN)/python -m bench.run_all

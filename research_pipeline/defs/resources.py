@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import PrivateAttr
 
+from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.lib import store
 from research_pipeline.lib.embedder import Embedder, load_embedder
 from research_pipeline.lib.objectstore import ObjectStore, open_object_store
@@ -92,6 +94,11 @@ def _env_or(name: str, default: Any) -> Any:
     return dg.EnvVar(name) if os.environ.get(name) else default
 
 
+def _env_opt(name: str) -> Any:
+    """`EnvVar(name)` when the variable is set, else None (the library's own default applies)."""
+    return _env_or(name, None)
+
+
 def _env_num(name: str, default: float, cast=float):  # noqa: ANN001
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -124,7 +131,32 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             ndcg_max_regression=_env_num("RP_GATE_NDCG_MAX_REGRESSION", 0.05),
             keep_generations=_env_num("RP_KEEP_GENERATIONS", 3, int),
         ),
+        # The migration's target. Unset values raise a clear error only when a migration runs,
+        # so the code location always loads.
+        "migration_target": MigrationTargetResource(
+            database_url=_env_or("RP_TARGET_DATABASE_URL", ""),
+            bucket=_env_or("RP_S3_BUCKET", ""),
+            prefix=_env_or("RP_S3_PREFIX", ""),
+        ),
+        # Unset AWS values fall back to boto3's default chain (profile, instance role);
+        # botocore's retry mode retries throttling and 5xx answers with backoff.
+        "migration_s3": S3Resource(
+            endpoint_url=_env_opt("RP_S3_ENDPOINT_URL"),
+            region_name=_env_opt("AWS_DEFAULT_REGION"),
+            aws_access_key_id=_env_opt("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_env_opt("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=_env_opt("AWS_SESSION_TOKEN"),
+            max_attempts=10,
+        ),
     }
+
+
+DEFAULT_NIGHTLY_CRON = "0 2 * * *"
+
+
+def nightly_cron() -> str:
+    """The cron expression of `nightly_reindex`: RP_NIGHTLY_CRON (UTC), default 02:00 every day."""
+    return os.environ.get("RP_NIGHTLY_CRON") or DEFAULT_NIGHTLY_CRON
 
 
 @dg.definitions

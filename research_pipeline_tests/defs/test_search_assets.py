@@ -12,7 +12,8 @@ from research_pipeline.defs.resources import ReleaseGatesResource, build_resourc
 from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.defs.search.jobs import reindex_job
-from research_pipeline.defs.search.schedules import DEFAULT_NIGHTLY_CRON, build_nightly_reindex, nightly_cron
+from research_pipeline.defs.resources import DEFAULT_NIGHTLY_CRON, nightly_cron
+from research_pipeline.defs.search.schedules import build_nightly_reindex
 from research_pipeline.lib import generations, store
 from research_pipeline.lib.settings import Settings
 from research_pipeline_tests.conftest import DEMO_PAPERS

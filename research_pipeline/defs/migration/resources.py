@@ -1,30 +1,16 @@
-"""Resources of the migration's target side: the PostgreSQL database and the S3 bucket.
+"""The migration's target-side resource: the PostgreSQL database and the S3 bucket and prefix.
 
-Kept beside the migration assets so the whole feature reads its environment in one place;
-every value comes from an environment variable through `EnvVar` when it is set:
-
-* RP_TARGET_DATABASE_URL - the PostgreSQL database to migrate to (postgresql+psycopg://...)
-* RP_S3_BUCKET, RP_S3_PREFIX - the bucket (and key prefix) that receives papers and indexes
-* RP_S3_ENDPOINT_URL - an S3-compatible endpoint (MinIO, moto); unset for AWS itself
-* AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION - the
-  standard AWS credentials; unset ones fall back to boto3's default chain (profile, IAM role)
+It is configured from the environment in `research_pipeline.defs.resources` with the rest.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import PrivateAttr
 
 from research_pipeline.lib import migrate
-
-
-def _env(name: str, default: Any = None) -> Any:
-    """`EnvVar(name)` when the variable is set (the UI shows where the value came from), else `default`."""
-    return dg.EnvVar(name) if os.environ.get(name) else default
 
 
 class MigrationTargetResource(dg.ConfigurableResource):
@@ -56,28 +42,3 @@ class MigrationTargetResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context) -> None:  # noqa: ANN001
         if self._engine is not None:
             self._engine.dispose()
-
-
-def build_migration_resources() -> dict[str, dg.ConfigurableResource]:
-    """The target-side resources, configured from the environment."""
-    return {
-        "migration_target": MigrationTargetResource(
-            database_url=_env("RP_TARGET_DATABASE_URL", ""),
-            bucket=_env("RP_S3_BUCKET", ""),
-            prefix=_env("RP_S3_PREFIX", ""),
-        ),
-        # botocore's standard retry mode retries throttling and 5xx answers with backoff.
-        "migration_s3": S3Resource(
-            endpoint_url=_env("RP_S3_ENDPOINT_URL"),
-            region_name=_env("AWS_DEFAULT_REGION"),
-            aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=_env("AWS_SESSION_TOKEN"),
-            max_attempts=10,
-        ),
-    }
-
-
-@dg.definitions
-def migration_resources() -> dg.Definitions:
-    return dg.Definitions(resources=build_migration_resources())

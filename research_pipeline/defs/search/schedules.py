@@ -1,17 +1,9 @@
 """`nightly_reindex`: runs reindex_job every night (UTC) so new papers reach the live index."""
 
-import os
-
 import dagster as dg
 
+from research_pipeline.defs.resources import nightly_cron
 from research_pipeline.defs.search.jobs import reindex_job
-
-DEFAULT_NIGHTLY_CRON = "0 2 * * *"
-
-
-def nightly_cron() -> str:
-    """The cron expression of the nightly reindex: RP_NIGHTLY_CRON (UTC), default 02:00 every day."""
-    return os.environ.get("RP_NIGHTLY_CRON") or DEFAULT_NIGHTLY_CRON
 
 
 def build_nightly_reindex(cron: str) -> dg.ScheduleDefinition:
