@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
+from research_pipeline.lib.progress import emit
 
 #: Word pieces the model adds around every input ([CLS] and [SEP] for BERT-style models).
 SPECIAL_TOKENS = 2
@@ -395,15 +396,6 @@ def _count_all(texts: list[str], count_tokens: Callable[[str], int], tokenizer: 
     return [count_tokens(t) for t in texts]
 
 
-def _info(log: Any, msg: str) -> None:
-    if log is None:
-        return
-    if hasattr(log, "info"):
-        log.info(msg)
-    else:
-        log(msg)
-
-
 def chunk_documents(
     engine: Engine,
     count_tokens: Callable[[str], int],
@@ -450,7 +442,7 @@ def chunk_documents(
             conn.execute(sa.delete(c).where(c.c.doc_id.in_([doc["doc_id"] for doc in docs])))
             store.upsert(conn, c, rows, ["chunk_id"])
         n_chunks += len(rows)
-        _info(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
+        emit(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
     stats = {"documents_chunked": documents_chunked, "chunks": n_chunks, "chunks_removed": int(orphans)}
-    _info(log, f"chunking done in {time.perf_counter() - started:.1f}s: {stats}")
+    emit(log, f"chunking done in {time.perf_counter() - started:.1f}s: {stats}")
     return stats

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
+from research_pipeline.lib.progress import emit
 
 #: Embeddings are stored as little-endian float32 so bytes are portable across machines.
 _DTYPE = np.dtype("<f4")
@@ -35,15 +36,6 @@ def bytes_to_vector(b: bytes, dim: int) -> np.ndarray:
             "the row was written by another model: re-run embed_missing for this model_id"
         )
     return np.frombuffer(b, dtype=_DTYPE, count=dim).astype(np.float32)
-
-
-def _info(log: Any, msg: str) -> None:
-    if log is None:
-        return
-    if hasattr(log, "info"):
-        log.info(msg)
-    else:
-        log(msg)
 
 
 def _missing(engine: Engine, model_id: str, shard: str | None) -> list[tuple[str, int]]:
@@ -91,7 +83,7 @@ def embed_missing(
     # Longest first: the costliest batch runs (and fails on memory, if it must) right away.
     todo.sort(key=lambda t: (-t[1], t[0]))
     total = len(todo)
-    _info(log, f"embedding {total} chunk texts with {model_id} ({in_scope - total} cached)")
+    emit(log, f"embedding {total} chunk texts with {model_id} ({in_scope - total} cached)")
     done = 0
     for i in range(0, total, batch_size):
         hashes = [h for h, _ in todo[i : i + batch_size]]
@@ -115,7 +107,7 @@ def embed_missing(
             store.upsert(conn, store.embeddings, rows, ["content_hash", "model_id"], update=())
         done += len(batch)
         elapsed = time.perf_counter() - started
-        _info(log, f"embedded {done}/{total} chunk texts, {done / max(elapsed, 1e-9):.1f} chunks/s")
+        emit(log, f"embedded {done}/{total} chunk texts, {done / max(elapsed, 1e-9):.1f} chunks/s")
     seconds = time.perf_counter() - started
     return {
         "embedded": done,

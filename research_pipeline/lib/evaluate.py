@@ -24,10 +24,21 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
 from research_pipeline.lib.fts import build_fts
-from research_pipeline.lib.ir_metrics import mrr_at_k, ndcg_at_k, percentile, recall_at_k
+from research_pipeline.lib.ir_metrics import (
+    mrr_at_k,
+    ndcg_at_k,
+    percentile,
+    recall_at_k,
+)
 from research_pipeline.lib.objectstore import LocalObjectStore, sha256_file
+from research_pipeline.lib.progress import emit
 from research_pipeline.lib.search import MODES, Searcher
-from research_pipeline.lib.vectors import VectorIndex, build_vector_index, load_vector_index, write_vector_index
+from research_pipeline.lib.vectors import (
+    VectorIndex,
+    build_vector_index,
+    load_vector_index,
+    write_vector_index,
+)
 
 #: A logger with .info, or a callable taking one message, or None.
 Log = Any
@@ -35,15 +46,6 @@ Log = Any
 FTS_TABLE = "fts_eval"
 #: Papers retrieved per query: enough for recall@100.
 DEPTH = 100
-
-
-def _emit(log: Any, message: str) -> None:
-    if log is None:
-        return
-    if hasattr(log, "info"):
-        log.info(message)
-    else:
-        log(message)
 
 
 def load_queries(beir_dir: Path, split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
@@ -168,7 +170,7 @@ def prepare(
         _ingest_corpus(engine, beir_dir, log)
         state["corpus_sha256"] = corpus_sha
         save_state()
-        _emit(log, f"{beir_dir.name}: ingested in {time.perf_counter() - started:.1f}s")
+        emit(log, f"{beir_dir.name}: ingested in {time.perf_counter() - started:.1f}s")
     _chunk(engine, embedder, log)
 
     with engine.connect() as conn:
@@ -329,7 +331,7 @@ def tune(
         searcher = _SweepSearcher(index.engine, index.fts_table, index.vectors, embedder, candidates=candidates, **tuning)
         metrics = run_queries(index, searcher, queries, qrels, mode)
         row = {"params": params, **{k: metrics[k] for k in ("ndcg@10", "recall@100", "mrr@10")}}
-        _emit(log, json.dumps(row, sort_keys=True))
+        emit(log, json.dumps(row, sort_keys=True))
         results.append(row)
     index.engine.dispose()
     return sorted(results, key=lambda r: -r["ndcg@10"])

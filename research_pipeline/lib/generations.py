@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store as db
+from research_pipeline.lib.progress import emit
 
 G = db.index_generations
 P = db.index_pointer
@@ -62,11 +63,6 @@ def fts_table_name(gen_id: str) -> str:
 
 def vector_prefix(gen_id: str) -> str:
     return f"indexes/{gen_id}"
-
-
-def _emit(log: Log, msg: str) -> None:
-    if log is not None:
-        log(msg)
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -187,7 +183,7 @@ def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None, log
     started = time.perf_counter()
     n_rows = fts.build_fts(engine, table)
     seconds = time.perf_counter() - started
-    _emit(log, f"generation {gen_id}: full-text table {table} has {n_rows} rows ({seconds:.1f}s)")
+    emit(log, f"generation {gen_id}: full-text table {table} has {n_rows} rows ({seconds:.1f}s)")
     with engine.begin() as conn:
         _finish_part(conn, gen_id, {"fts_table": table, "n_fts_rows": int(n_rows)})
     status = _promote_if_complete(engine, gen_id)
@@ -237,7 +233,7 @@ def build_vector_part(
     )
     seconds = time.perf_counter() - started
     manifest = {"build_params": params, "embedded": int(embed_stats.get("embedded", 0)), "seconds": round(seconds, 3)}
-    _emit(log, f"generation {gen_id}: {len(chunk_ids)} vectors of {n_documents} documents -> {key} ({seconds:.1f}s)")
+    emit(log, f"generation {gen_id}: {len(chunk_ids)} vectors of {n_documents} documents -> {key} ({seconds:.1f}s)")
     with engine.begin() as conn:
         _finish_part(
             conn,

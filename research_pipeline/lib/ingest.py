@@ -9,7 +9,6 @@ source, and quarantined files whose bytes have not changed, are skipped without 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,14 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
 from research_pipeline.lib.metadata import record_metadata
-from research_pipeline.lib.pdf import PARSER, PARSER_VERSION, REASONS, ParsePool, ParseResult
+from research_pipeline.lib.objectstore import sha256_file
+from research_pipeline.lib.pdf import (
+    PARSER,
+    PARSER_VERSION,
+    REASONS,
+    ParsePool,
+    ParseResult,
+)
 from research_pipeline.lib.sources import SourceItem, canonical_json, iter_items
 
 Log = Callable[[str], None]
@@ -59,14 +65,6 @@ class IngestReport:
         for reason in REASONS:
             out[f"quarantined_{reason}"] = self.quarantined.get(reason, 0)
         return out
-
-
-def sha256_file(path: Any, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _document_row(doc_id: str, kind: str, result: ParseResult | None, meta: dict[str, Any],

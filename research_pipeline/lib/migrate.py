@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
+from research_pipeline.lib.progress import emit
 
 Log = Callable[[str], None] | None
 
@@ -124,11 +125,6 @@ def expected_states(shards: Sequence[str] = store.SHARDS) -> list[tuple[str, str
     """The (table or object family, shard) pairs a complete migration of `shards` marks verified."""
     pairs = [(spec.name, s) for spec in TABLE_SPECS for s in shards if s in spec.shards]
     return pairs + [(family, s) for family in OBJECT_FAMILIES for s in shards]
-
-
-def _emit(log: Log, msg: str) -> None:
-    if log is not None:
-        log(msg)
 
 
 def _check_shard(shard: str) -> str:
@@ -545,7 +541,7 @@ def migrate_rows(
         )
     out["seconds"] = time.perf_counter() - t0
     out["rows_per_s"] = out["rows"] / out["seconds"] if out["seconds"] > 0 else 0.0
-    _emit(log, f"rows[{shard}]: {out['rows']} copied and verified, {out['tables_skipped']} tables skipped, "
+    emit(log, f"rows[{shard}]: {out['rows']} copied and verified, {out['tables_skipped']} tables skipped, "
           f"{out['seconds']:.2f}s")
     return out
 
@@ -755,7 +751,7 @@ def migrate_objects(
     out["mb_per_s"] = out["bytes"] / 1e6 / out["seconds"] if out["seconds"] > 0 else 0.0
     if problems:
         raise MigrationError(f"shard {shard}: {len(problems)} objects not migrated: " + "; ".join(problems[:20]))
-    _emit(log, f"objects[{shard}]: {out['objects']} checked, {out['bytes']} bytes sent in {out['seconds']:.2f}s")
+    emit(log, f"objects[{shard}]: {out['objects']} checked, {out['bytes']} bytes sent in {out['seconds']:.2f}s")
     return out
 
 
@@ -873,7 +869,7 @@ def verify(
             report.objects += len(plans)
             report.differences += [Difference("object", family, shard, p.key, why) for p, why in zip(plans, found) if why]
     report.seconds = time.perf_counter() - t0
-    _emit(log, report.summary())
+    emit(log, report.summary())
     return report
 
 
@@ -897,7 +893,7 @@ def republish(target: Engine, target_store: Any, log: Log = None) -> dict[str, A
             .where(store.index_pointer.c.name == "live")
         ).mappings().first()
     if live is None:
-        _emit(log, "no live index generation to republish")
+        emit(log, "no live index generation to republish")
         return {"live_generation": None, "fts_rows": 0, "vectors": 0}
     index = vectors.load_vector_index(target_store, live["vector_key"])
     if index.ntotal != live["n_vectors"]:
@@ -911,7 +907,7 @@ def republish(target: Engine, target_store: Any, log: Log = None) -> dict[str, A
             f"generation {live['gen_id']}: rebuilt {live['fts_table']} with {fts_rows} rows on the target, "
             f"the source generation had {live['n_fts_rows']}: migrate every partition before republishing"
         )
-    _emit(log, f"republished generation {live['gen_id']}: {fts_rows} full-text rows, {index.ntotal} vectors")
+    emit(log, f"republished generation {live['gen_id']}: {fts_rows} full-text rows, {index.ntotal} vectors")
     return {"live_generation": live["gen_id"], "fts_rows": fts_rows, "vectors": int(index.ntotal)}
 
 
@@ -945,7 +941,7 @@ def cutover(
         **report.as_metadata(),
     }
     s3.put_object(Bucket=bucket, Key=_s3_key(prefix, CUTOVER_KEY), Body=store.dumps(record).encode("utf-8"))
-    _emit(log, f"cutover recorded at s3://{bucket}/{_s3_key(prefix, CUTOVER_KEY)}")
+    emit(log, f"cutover recorded at s3://{bucket}/{_s3_key(prefix, CUTOVER_KEY)}")
     return record
 
 

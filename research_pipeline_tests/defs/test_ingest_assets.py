@@ -8,7 +8,8 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.defs.ingest.assets import QUARANTINE_REASONS, chunks, documents
+from research_pipeline.defs.ingest.assets import chunks, documents
+from research_pipeline.lib.pdf import REASONS as QUARANTINE_REASONS
 from research_pipeline.defs.resources import build_resources
 from research_pipeline.lib import store
 from research_pipeline.lib.settings import Settings

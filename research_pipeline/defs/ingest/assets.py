@@ -3,21 +3,13 @@
 import dagster as dg
 import sqlalchemy as sa
 
-from research_pipeline.defs.resources import DatabaseResource, EmbedderResource, InboxResource
-from research_pipeline.lib import store
-
-#: Every quarantine reason the ingest can record.
-QUARANTINE_REASONS = (
-    "encrypted",
-    "needs_ocr",
-    "garbled",
-    "timeout",
-    "memory",
-    "corrupt",
-    "not_pdf",
-    "empty",
-    "outside_inbox",
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    EmbedderResource,
+    InboxResource,
 )
+from research_pipeline.lib import store
+from research_pipeline.lib.pdf import REASONS
 
 
 class IngestConfig(dg.Config):
@@ -78,7 +70,7 @@ def documents(
             key = "quarantine_" + key.removeprefix("quarantined_")
         metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value)
     # Every reason is a series of its own, 0 when absent, so plots over materializations are continuous.
-    for reason in QUARANTINE_REASONS:
+    for reason in REASONS:
         metadata.setdefault(f"quarantine_{reason}", dg.MetadataValue.int(0))
     quarantined = dict(report.quarantined)
     context.log.info(

@@ -9,7 +9,11 @@ from dagster_aws.s3 import S3Resource
 
 from research_pipeline.defs.embeddings.assets import shard_partitions
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    InboxResource,
+    ObjectStoreResource,
+)
 from research_pipeline.lib import migrate, store
 from research_pipeline.lib.objectstore import S3ObjectStore
 

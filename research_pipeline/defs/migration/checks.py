@@ -6,7 +6,11 @@ from dagster_aws.s3 import S3Resource
 
 from research_pipeline.defs.migration.assets import migration
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    InboxResource,
+    ObjectStoreResource,
+)
 from research_pipeline.lib import migrate
 
 

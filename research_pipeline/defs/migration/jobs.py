@@ -5,7 +5,12 @@ from __future__ import annotations
 import dagster as dg
 
 from research_pipeline.defs.embeddings.assets import shard_partitions
-from research_pipeline.defs.migration.assets import migrated_objects, migrated_rows, migration, migration_cutover
+from research_pipeline.defs.migration.assets import (
+    migrated_objects,
+    migrated_rows,
+    migration,
+    migration_cutover,
+)
 
 migration_job = dg.define_asset_job(
     name="migration_job",

@@ -17,7 +17,11 @@ from research_pipeline.defs.resources import (
     ObjectStoreResource,
     ReleaseGatesResource,
 )
-from research_pipeline.defs.search.assets import fts_index, latest_generation_id, vector_index
+from research_pipeline.defs.search.assets import (
+    fts_index,
+    latest_generation_id,
+    vector_index,
+)
 from research_pipeline.lib import gates, generations
 
 _DESCRIPTIONS = {

@@ -9,7 +9,11 @@ from research_pipeline.defs.resources import (
     ObjectStoreResource,
     QueryCacheResource,
 )
-from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
+from research_pipeline.defs.search.assets import (
+    fts_index,
+    published_index,
+    vector_index,
+)
 from research_pipeline.lib import generations
 from research_pipeline.lib.cache import QueryCache, cached_search
 from research_pipeline.lib.querylog import top_queries
