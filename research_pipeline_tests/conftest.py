@@ -86,6 +86,14 @@ def engine(db_url) -> sa.Engine:
     eng.dispose()
 
 
+@pytest.fixture(scope="session")
+def embedder():
+    """The packaged MiniLM on the CPU, loaded once per test process."""
+    from research_pipeline.lib.embedder import load_embedder
+
+    return load_embedder()
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"shared test data missing: {path} (expected ../shared/data beside the repo)")

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from research_pipeline.lib.embedder import load_embedder
-
-    return load_embedder()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return sample_corpus(tmp_path_factory)
 

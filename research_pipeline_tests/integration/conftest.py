@@ -86,14 +86,6 @@ def open_demo_source(home: Path) -> DemoSource:
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from research_pipeline.lib.embedder import load_embedder
-    from research_pipeline.lib.settings import DEFAULT_MODEL
-
-    return load_embedder(DEFAULT_MODEL, "cpu")
-
-
-@pytest.fixture(scope="module")
 def demo_source(request, tmp_path_factory, worker_id) -> DemoSource:
     """The demo deployment, built once per test run and shared by the xdist workers.
 

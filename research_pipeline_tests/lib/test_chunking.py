@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from research_pipeline.lib import store
 from research_pipeline.lib.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
-from research_pipeline.lib.embedder import load_embedder
 from research_pipeline.lib.ingest import ingest
 from research_pipeline.lib.sources import sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS
@@ -44,11 +43,6 @@ def ingest_demo(names: list[str], workdir: Path) -> dict[str, dict]:
         name = next(n for n in names if row["uri"].endswith(n))
         out[name] = {k: v for k, v in row.items() if k != "uri"}
     return out
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,12 @@ import sqlalchemy as sa
 
 from research_pipeline.lib import store
 from research_pipeline.lib.chunking import chunk_document
-from research_pipeline.lib.embedder import load_embedder, resolve_model_path
+from research_pipeline.lib.embedder import resolve_model_path
 from research_pipeline.lib.embeddings import bytes_to_vector, embed_missing, load_embeddings, vector_to_bytes
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 from research_pipeline_tests.lib.test_chunking import ingest_demo
 
 SHORT = ["joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf", "jose-2018-short-course-about-fitting-models-scipy.pdf"]
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder()
 
 
 @pytest.fixture(scope="module")

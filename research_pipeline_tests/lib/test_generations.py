@@ -98,13 +98,6 @@ def sample_corpus(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from research_pipeline.lib.embedder import load_embedder
-
-    return load_embedder()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return sample_corpus(tmp_path_factory)
 
