@@ -18,6 +18,7 @@ from pydantic import PrivateAttr
 from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.lib import store
 from research_pipeline.lib.embedder import Embedder, load_embedder
+from research_pipeline.lib.gates import GateThresholds
 from research_pipeline.lib.objectstore import ObjectStore, open_object_store
 from research_pipeline.lib.settings import Settings
 
@@ -78,14 +79,18 @@ class QueryCacheResource(dg.ConfigurableResource):
     ttl_s: int = 86_400
 
 
+#: The gate defaults live in one place, lib/gates.GateThresholds.
+_GATES = GateThresholds()
+
+
 class ReleaseGatesResource(dg.ConfigurableResource):
     """Thresholds of the blocking release gates on a candidate index generation."""
 
-    min_documents: int = 1
-    max_document_drop_share: float = 0.10
-    latency_p95_ms: float = 250.0
-    ndcg_floor: float = 0.30
-    ndcg_max_regression: float = 0.05
+    min_documents: int = _GATES.min_documents
+    max_document_drop_share: float = _GATES.max_document_drop_share
+    latency_p95_ms: float = _GATES.latency_p95_ms
+    ndcg_floor: float = _GATES.ndcg_floor
+    ndcg_max_regression: float = _GATES.ndcg_max_regression
     keep_generations: int = 3
 
 
@@ -124,11 +129,11 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
         "embedder": EmbedderResource(model=pick("RP_MODEL", s.model), device=pick("RP_DEVICE", s.device)),
         "query_cache": QueryCacheResource(redis_url=pick("RP_REDIS_URL", s.redis_url)),
         "release_gates": ReleaseGatesResource(
-            min_documents=_env_num("RP_GATE_MIN_DOCUMENTS", 1, int),
-            max_document_drop_share=_env_num("RP_GATE_MAX_DOCUMENT_DROP", 0.10),
-            latency_p95_ms=_env_num("RP_GATE_LATENCY_P95_MS", 250.0),
-            ndcg_floor=_env_num("RP_GATE_NDCG_FLOOR", 0.30),
-            ndcg_max_regression=_env_num("RP_GATE_NDCG_MAX_REGRESSION", 0.05),
+            min_documents=_env_num("RP_GATE_MIN_DOCUMENTS", _GATES.min_documents, int),
+            max_document_drop_share=_env_num("RP_GATE_MAX_DOCUMENT_DROP", _GATES.max_document_drop_share),
+            latency_p95_ms=_env_num("RP_GATE_LATENCY_P95_MS", _GATES.latency_p95_ms),
+            ndcg_floor=_env_num("RP_GATE_NDCG_FLOOR", _GATES.ndcg_floor),
+            ndcg_max_regression=_env_num("RP_GATE_NDCG_MAX_REGRESSION", _GATES.ndcg_max_regression),
             keep_generations=_env_num("RP_KEEP_GENERATIONS", 3, int),
         ),
         # The migration's target. Unset values raise a clear error only when a migration runs,
