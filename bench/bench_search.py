@@ -120,10 +120,10 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     vi = VectorIndex(index, [x["chunk_id"] for x in c])
     searcher = Searcher(engine, "fts_bench", vi, embedder)
 
-    raw_sql = sa.text('SELECT chunk_id FROM fts_bench WHERE fts_bench MATCH :q ORDER BY rank LIMIT 100')
+    raw_sql = sa.text("SELECT rowid FROM fts_bench WHERE fts_bench MATCH :q ORDER BY rank LIMIT 100")
     w = fts.FIELD_WEIGHTS
     weighted_sql = sa.text(
-        f"SELECT chunk_id, bm25(fts_bench, 0, {w['title']}, {w['abstract']}, {w['body']}) AS s "
+        f"SELECT rowid, bm25(fts_bench, {w['title']}, {w['abstract']}, {w['body']}) AS s "
         "FROM fts_bench WHERE fts_bench MATCH :q ORDER BY s LIMIT 100"
     )
     matches = [" OR ".join(f'"{t}"' for t in fts.query_terms(q)) for q in queries]

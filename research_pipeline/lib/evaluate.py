@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
-from research_pipeline.lib.fts import build_fts
+from research_pipeline.lib.fts import INDEX_FORMAT, build_fts
 from research_pipeline.lib.ir_metrics import (
     mrr_at_k,
     ndcg_at_k,
@@ -181,7 +181,7 @@ def prepare(
     chunk_ids = [r[0] for r in rows]
     hashes = [r[1] for r in rows]
 
-    fts_fp = _fingerprint(chunk_ids, "fts")
+    fts_fp = _fingerprint(chunk_ids, f"fts{INDEX_FORMAT}")
     if state.get("fts") != fts_fp or not _table_exists(engine, FTS_TABLE):
         build_fts(engine, FTS_TABLE)
         state["fts"] = fts_fp

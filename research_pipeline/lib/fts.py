@@ -1,51 +1,65 @@
-"""Full-text (BM25) index over chunks: SQLite FTS5 or a PostgreSQL tsvector table.
+"""Full-text (BM25) index over chunks: SQLite FTS5 or a PostgreSQL GIN-indexed table.
 
 Both backends index three weighted fields per chunk — the paper's title, its abstract and the
-chunk body — so any chunk of a paper can match the paper's title. Both score with the same
-BM25 formula (the one FTS5's ``bm25()`` implements: per-term IDF, field-weighted term
-frequency, k1=1.2, b=0.75 over the whole row length); SQLite computes it in FTS5, PostgreSQL in
-SQL over the tsvector's positions. Both stem with the original Porter algorithm and keep
-stopwords in documents, so on ASCII text they see the same terms and rank alike.
+chunk body — so any chunk of a paper can match the paper's title, and both rank with the BM25
+formula of FTS5's ``bm25()`` (per-term IDF, field-weighted term frequency, k1=1.2, b=0.75
+over the whole row length).
 
-User text never reaches a query parser: `query_terms` reduces it to plain word tokens, and the
-match expression is built from those alone (quoted terms joined by OR in FTS5, a bound
-``to_tsquery`` of alphanumeric lexemes joined by ``|`` in PostgreSQL). An OR of terms is BM25's
-bag-of-words semantics; an AND (``websearch_to_tsquery``) drops every paper that misses one
-query word and costs recall.
+One analyzer for both: `analyze` (NFKC, lower case, diacritics folded, runs of letters and
+digits, the original Porter stemmer) turns text into terms in Python, and each backend indexes
+those terms verbatim — FTS5 with its ``ascii`` tokenizer over space-separated terms (it cannot
+split them further), PostgreSQL as given lexemes. No backend tokenizer decides what a word is,
+so both see the same terms, the same document frequencies and row lengths, and return the same
+top-k: scores are rounded to 1e-9 (summation order differs in the last bits) and ties go to
+the lower row id, which both assign in chunk_id order.
+
+User text never reaches a query parser: `query_terms` reduces it to analyzed terms, and the
+match expression is built from those alone (quoted terms joined by OR in FTS5, a tsquery of
+quoted lexemes joined by ``|`` in PostgreSQL). An OR of terms is BM25's bag-of-words
+semantics; an AND (``websearch_to_tsquery``) drops every paper that misses one query word.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import threading
 import unicodedata
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 
 import sqlalchemy as sa
+import Stemmer
 from sqlalchemy.engine import Engine
 
 #: Field weights title > abstract > body (tuned on SciFact train, see docs/SEARCH.md).
 FIELD_WEIGHTS: dict[str, float] = {"title": 2.0, "abstract": 1.0, "body": 1.0}
+FIELDS = ("title", "abstract", "body")
 
 #: BM25 constants: FTS5's built-in values, used on both backends so they rank alike.
 K1 = 1.2
 B = 0.75
+#: Scores are compared at this many decimals, so last-bit differences never reorder results.
+SCORE_DECIMALS = 9
 
 #: Terms kept from one query; a 10 KB paste is cut to its first distinct words.
 MAX_QUERY_TERMS = 64
 #: Characters of user text looked at; the rest cannot change a 64-term query.
 MAX_QUERY_CHARS = 4096
+#: Longer runs of letters are not words (base64, unsegmented CJK lines); PostgreSQL would
+#: refuse lexemes past 2 KB.
+MAX_TERM_CHARS = 64
 
-#: FTS5 tokenizer: Porter stemming over unicode61 with diacritics folded (measured in SEARCH.md).
-SQLITE_TOKENIZER = "porter unicode61 remove_diacritics 2"
-#: The PostgreSQL text search configuration built to match it: the original Porter stemmer
-#: (PostgreSQL's snowball 'porter'), no stopword list, hyphenated words split into parts.
-PG_CONFIG = "rp_porter"
+#: Version of what `build_fts` writes; caches of built indexes key on it.
+INDEX_FORMAT = 2
 
-_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 _TOKEN_RE = re.compile(r"[^\W_]+")
+_BATCH = 2000
 
-#: Words that carry no topic: dropped from queries on both backends. They would otherwise make
-#: an OR query match nearly every row and cost latency for little ranking gain.
+#: Words that carry no topic: dropped from queries (documents keep them, they count in row
+#: length). They would otherwise make an OR query match nearly every row.
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further had
@@ -56,61 +70,73 @@ STOPWORDS = frozenset(
     whom why will with would you your yours yourself yourselves""".split()
 )
 
+# PyStemmer objects are not thread-safe: one per thread (each keeps its own stem cache).
+_local = threading.local()
 
-def check_table_name(table: str) -> str:
-    """`table` if it is a plain SQL identifier (letters, digits, underscore; at most 48 chars)."""
-    if not isinstance(table, str) or not _TABLE_RE.match(table):
-        raise ValueError(
-            f"invalid full-text table name {table!r}: use letters, digits and '_' "
-            "(at most 48 characters, not starting with a digit)"
-        )
-    return table
+
+def _stem_words(words: list[str]) -> list[str]:
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = Stemmer.Stemmer("porter", 100_000)
+    # Porter reduces a lone "s" to nothing; an empty term would be no term at all.
+    return [stem or word for stem, word in zip(stemmer.stemWords(words), words)]
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits of `text`, diacritics folded, junk runs dropped."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    if not text.isascii():
+        text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    return [w for w in _TOKEN_RE.findall(text) if len(w) <= MAX_TERM_CHARS]
+
+
+def analyze(text: str | None) -> list[str]:
+    """The terms of `text` as both backends index them, in order (stopwords kept)."""
+    return _stem_words(_words(text)) if text else []
+
+
+def query_words(query: object) -> list[str]:
+    """The distinct words of any user text, unstemmed, stopwords dropped, in order (snippets)."""
+    if not isinstance(query, str):
+        return []
+    seen: dict[str, None] = {}
+    for word in _words(query[:MAX_QUERY_CHARS]):
+        if word not in STOPWORDS:
+            seen[word] = None
+    return list(seen)
 
 
 def query_terms(query: object) -> list[str]:
-    """The distinct lower-cased word tokens of any user text, stopwords dropped, in order.
+    """The distinct analyzed terms of any user text, stopwords dropped, in order.
 
     Operators, quotes, punctuation, emoji and control characters are separators, so the
     result is safe to put into any match syntax.
     """
-    if not isinstance(query, str):
-        return []
-    text = unicodedata.normalize("NFKC", query[:MAX_QUERY_CHARS]).lower()
-    seen: dict[str, None] = {}
-    for tok in _TOKEN_RE.findall(text):
-        if tok in STOPWORDS or tok in seen:
-            continue
-        seen[tok] = None
-        if len(seen) >= MAX_QUERY_TERMS:
-            break
-    return list(seen)
+    terms = dict.fromkeys(_stem_words(query_words(query)))
+    return list(terms)[:MAX_QUERY_TERMS]
 
 
-def _stats_table(table: str) -> str:
-    return f"{table}_df"
+def check_table_name(table: str) -> str:
+    """`table` if it is a plain SQL identifier (letters, digits, underscore; at most 41 chars)."""
+    if not isinstance(table, str) or not _TABLE_RE.match(table):
+        raise ValueError(
+            f"invalid full-text table name {table!r}: use letters, digits and '_' "
+            "(at most 41 characters, not starting with a digit)"
+        )
+    return table
+
+
+def _aux_tables(table: str) -> dict[str, str]:
+    """Tables that live beside the full-text table `table` (ids, document frequencies, totals)."""
+    return {"ids": f"{table}_ids", "df": f"{table}_df", "meta": f"{table}_meta"}
 
 
 def drop_fts(engine: Engine, table: str) -> None:
-    """Drop the full-text table `table` (and its statistics on PostgreSQL) if it exists."""
+    """Drop the full-text table `table` and the tables beside it, where they exist."""
     check_table_name(table)
     with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{_stats_table(table)}"'))
-
-
-def build_fts(engine: Engine, table: str) -> int:
-    """Build the full-text table `table` from the current chunks joined to documents.
-
-    The table is dropped and rebuilt inside one transaction, so a crash leaves either no table
-    or a complete one and a re-run after a partial build starts clean. Returns the row count.
-    """
-    check_table_name(table)
-    if engine.dialect.name == "sqlite":
-        return _build_sqlite(engine, table)
-    if engine.dialect.name == "postgresql":
-        return _build_postgres(engine, table)
-    raise ValueError(f"full-text search needs SQLite or PostgreSQL, not {engine.dialect.name}")
+        for name in (table, *_aux_tables(table).values()):
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
 
 
 # The abstract is indexed once per paper (on its first chunk): when a record's abstract is also
@@ -121,79 +147,122 @@ _SOURCE_SELECT = """
                 THEN coalesce(d.abstract, '') ELSE '' END,
            c.text
     FROM chunks c JOIN documents d ON d.doc_id = c.doc_id
+    WHERE c.chunk_id > :after
+    ORDER BY c.chunk_id
+    LIMIT :limit
 """
 
 
+def _analyzed_rows(conn: sa.Connection) -> Iterator[tuple[int, str, list[list[str]]]]:
+    """(row id, chunk_id, [title, abstract, body terms]) for every chunk, in chunk_id order.
+
+    Row ids count from 1 in chunk_id order, so both backends number rows alike.
+    """
+    after, rid = "", 0
+    while True:
+        rows = conn.execute(sa.text(_SOURCE_SELECT), {"after": after, "limit": _BATCH}).all()
+        if not rows:
+            return
+        for chunk_id, title, abstract, body in rows:
+            rid += 1
+            yield rid, chunk_id, [analyze(title), analyze(abstract), analyze(body)]
+        after = rows[-1][0]
+
+
+def build_fts(engine: Engine, table: str) -> int:
+    """Build the full-text table `table` from the current chunks joined to documents.
+
+    The tables are dropped and rebuilt inside one transaction, so a crash leaves either no
+    index or a complete one and a re-run after a partial build starts clean. Returns the row
+    count.
+    """
+    check_table_name(table)
+    if engine.dialect.name == "sqlite":
+        return _build_sqlite(engine, table)
+    if engine.dialect.name == "postgresql":
+        return _build_postgres(engine, table)
+    raise ValueError(f"full-text search needs SQLite or PostgreSQL, not {engine.dialect.name}")
+
+
+def _batches(rows: Iterator, size: int = _BATCH) -> Iterator[list]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _build_sqlite(engine: Engine, table: str) -> int:
+    ids = _aux_tables(table)["ids"]
     with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
+        for name in (table, *_aux_tables(table).values()):
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+        # Contentless: the chunks table holds the text; FTS5 keeps only the inverted index and
+        # row lengths, which is all bm25() reads.
         conn.execute(
-            sa.text(
-                f'CREATE VIRTUAL TABLE "{table}" USING fts5('
-                f"chunk_id UNINDEXED, title, abstract, body, tokenize = '{SQLITE_TOKENIZER}')"
-            )
+            sa.text(f"CREATE VIRTUAL TABLE \"{table}\" USING fts5(title, abstract, body, content='', tokenize='ascii')")
         )
-        conn.execute(sa.text(f'INSERT INTO "{table}" (chunk_id, title, abstract, body) {_SOURCE_SELECT}'))
+        conn.execute(sa.text(f'CREATE TABLE "{ids}" (rid INTEGER PRIMARY KEY, chunk_id TEXT NOT NULL)'))
+        n = 0
+        for batch in _batches(_analyzed_rows(conn)):
+            conn.execute(
+                sa.text(f'INSERT INTO "{table}" (rowid, title, abstract, body) VALUES (:rid, :t, :a, :b)'),
+                [{"rid": rid, "t": " ".join(f[0]), "a": " ".join(f[1]), "b": " ".join(f[2])} for rid, _, f in batch],
+            )
+            conn.execute(
+                sa.text(f'INSERT INTO "{ids}" (rid, chunk_id) VALUES (:rid, :cid)'),
+                [{"rid": rid, "cid": cid} for rid, cid, _ in batch],
+            )
+            n += len(batch)
         # One b-tree segment: fewer segments to merge per query.
         conn.execute(sa.text(f"INSERT INTO \"{table}\" (\"{table}\") VALUES ('optimize')"))
-        return conn.execute(sa.text(f'SELECT count(*) FROM "{table}"')).scalar_one()
-
-
-def _ensure_pg_config(conn: sa.Connection) -> None:
-    """Create the `PG_CONFIG` text search configuration once per database."""
-    # Concurrent builds must not race on CREATE; the lock ends with the transaction.
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": PG_CONFIG})
-    exists = conn.execute(sa.text("SELECT 1 FROM pg_ts_config WHERE cfgname = :name"), {"name": PG_CONFIG}).first()
-    if exists:
-        return
-    conn.execute(sa.text(f"CREATE TEXT SEARCH DICTIONARY {PG_CONFIG}_stem (TEMPLATE = snowball, Language = porter)"))
-    conn.execute(sa.text(f"CREATE TEXT SEARCH CONFIGURATION {PG_CONFIG} (COPY = simple)"))
-    conn.execute(
-        sa.text(
-            f"ALTER TEXT SEARCH CONFIGURATION {PG_CONFIG} ALTER MAPPING FOR "
-            f"asciiword, word, numword, hword_asciipart, hword_part, hword_numpart WITH {PG_CONFIG}_stem"
-        )
-    )
-    # FTS5 indexes the parts of a hyphenated word, never the whole compound.
-    conn.execute(sa.text(f"ALTER TEXT SEARCH CONFIGURATION {PG_CONFIG} DROP MAPPING FOR asciihword, hword, numhword"))
+    return n
 
 
 def _build_postgres(engine: Engine, table: str) -> int:
-    stats = _stats_table(table)
+    aux = _aux_tables(table)
+    df: Counter[str] = Counter()
+    n = tokens = 0
     with engine.begin() as conn:
-        _ensure_pg_config(conn)
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{stats}"'))
-        # dl is the row length in words, stopwords included, as FTS5 counts it: the highest
-        # position in the concatenated tsvector (concatenation shifts later fields' positions).
-        conn.execute(
-            sa.text(f'CREATE TABLE "{table}" (chunk_id varchar(64) PRIMARY KEY, tsv tsvector NOT NULL, dl integer NOT NULL)')
-        )
+        for name in (table, *aux.values()):
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+        # lexemes (GIN) finds the rows with any query term; tf holds each term's count per field
+        # (weights are applied at query time); dl is the row length in terms, as FTS5 counts it.
         conn.execute(
             sa.text(
-                f"""
-                INSERT INTO "{table}" (chunk_id, tsv, dl)
-                SELECT s.chunk_id, s.tsv,
-                       coalesce((SELECT max(p) FROM unnest(s.tsv) u, unnest(u.positions) p), 0)
-                FROM (
-                    SELECT src.chunk_id,
-                           setweight(to_tsvector('{PG_CONFIG}', src.title), 'A')
-                           || setweight(to_tsvector('{PG_CONFIG}', src.abstract), 'B')
-                           || setweight(to_tsvector('{PG_CONFIG}', src.body), 'C') AS tsv
-                    FROM ({_SOURCE_SELECT}) AS src (chunk_id, title, abstract, body)
-                ) s
-                """
+                f'CREATE TABLE "{table}" (rid bigint PRIMARY KEY, chunk_id varchar(64) NOT NULL, '
+                "lexemes tsvector NOT NULL, tf jsonb NOT NULL, dl integer NOT NULL)"
             )
         )
-        conn.execute(sa.text(f'CREATE INDEX "{table}_gin" ON "{table}" USING gin (tsv)'))
-        # Document frequency per lexeme, the IDF input of BM25.
-        conn.execute(
-            sa.text(
-                f'CREATE TABLE "{stats}" AS SELECT word AS lexeme, ndoc FROM ts_stat(\'SELECT tsv FROM "{table}"\')'
-            )
+        insert = sa.text(
+            f'INSERT INTO "{table}" (rid, chunk_id, lexemes, tf, dl) '
+            "VALUES (:rid, :cid, array_to_tsvector(CAST(:lex AS text[])), CAST(:tf AS jsonb), :dl)"
         )
-        conn.execute(sa.text(f'ALTER TABLE "{stats}" ADD PRIMARY KEY (lexeme)'))
-        n = conn.execute(sa.text(f'SELECT count(*) FROM "{table}"')).scalar_one()
+        for batch in _batches(_analyzed_rows(conn)):
+            params = []
+            for rid, cid, fields in batch:
+                counts: dict[str, list[int]] = {}
+                for i, terms in enumerate(fields):
+                    for term in terms:
+                        counts.setdefault(term, [0, 0, 0])[i] += 1
+                df.update(counts.keys())
+                dl = sum(len(terms) for terms in fields)
+                tokens += dl
+                params.append({"rid": rid, "cid": cid, "lex": sorted(counts), "tf": json.dumps(counts), "dl": dl})
+            conn.execute(insert, params)
+            n += len(batch)
+        conn.execute(sa.text(f'CREATE INDEX "{table}_gin" ON "{table}" USING gin (lexemes)'))
+        conn.execute(sa.text(f'CREATE TABLE "{aux["df"]}" (lexeme text PRIMARY KEY, ndoc bigint NOT NULL)'))
+        for batch in _batches(iter(df.items()), 10_000):
+            conn.execute(
+                sa.text(f'INSERT INTO "{aux["df"]}" (lexeme, ndoc) VALUES (:lexeme, :ndoc)'),
+                [{"lexeme": lexeme, "ndoc": ndoc} for lexeme, ndoc in batch],
+            )
+        conn.execute(sa.text(f'CREATE TABLE "{aux["meta"]}" (n bigint NOT NULL, tokens bigint NOT NULL)'))
+        conn.execute(sa.text(f'INSERT INTO "{aux["meta"]}" (n, tokens) VALUES (:n, :tokens)'), {"n": n, "tokens": tokens})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text(f'ANALYZE "{table}"'))
     return n
@@ -208,7 +277,7 @@ def fts_search(
     text; a query with no searchable terms gives [].
     """
     w = {**FIELD_WEIGHTS, **(weights or {})}
-    w = {key: float(w[key]) for key in ("title", "abstract", "body")}
+    w = {key: float(w[key]) for key in FIELDS}
     check_table_name(table)
     terms = query_terms(query)
     k = int(k)
@@ -219,48 +288,79 @@ def fts_search(
     return _search_postgres(engine, table, terms, k, w)
 
 
+#: Extra rows read past `k`, so that near-ties at the cut are settled by `_top`, not the backend.
+_TIE_MARGIN = 16
+
+
+def _top(rows: list[tuple[str, int, float]], k: int) -> list[tuple[str, float]]:
+    """The `k` best (chunk_id, score) of (chunk_id, row id, raw score) rows, scores rounded to
+    `SCORE_DECIMALS` and ties broken by row id: the same order on both backends."""
+    ranked = sorted(((round(float(s), SCORE_DECIMALS), rid, cid) for cid, rid, s in rows), key=lambda r: (-r[0], r[1]))
+    return [(cid, score) for score, _, cid in ranked[:k]]
+
+
 def _search_sqlite(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
+    ids = _aux_tables(table)["ids"]
     match = " OR ".join(f'"{t}"' for t in terms)
+    # FTS5's bm25() is negated so that ascending order is best-first.
     sql = sa.text(
-        f'SELECT chunk_id, bm25("{table}", 0.0, {w["title"]}, {w["abstract"]}, {w["body"]}) AS s '
-        f'FROM "{table}" WHERE "{table}" MATCH :q ORDER BY s LIMIT :k'
+        f"SELECT i.chunk_id, f.rid, -f.s FROM ("
+        f'SELECT rowid AS rid, bm25("{table}", {w["title"]}, {w["abstract"]}, {w["body"]}) AS s '
+        f'FROM "{table}" WHERE "{table}" MATCH :q ORDER BY s, rid LIMIT :n'
+        f') f JOIN "{ids}" i ON i.rid = f.rid'
     )
     with engine.connect() as conn:
-        rows = conn.execute(sql, {"q": match, "k": k}).all()
-    # FTS5's bm25() is negated so that ascending order is best-first.
-    return [(cid, -float(s)) for cid, s in rows]
+        rows = conn.execute(sql, {"q": match, "n": k + _TIE_MARGIN}).all()
+    return _top(rows, k)
+
+
+def _idf(n: int, ndoc: int) -> float:
+    """FTS5's IDF: log((N - n + 0.5) / (n + 0.5)), floored at 1e-6 for very common terms."""
+    idf = math.log((n - ndoc + 0.5) / (ndoc + 0.5))
+    return idf if idf > 0.0 else 1e-6
 
 
 def _search_postgres(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
-    stats = _stats_table(table)
-    # Terms are alphanumeric tokens, so joining them with '|' is a valid tsquery; it is still
-    # passed as a bound parameter, never spliced into the SQL.
-    sql = sa.text(
-        f"""
-        WITH q AS (SELECT to_tsquery('{PG_CONFIG}', :q) AS tsq),
-        lex AS (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('{PG_CONFIG}', :raw))) AS lexeme),
-        corpus AS (SELECT count(*)::float8 AS n, greatest(avg(dl), 1)::float8 AS avgdl FROM "{table}"),
-        idf AS (
-            SELECT lex.lexeme,
-                   greatest(ln((corpus.n - s.ndoc + 0.5) / (s.ndoc + 0.5)), 1e-6) AS idf
-            FROM lex JOIN "{stats}" s ON s.lexeme = lex.lexeme, corpus
-        ),
-        hits AS (
-            SELECT t.chunk_id, t.dl, u.lexeme,
-                   (SELECT sum(CASE wt WHEN 'A' THEN :wa WHEN 'B' THEN :wb ELSE :wc END)
-                    FROM unnest(u.weights) wt) AS tf
-            FROM "{table}" t, q, unnest(t.tsv) u
-            WHERE t.tsv @@ q.tsq
-        )
-        SELECT h.chunk_id,
-               sum(i.idf * h.tf * ({K1} + 1) / (h.tf + {K1} * (1 - {B} + {B} * h.dl / corpus.avgdl))) AS score
-        FROM hits h JOIN idf i ON i.lexeme = h.lexeme, corpus
-        GROUP BY h.chunk_id
-        ORDER BY score DESC, h.chunk_id
-        LIMIT :k
-        """
-    )
-    params = {"q": " | ".join(terms), "raw": " ".join(terms), "k": k, "wa": w["title"], "wb": w["abstract"], "wc": w["body"]}
+    aux = _aux_tables(table)
     with engine.connect() as conn:
+        n, tokens = conn.execute(sa.text(f'SELECT n, tokens FROM "{aux["meta"]}"')).one()
+        ndoc = dict(
+            conn.execute(
+                sa.text(f'SELECT lexeme, ndoc FROM "{aux["df"]}" WHERE lexeme = ANY(CAST(:terms AS text[]))'),
+                {"terms": terms},
+            ).all()
+        )
+        present = [t for t in terms if t in ndoc]
+        if not present or not n:
+            return []
+        # Written as FTS5 evaluates bm25(): idf * (f * (k1 + 1)) / (f + k1 * (1 - b + b * dl / avgdl)),
+        # f = the field-weighted count of the term in the row.
+        sql = sa.text(
+            f"""
+            SELECT t.chunk_id, t.rid,
+                   sum(q.idf * ((f.tf * ({K1} + 1.0)) / (f.tf + {K1} * (1 - {B} + {B} * t.dl / :avgdl)))) AS score
+            FROM "{table}" t
+            CROSS JOIN LATERAL unnest(CAST(:terms AS text[]), CAST(:idfs AS float8[])) AS q(term, idf)
+            CROSS JOIN LATERAL (SELECT t.tf -> q.term AS c) x
+            CROSS JOIN LATERAL (
+                SELECT :wa * (x.c ->> 0)::float8 + :wb * (x.c ->> 1)::float8 + :wc * (x.c ->> 2)::float8 AS tf
+            ) f
+            WHERE t.lexemes @@ CAST(:tsq AS tsquery) AND x.c IS NOT NULL
+            GROUP BY t.chunk_id, t.rid
+            ORDER BY score DESC, t.rid
+            LIMIT :n
+            """
+        )
+        params = {
+            "terms": present,
+            "idfs": [_idf(n, ndoc[t]) for t in present],
+            "avgdl": float(tokens) / float(n),
+            # Terms are letters and digits, quoted anyway; the tsquery is a bound parameter.
+            "tsq": " | ".join("'" + t.replace("'", "''") + "'" for t in present),
+            "n": k + _TIE_MARGIN,
+            "wa": w["title"],
+            "wb": w["abstract"],
+            "wc": w["body"],
+        }
         rows = conn.execute(sql, params).all()
-    return [(cid, float(s)) for cid, s in rows]
+    return _top(rows, k)

@@ -643,6 +643,35 @@ def _s3_key(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
+#: S3 answers that mean "try again later" (throttling, a node restarting).
+_TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling"}
+)
+
+
+def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> Any:
+    """`fn(*args)`, tried again with backoff on transient S3 errors that botocore gave up on.
+
+    botocore retries each call, but its retry quota runs dry in a storm of 503s and then it
+    raises at once; a migration would rather wait a few seconds than fail a shard.
+    """
+    from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = exc.response.get("Error", {}).get("Code")
+            if attempt == attempts - 1 or not (status >= 500 or code in _TRANSIENT_S3_CODES):
+                raise
+        except S3ConnectionError:
+            if attempt == attempts - 1:
+                raise
+        time.sleep(min(8.0, 0.25 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
 def _head(s3: Any, bucket: str, key: str) -> dict | None:
     try:
         return s3.head_object(Bucket=bucket, Key=key)
@@ -738,7 +767,7 @@ def migrate_objects(
         with target.begin() as conn:
             _set_states(conn, [(family, shard, "pending", 0, None)])
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(pool.map(lambda p: _upload(s3, bucket, prefix, p, source_store), plans))
+            results = list(pool.map(lambda p: _with_s3_retries(_upload, s3, bucket, prefix, p, source_store), plans))
         family_problems = [f"{p.key}: {why}" for p, (_, why) in zip(plans, results) if why]
         out["objects"] += len(plans)
         out["bytes"] += sum(sent for sent, _ in results)
@@ -865,7 +894,7 @@ def verify(
                     Difference("state", family, shard, f"shard {shard}", f"not migrated ({st['state'] if st else 'never run'})")
                 )
             with ThreadPoolExecutor(max_workers=8) as pool:
-                found = list(pool.map(lambda p: _object_problem(s3, bucket, prefix, p, deep), plans))
+                found = list(pool.map(lambda p: _with_s3_retries(_object_problem, s3, bucket, prefix, p, deep), plans))
             report.objects += len(plans)
             report.differences += [Difference("object", family, shard, p.key, why) for p, why in zip(plans, found) if why]
     report.seconds = time.perf_counter() - t0

@@ -16,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib import store
-from research_pipeline.lib.fts import MAX_QUERY_CHARS, fts_search, query_terms
+from research_pipeline.lib.fts import MAX_QUERY_CHARS, fts_search, query_words
 
 MODES = ("hybrid", "bm25", "dense")
 
@@ -49,6 +50,10 @@ BASE_TUNING: dict[str, Any] = {
 FILTER_DEPTH_FACTOR = 5
 
 _WORD_RE = re.compile(r"[^\W_]+")
+
+# The dense list (query encoding + FAISS) runs beside the full-text query: torch, SQLite and
+# psycopg all release the GIL, so a hybrid search costs the slower of the two, not their sum.
+_DENSE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rp-dense")
 
 
 @lru_cache(maxsize=1)
@@ -250,11 +255,12 @@ class Searcher:
         depth = max(int(self.tuning["depth"]), 2 * k)
         if filters is not None:
             depth *= FILTER_DEPTH_FACTOR
+        dense = _DENSE_POOL.submit(self._dense, query, depth) if mode in ("hybrid", "dense") else None
         lists = []
         if mode in ("hybrid", "bm25"):
             lists.append(self._bm25(query, depth))
-        if mode in ("hybrid", "dense"):
-            lists.append(self._dense(query, depth))
+        if dense is not None:
+            lists.append(dense.result())
         candidates = list(dict.fromkeys(cid for ranked in lists for cid, _ in ranked))
         rows = self._chunk_rows(candidates, filters)
         fused = self._fuse(lists, rows)
@@ -266,7 +272,7 @@ class Searcher:
                 best[doc_id] = (score, cid)
         ranked_docs = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:k]
 
-        terms = query_terms(query)
+        terms = query_words(query)
         width = int(self.tuning["snippet_chars"])
         details = self._hit_rows([cid for _, (_, cid) in ranked_docs])
         hits = []

@@ -15,10 +15,6 @@ from research_pipeline.lib.objectstore import LocalObjectStore
 from research_pipeline_tests.conftest import DEMO_PAPERS
 from research_pipeline_tests.moto_server import s3_endpoint  # noqa: F401 - a fixture
 
-#: Demo papers the migration source is built from: the first answers of examples/queries.tsv,
-#: so a fixed query set has real hits on both sides.
-N_PAPERS = 3
-
 
 @dataclass
 class DemoSource:
@@ -31,30 +27,21 @@ class DemoSource:
     queries: list[str]
 
 
-def _demo_selection() -> tuple[list[str], list[str]]:
+def _demo_queries() -> list[str]:
+    """The 20 real queries shipped with the demo corpus (examples/queries.tsv)."""
     with open(DEMO_PAPERS.parent / "queries.tsv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    files: list[str] = []
-    queries: list[str] = []
-    for row in rows:
-        for name in row["files"].split(";"):
-            name = name.strip()
-            if name and name not in files and len(files) < N_PAPERS:
-                files.append(name)
-        if all(n.strip() in files for n in row["files"].split(";") if n.strip()):
-            queries.append(row["query"])
-    return files, queries
+        return [row["query"] for row in csv.DictReader(fh, delimiter="\t")]
 
 
 def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
-    """Ingest, chunk, embed, index and publish a few demo papers with the pipeline's own code."""
+    """Ingest, chunk, embed, index and publish the whole demo corpus with the pipeline's own code."""
     from research_pipeline.lib import generations
     from research_pipeline.lib.chunking import chunk_documents
     from research_pipeline.lib.embeddings import embed_missing
     from research_pipeline.lib.ingest import ingest
     from research_pipeline.lib.sources import sources_for
 
-    files, _ = _demo_selection()
+    files = sorted(p.name for p in DEMO_PAPERS.glob("*.pdf"))
     inbox = home / "inbox"
     inbox.mkdir(parents=True)
     for name in files:
@@ -63,7 +50,7 @@ def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
     engine = store.make_engine(url)
     store.create_schema(engine)
     objects = LocalObjectStore(home / "objects")
-    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    report = ingest(engine, sources_for(inbox), workers=2, ocr=False)
     assert report.documents_new == len(files), report
     chunk_documents(engine, embedder.count_tokens)
     embed_missing(engine, embedder)
@@ -81,8 +68,7 @@ def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
 
 def open_demo_source(home: Path) -> DemoSource:
     url = f"sqlite:///{home / 'rp.db'}"
-    return DemoSource(url, store.make_engine(url), LocalObjectStore(home / "objects"), home / "inbox",
-                      _demo_selection()[1][:5])
+    return DemoSource(url, store.make_engine(url), LocalObjectStore(home / "objects"), home / "inbox", _demo_queries())
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def source(demo_source):
 
 
 def _results(searcher, queries: list[str], mode: str) -> list[list[tuple[str, str, float]]]:  # noqa: ANN001
-    return [[(h.doc_id, h.chunk_id, round(h.score, 4)) for h in searcher.search(q, k=5, mode=mode)] for q in queries]
+    return [[(h.doc_id, h.chunk_id, h.score) for h in searcher.search(q, k=10, mode=mode)] for q in queries]
 
 
 def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
@@ -128,14 +128,12 @@ def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
     after = generations.open_searcher(target, s3_store, embedder)
     assert after.gen_id == before.gen_id
     assert demo_source.queries
-    # Same vectors, same FAISS files: dense results are identical, scores included.
-    assert _results(after, demo_source.queries, "dense") == _results(before, demo_source.queries, "dense")
-    # Full-text scores come from FTS5 bm25 on SQLite and weighted ts_rank on PostgreSQL, so only
-    # the best paper and the set of papers found are backend-independent.
-    for mode in ("bm25", "hybrid"):
+    # Same vectors and FAISS files; the same analyzed terms and BM25 on FTS5 and PostgreSQL:
+    # every mode returns the same papers, chunks and scores on both sides.
+    for mode in ("dense", "bm25", "hybrid"):
         got, want = _results(after, demo_source.queries, mode), _results(before, demo_source.queries, mode)
-        assert [r[0][0] for r in got] == [r[0][0] for r in want], mode
-        assert [{h[0] for h in r} for r in got] == [{h[0] for h in r} for r in want], mode
+        assert all(want), f"{mode}: a demo query found nothing on the source"
+        assert got == want, mode
 
     rows, sent = _migrate_everything(demo_source, source, target, s3, bucket)
     assert (rows, sent) == (0, 0), "a second run must copy nothing"
