@@ -28,6 +28,8 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 import Stemmer
@@ -40,6 +42,14 @@ FIELDS = ("title", "abstract", "body")
 #: BM25 constants: FTS5's built-in values, used on both backends so they rank alike.
 K1 = 1.2
 B = 0.75
+#: Query terms in more than this share of rows are "common": rows are found by the other
+#: terms, and the common terms' share of the score is added to the best `CANDIDATES` of those
+#: (measured on SciFact train, docs/SEARCH.md). Without it an OR query over a claim's words
+#: scores about half of all rows.
+COMMON_DF = 0.1
+CANDIDATES = 300
+#: Smaller tables score every matching row: it costs a few ms there and is exact.
+EXHAUSTIVE_ROWS = 20_000
 #: Scores are compared at this many decimals, so last-bit differences never reorder results.
 SCORE_DECIMALS = 9
 
@@ -52,7 +62,7 @@ MAX_QUERY_CHARS = 4096
 MAX_TERM_CHARS = 64
 
 #: Version of what `build_fts` writes; caches of built indexes key on it.
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 _TOKEN_RE = re.compile(r"[^\W_]+")
@@ -127,8 +137,8 @@ def check_table_name(table: str) -> str:
 
 
 def _aux_tables(table: str) -> dict[str, str]:
-    """Tables that live beside the full-text table `table` (ids, document frequencies, totals)."""
-    return {"ids": f"{table}_ids", "df": f"{table}_df", "meta": f"{table}_meta"}
+    """Tables beside the full-text table `table`: per-row term counts, document frequencies, totals."""
+    return {"rows": f"{table}_rows", "df": f"{table}_df", "meta": f"{table}_meta"}
 
 
 def drop_fts(engine: Engine, table: str) -> None:
@@ -195,66 +205,37 @@ def _batches(rows: Iterator, size: int = _BATCH) -> Iterator[list]:
         yield batch
 
 
-def _build_sqlite(engine: Engine, table: str) -> int:
-    ids = _aux_tables(table)["ids"]
-    with engine.begin() as conn:
-        for name in (table, *_aux_tables(table).values()):
-            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
-        # Contentless: the chunks table holds the text; FTS5 keeps only the inverted index and
-        # row lengths, which is all bm25() reads.
-        conn.execute(
-            sa.text(f"CREATE VIRTUAL TABLE \"{table}\" USING fts5(title, abstract, body, content='', tokenize='ascii')")
-        )
-        conn.execute(sa.text(f'CREATE TABLE "{ids}" (rid INTEGER PRIMARY KEY, chunk_id TEXT NOT NULL)'))
-        n = 0
-        for batch in _batches(_analyzed_rows(conn)):
-            conn.execute(
-                sa.text(f'INSERT INTO "{table}" (rowid, title, abstract, body) VALUES (:rid, :t, :a, :b)'),
-                [{"rid": rid, "t": " ".join(f[0]), "a": " ".join(f[1]), "b": " ".join(f[2])} for rid, _, f in batch],
-            )
-            conn.execute(
-                sa.text(f'INSERT INTO "{ids}" (rid, chunk_id) VALUES (:rid, :cid)'),
-                [{"rid": rid, "cid": cid} for rid, cid, _ in batch],
-            )
-            n += len(batch)
-        # One b-tree segment: fewer segments to merge per query.
-        conn.execute(sa.text(f"INSERT INTO \"{table}\" (\"{table}\") VALUES ('optimize')"))
-    return n
+def _term_counts(fields: list[list[str]]) -> dict[str, list[int]]:
+    """{term: [count in title, in abstract, in body]} of one row."""
+    counts: dict[str, list[int]] = {}
+    for i, terms in enumerate(fields):
+        for term in terms:
+            counts.setdefault(term, [0, 0, 0])[i] += 1
+    return counts
 
 
-def _build_postgres(engine: Engine, table: str) -> int:
+def _build_tables(engine: Engine, table: str, create: list[str], insert_rows) -> int:  # noqa: ANN001
+    """The build both backends share: analyze every chunk once, write the backend's rows through
+    `insert_rows(conn, batch)` with batch = [(rid, chunk_id, fields, counts, dl)], then the
+    document frequencies and totals every query reads."""
     aux = _aux_tables(table)
     df: Counter[str] = Counter()
     n = tokens = 0
     with engine.begin() as conn:
         for name in (table, *aux.values()):
             conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
-        # lexemes (GIN) finds the rows with any query term; tf holds each term's count per field
-        # (weights are applied at query time); dl is the row length in terms, as FTS5 counts it.
-        conn.execute(
-            sa.text(
-                f'CREATE TABLE "{table}" (rid bigint PRIMARY KEY, chunk_id varchar(64) NOT NULL, '
-                "lexemes tsvector NOT NULL, tf jsonb NOT NULL, dl integer NOT NULL)"
-            )
-        )
-        insert = sa.text(
-            f'INSERT INTO "{table}" (rid, chunk_id, lexemes, tf, dl) '
-            "VALUES (:rid, :cid, array_to_tsvector(CAST(:lex AS text[])), CAST(:tf AS jsonb), :dl)"
-        )
+        for statement in create:
+            conn.execute(sa.text(statement))
         for batch in _batches(_analyzed_rows(conn)):
-            params = []
+            rows = []
             for rid, cid, fields in batch:
-                counts: dict[str, list[int]] = {}
-                for i, terms in enumerate(fields):
-                    for term in terms:
-                        counts.setdefault(term, [0, 0, 0])[i] += 1
-                df.update(counts.keys())
+                counts = _term_counts(fields)
                 dl = sum(len(terms) for terms in fields)
+                df.update(counts.keys())
                 tokens += dl
-                params.append({"rid": rid, "cid": cid, "lex": sorted(counts), "tf": json.dumps(counts), "dl": dl})
-            conn.execute(insert, params)
-            n += len(batch)
-        conn.execute(sa.text(f'CREATE INDEX "{table}_gin" ON "{table}" USING gin (lexemes)'))
+                rows.append((rid, cid, fields, counts, dl))
+            insert_rows(conn, rows)
+            n += len(rows)
         conn.execute(sa.text(f'CREATE TABLE "{aux["df"]}" (lexeme text PRIMARY KEY, ndoc bigint NOT NULL)'))
         for batch in _batches(iter(df.items()), 10_000):
             conn.execute(
@@ -263,18 +244,85 @@ def _build_postgres(engine: Engine, table: str) -> int:
             )
         conn.execute(sa.text(f'CREATE TABLE "{aux["meta"]}" (n bigint NOT NULL, tokens bigint NOT NULL)'))
         conn.execute(sa.text(f'INSERT INTO "{aux["meta"]}" (n, tokens) VALUES (:n, :tokens)'), {"n": n, "tokens": tokens})
+    return n
+
+
+def _tf_json(counts: dict[str, list[int]]) -> str:
+    return json.dumps(counts, separators=(",", ":"), ensure_ascii=False)
+
+
+def _build_sqlite(engine: Engine, table: str) -> int:
+    rows_table = _aux_tables(table)["rows"]
+
+    def insert(conn: sa.Connection, rows: list) -> None:  # noqa: ANN001
+        conn.execute(
+            sa.text(f'INSERT INTO "{table}" (rowid, title, abstract, body) VALUES (:rid, :t, :a, :b)'),
+            [{"rid": rid, "t": " ".join(f[0]), "a": " ".join(f[1]), "b": " ".join(f[2])} for rid, _, f, _, _ in rows],
+        )
+        conn.execute(
+            sa.text(f'INSERT INTO "{rows_table}" (rid, chunk_id, dl, tf) VALUES (:rid, :cid, :dl, :tf)'),
+            [{"rid": rid, "cid": cid, "dl": dl, "tf": _tf_json(counts)} for rid, cid, _, counts, dl in rows],
+        )
+
+    n = _build_tables(
+        engine,
+        table,
+        [
+            # Contentless: the chunks table holds the text; FTS5 keeps the inverted index and
+            # row lengths, which is all bm25() reads.
+            f"CREATE VIRTUAL TABLE \"{table}\" USING fts5(title, abstract, body, content='', tokenize='ascii')",
+            f'CREATE TABLE "{rows_table}" (rid INTEGER PRIMARY KEY, chunk_id TEXT NOT NULL, dl INTEGER NOT NULL, tf TEXT NOT NULL)',
+        ],
+        insert,
+    )
+    with engine.begin() as conn:
+        # One b-tree segment: fewer segments to merge per query.
+        conn.execute(sa.text(f"INSERT INTO \"{table}\" (\"{table}\") VALUES ('optimize')"))
+    return n
+
+
+def _build_postgres(engine: Engine, table: str) -> int:
+    def insert(conn: sa.Connection, rows: list) -> None:  # noqa: ANN001
+        conn.execute(
+            sa.text(
+                f'INSERT INTO "{table}" (rid, chunk_id, lexemes, tf, dl) '
+                "VALUES (:rid, :cid, array_to_tsvector(CAST(:lex AS text[])), CAST(:tf AS jsonb), :dl)"
+            ),
+            [{"rid": rid, "cid": cid, "lex": sorted(counts), "tf": _tf_json(counts), "dl": dl}
+             for rid, cid, _, counts, dl in rows],
+        )
+
+    # lexemes (GIN) finds the rows with any query term; tf holds each term's count per field
+    # (weights apply at query time); dl is the row length in terms, as FTS5 counts it.
+    n = _build_tables(
+        engine,
+        table,
+        [
+            f'CREATE TABLE "{table}" (rid bigint PRIMARY KEY, chunk_id varchar(64) NOT NULL, '
+            "lexemes tsvector NOT NULL, tf jsonb NOT NULL, dl integer NOT NULL)",
+        ],
+        insert,
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE INDEX "{table}_gin" ON "{table}" USING gin (lexemes)'))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text(f'ANALYZE "{table}"'))
     return n
 
 
 def fts_search(
-    engine: Engine, table: str, query: str, k: int = 100, weights: Mapping[str, float] | None = None
+    engine: Engine,
+    table: str,
+    query: str,
+    k: int = 100,
+    weights: Mapping[str, float] | None = None,
+    common_df: float | None = None,
 ) -> list[tuple[str, float]]:
     """The `k` best chunks for `query` by BM25 as (chunk_id, score), higher is better.
 
-    `weights` overrides `FIELD_WEIGHTS` (keys title, abstract, body). Never raises on user
-    text; a query with no searchable terms gives [].
+    `weights` overrides `FIELD_WEIGHTS` (keys title, abstract, body). `common_df` overrides
+    `COMMON_DF` (1.0: score every matching row; by default tables under `EXHAUSTIVE_ROWS` rows
+    are searched that way). Never raises on user text; a query with no searchable terms gives [].
     """
     w = {**FIELD_WEIGHTS, **(weights or {})}
     w = {key: float(w[key]) for key in FIELDS}
@@ -283,9 +331,66 @@ def fts_search(
     k = int(k)
     if not terms or k <= 0:
         return []
-    if engine.dialect.name == "sqlite":
-        return _search_sqlite(engine, table, terms, k, w)
-    return _search_postgres(engine, table, terms, k, w)
+    backend = _SQLITE if engine.dialect.name == "sqlite" else _POSTGRES
+    aux = _aux_tables(table)
+    with engine.connect() as conn:
+        try:
+            n, tokens = conn.execute(sa.text(f'SELECT n, tokens FROM "{aux["meta"]}"')).one()
+        except sa.exc.DBAPIError as exc:
+            raise LookupError(
+                f"full-text index {table!r} is missing or was built by an older version "
+                f"(no {aux['meta']!r} table): rebuild it, e.g. run reindex_job"
+            ) from exc
+        ndoc = dict(
+            conn.execute(sa.text(f'SELECT lexeme, ndoc FROM "{aux["df"]}" WHERE lexeme IN :terms').bindparams(
+                sa.bindparam("terms", expanding=True)), {"terms": terms}).all()
+        )
+        present = [t for t in terms if t in ndoc]
+        if not present or not n:
+            return []
+        stats = _Stats(n=int(n), avgdl=float(tokens) / float(n), idf={t: _idf(int(n), int(ndoc[t])) for t in present})
+        if common_df is None:
+            common_df = COMMON_DF if n >= EXHAUSTIVE_ROWS else 1.0
+        limit = float(common_df) * n
+        common = [t for t in present if ndoc[t] > limit]
+        rare = [t for t in present if ndoc[t] <= limit]
+        if not rare:  # every term is common: match on the rarest
+            rarest = min(common, key=lambda t: (ndoc[t], t))
+            rare, common = [rarest], [t for t in common if t != rarest]
+        if not common:
+            return _top(backend.top(conn, table, rare, stats, w, k + _TIE_MARGIN), k)
+        # Two stages: the rows with a rare term, best first by the rare terms' share of the
+        # score; then the common terms' share added from the rows' term counts.
+        candidates = backend.top(conn, table, rare, stats, w, max(k, CANDIDATES) + _TIE_MARGIN)
+        counts = backend.counts(conn, table, [rid for _, rid, _ in candidates], common)
+    rescored = []
+    for cid, rid, score in candidates:
+        dl, row_counts = counts[rid]
+        for term, c in zip(common, row_counts):
+            if c:
+                score += _term_score(stats, term, w["title"] * c[0] + w["abstract"] * c[1] + w["body"] * c[2], dl)
+        rescored.append((cid, rid, score))
+    return _top(rescored, k)
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """What BM25 needs of the whole table: row count, mean row length, IDF of the query terms."""
+
+    n: int
+    avgdl: float
+    idf: dict[str, float]
+
+
+def _idf(n: int, ndoc: int) -> float:
+    """FTS5's IDF: log((N - n + 0.5) / (n + 0.5)), floored at 1e-6 for very common terms."""
+    idf = math.log((n - ndoc + 0.5) / (ndoc + 0.5))
+    return idf if idf > 0.0 else 1e-6
+
+
+def _term_score(stats: _Stats, term: str, f: float, dl: int) -> float:
+    """One term's BM25 share, written as FTS5's bm25() evaluates it (f: field-weighted count)."""
+    return stats.idf[term] * ((f * (K1 + 1.0)) / (f + K1 * (1 - B + B * dl / stats.avgdl)))
 
 
 #: Extra rows read past `k`, so that near-ties at the cut are settled by `_top`, not the backend.
@@ -299,42 +404,44 @@ def _top(rows: list[tuple[str, int, float]], k: int) -> list[tuple[str, float]]:
     return [(cid, score) for score, _, cid in ranked[:k]]
 
 
-def _search_sqlite(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
-    ids = _aux_tables(table)["ids"]
-    match = " OR ".join(f'"{t}"' for t in terms)
-    # FTS5's bm25() is negated so that ascending order is best-first.
-    sql = sa.text(
-        f"SELECT i.chunk_id, f.rid, -f.s FROM ("
-        f'SELECT rowid AS rid, bm25("{table}", {w["title"]}, {w["abstract"]}, {w["body"]}) AS s '
-        f'FROM "{table}" WHERE "{table}" MATCH :q ORDER BY s, rid LIMIT :n'
-        f') f JOIN "{ids}" i ON i.rid = f.rid'
-    )
-    with engine.connect() as conn:
-        rows = conn.execute(sql, {"q": match, "n": k + _TIE_MARGIN}).all()
-    return _top(rows, k)
+def _parse_counts(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    return json.loads(value) if isinstance(value, str) else list(value)
 
 
-def _idf(n: int, ndoc: int) -> float:
-    """FTS5's IDF: log((N - n + 0.5) / (n + 0.5)), floored at 1e-6 for very common terms."""
-    idf = math.log((n - ndoc + 0.5) / (ndoc + 0.5))
-    return idf if idf > 0.0 else 1e-6
+class _SQLite:
+    """FTS5: bm25() over the rare terms' OR; term counts from the rows table's JSON."""
 
-
-def _search_postgres(engine: Engine, table: str, terms: list[str], k: int, w: dict[str, float]) -> list[tuple[str, float]]:
-    aux = _aux_tables(table)
-    with engine.connect() as conn:
-        n, tokens = conn.execute(sa.text(f'SELECT n, tokens FROM "{aux["meta"]}"')).one()
-        ndoc = dict(
-            conn.execute(
-                sa.text(f'SELECT lexeme, ndoc FROM "{aux["df"]}" WHERE lexeme = ANY(CAST(:terms AS text[]))'),
-                {"terms": terms},
-            ).all()
+    @staticmethod
+    def top(conn: sa.Connection, table: str, terms: list[str], stats: _Stats, w: dict[str, float], n: int):  # noqa: ANN205
+        rows_table = _aux_tables(table)["rows"]
+        match = " OR ".join(f'"{t}"' for t in terms)
+        # FTS5's bm25() is negated so that ascending order is best-first.
+        sql = sa.text(
+            f"SELECT r.chunk_id, f.rid, -f.s FROM ("
+            f'SELECT rowid AS rid, bm25("{table}", {w["title"]}, {w["abstract"]}, {w["body"]}) AS s '
+            f'FROM "{table}" WHERE "{table}" MATCH :q ORDER BY s, rid LIMIT :n'
+            f') f JOIN "{rows_table}" r ON r.rid = f.rid'
         )
-        present = [t for t in terms if t in ndoc]
-        if not present or not n:
-            return []
-        # Written as FTS5 evaluates bm25(): idf * (f * (k1 + 1)) / (f + k1 * (1 - b + b * dl / avgdl)),
-        # f = the field-weighted count of the term in the row.
+        return [tuple(r) for r in conn.execute(sql, {"q": match, "n": n})]
+
+    @staticmethod
+    def counts(conn: sa.Connection, table: str, rids: list[int], terms: list[str]) -> dict[int, tuple[int, list]]:
+        # Terms are letters and digits: '$."term"' is a plain JSON path; it is bound anyway.
+        cols = ", ".join(f"json_extract(tf, :p{i})" for i in range(len(terms)))
+        sql = sa.text(f'SELECT rid, dl, {cols} FROM "{_aux_tables(table)["rows"]}" WHERE rid IN :rids')
+        params = {f"p{i}": f'$."{t}"' for i, t in enumerate(terms)}
+        rows = conn.execute(sql.bindparams(sa.bindparam("rids", expanding=True)), {**params, "rids": rids})
+        return {r[0]: (r[1], [_parse_counts(v) for v in r[2:]]) for r in rows}
+
+
+class _Postgres:
+    """GIN on the lexemes finds the rows; BM25 in SQL from the rows' jsonb term counts."""
+
+    @staticmethod
+    def top(conn: sa.Connection, table: str, terms: list[str], stats: _Stats, w: dict[str, float], n: int):  # noqa: ANN205
+        # Written as FTS5 evaluates bm25(): idf * (f * (k1 + 1)) / (f + k1 * (1 - b + b * dl / avgdl)).
         sql = sa.text(
             f"""
             SELECT t.chunk_id, t.rid,
@@ -352,15 +459,24 @@ def _search_postgres(engine: Engine, table: str, terms: list[str], k: int, w: di
             """
         )
         params = {
-            "terms": present,
-            "idfs": [_idf(n, ndoc[t]) for t in present],
-            "avgdl": float(tokens) / float(n),
+            "terms": terms,
+            "idfs": [stats.idf[t] for t in terms],
+            "avgdl": stats.avgdl,
             # Terms are letters and digits, quoted anyway; the tsquery is a bound parameter.
-            "tsq": " | ".join("'" + t.replace("'", "''") + "'" for t in present),
-            "n": k + _TIE_MARGIN,
+            "tsq": " | ".join("'" + t.replace("'", "''") + "'" for t in terms),
+            "n": n,
             "wa": w["title"],
             "wb": w["abstract"],
             "wc": w["body"],
         }
-        rows = conn.execute(sql, params).all()
-    return _top(rows, k)
+        return [tuple(r) for r in conn.execute(sql, params)]
+
+    @staticmethod
+    def counts(conn: sa.Connection, table: str, rids: list[int], terms: list[str]) -> dict[int, tuple[int, list]]:
+        cols = ", ".join(f"tf -> :p{i}" for i in range(len(terms)))
+        sql = sa.text(f'SELECT rid, dl, {cols} FROM "{table}" WHERE rid = ANY(CAST(:rids AS bigint[]))')
+        rows = conn.execute(sql, {**{f"p{i}": t for i, t in enumerate(terms)}, "rids": rids})
+        return {r[0]: (r[1], [_parse_counts(v) for v in r[2:]]) for r in rows}
+
+
+_SQLITE, _POSTGRES = _SQLite(), _Postgres()
