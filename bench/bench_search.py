@@ -112,9 +112,15 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     fts.build_fts(engine, "fts_bench")
     fts_build_s = time.perf_counter() - started
     rss_before = _rss_mb()
+    import faiss
+
+    # The index is built on every core (as the vector_index asset does); queries run on one
+    # thread below, as a search server's request thread would.
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     index, params = build_vector_index(v)
     faiss_build_s = time.perf_counter() - started
+    faiss.omp_set_num_threads(1)
     from research_pipeline.lib.vectors import VectorIndex
 
     vi = VectorIndex(index, [x["chunk_id"] for x in c])

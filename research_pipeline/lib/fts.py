@@ -331,7 +331,7 @@ def fts_search(
     k = int(k)
     if not terms or k <= 0:
         return []
-    backend = _SQLITE if engine.dialect.name == "sqlite" else _POSTGRES
+    backend = _SQLite if engine.dialect.name == "sqlite" else _Postgres
     aux = _aux_tables(table)
     with engine.connect() as conn:
         try:
@@ -478,5 +478,3 @@ class _Postgres:
         rows = conn.execute(sql, {**{f"p{i}": t for i, t in enumerate(terms)}, "rids": rids})
         return {r[0]: (r[1], [_parse_counts(v) for v in r[2:]]) for r in rows}
 
-
-_SQLITE, _POSTGRES = _SQLite(), _Postgres()
