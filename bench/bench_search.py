@@ -101,9 +101,52 @@ def _timed(fn, items) -> list[float]:  # noqa: ANN001
     return out
 
 
-def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarray, embedder, tmp: Path) -> dict:  # noqa: ANN001
+def _pg_database(admin_url: str, create: bool, name: str) -> str:
+    """Create (or drop) database `name` on the server of `admin_url`; returns its URL."""
+    admin = store.make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if create:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def _raw_queries(engine: sa.Engine, matches: list[str]) -> dict[str, list[float]]:
+    """The backend's own full-text primitives over the same OR-of-terms queries, k=100."""
+    if engine.dialect.name == "sqlite":
+        raw_sql = sa.text("SELECT rowid FROM fts_bench WHERE fts_bench MATCH :q ORDER BY rank LIMIT 100")
+        w = fts.FIELD_WEIGHTS
+        weighted_sql = sa.text(
+            f"SELECT rowid, bm25(fts_bench, {w['title']}, {w['abstract']}, {w['body']}) AS s "
+            "FROM fts_bench WHERE fts_bench MATCH :q ORDER BY s LIMIT 100"
+        )
+        with engine.connect() as conn:
+            conn.execute(raw_sql, {"q": matches[0]}).all()  # warm the page cache
+            return {
+                "raw FTS5 MATCH (k=100)": _timed(lambda m: conn.execute(raw_sql, {"q": m}).all(), matches),
+                "raw FTS5 MATCH, weighted bm25() (k=100)": _timed(lambda m: conn.execute(weighted_sql, {"q": m}).all(), matches),
+            }
+    # PostgreSQL has no BM25: its primitives are the GIN lookup alone and ts_rank_cd over it.
+    tsqueries = [m.replace('"', "'").replace(" OR ", " | ") for m in matches]
+    gin_sql = sa.text("SELECT rid FROM fts_bench WHERE lexemes @@ CAST(:q AS tsquery) LIMIT 100")
+    count_sql = sa.text("SELECT count(*) FROM fts_bench WHERE lexemes @@ CAST(:q AS tsquery)")
+    with engine.connect() as conn:
+        conn.execute(count_sql, {"q": tsqueries[0]}).all()
+        return {
+            "raw GIN match, unranked (k=100)": _timed(lambda q: conn.execute(gin_sql, {"q": q}).all(), tsqueries),
+            "raw GIN match, count of every matching row": _timed(lambda q: conn.execute(count_sql, {"q": q}).all(), tsqueries),
+        }
+
+
+def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarray, embedder, tmp: Path,  # noqa: ANN001
+             pg_admin_url: str | None = None) -> dict:
     d, c, v = scaled_corpus(docs, chunks, vecs, size)
-    engine = store.make_engine(f"sqlite:///{tmp / f'bench_{size}.db'}")
+    if pg_admin_url:
+        url = _pg_database(pg_admin_url, True, f"rp_bench_search_{size}")
+    else:
+        url = f"sqlite:///{tmp / f'bench_{size}.db'}"
+    engine = store.make_engine(url)
     store.create_schema(engine)
     with engine.begin() as conn:
         store.upsert(conn, store.documents, d, ["doc_id"])
@@ -126,17 +169,8 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     vi = VectorIndex(index, [x["chunk_id"] for x in c])
     searcher = Searcher(engine, "fts_bench", vi, embedder)
 
-    raw_sql = sa.text("SELECT rowid FROM fts_bench WHERE fts_bench MATCH :q ORDER BY rank LIMIT 100")
-    w = fts.FIELD_WEIGHTS
-    weighted_sql = sa.text(
-        f"SELECT rowid, bm25(fts_bench, {w['title']}, {w['abstract']}, {w['body']}) AS s "
-        "FROM fts_bench WHERE fts_bench MATCH :q ORDER BY s LIMIT 100"
-    )
     matches = [" OR ".join(f'"{t}"' for t in fts.query_terms(q)) for q in queries]
-    with engine.connect() as conn:
-        conn.execute(raw_sql, {"q": matches[0]}).all()  # warm the page cache
-        raw_fts = _timed(lambda m: conn.execute(raw_sql, {"q": m}).all(), matches)
-        weighted_fts = _timed(lambda m: conn.execute(weighted_sql, {"q": m}).all(), matches)
+    raw = _raw_queries(engine, matches)
     two_stage = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100), queries)
     exhaustive = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0), queries)
     overlap = {10: [], 100: []}
@@ -150,8 +184,14 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     encode = _timed(embedder.encode_query, queries)
     searcher.search(queries[0], k=10)
     hybrid = _timed(lambda q: searcher.search(q, k=10, mode="hybrid"), queries)
+    if engine.dialect.name == "sqlite":
+        db_mb = os.path.getsize(tmp / f"bench_{size}.db") / 2**20
+    else:
+        with engine.connect() as conn:
+            db_mb = conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar_one() / 2**20
     engine.dispose()
-    db_mb = os.path.getsize(tmp / f"bench_{size}.db") / 2**20
+    if pg_admin_url:
+        _pg_database(pg_admin_url, False, f"rp_bench_search_{size}")
     return {
         "size": size,
         "index": params["type"],
@@ -161,7 +201,8 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
         "db_mb": db_mb,
         "rss_mb": max(_rss_mb(), rss_before),
         "overlap": {depth: sum(v) / max(1, len(v)) for depth, v in overlap.items()},
-        "lat": {"raw FTS5 MATCH (k=100)": raw_fts, "raw FTS5 MATCH, weighted bm25() (k=100)": weighted_fts,
+        "backend": engine.dialect.name,
+        "lat": {**raw,
                 "fts_search, every matching row scored (k=100)": exhaustive,
                 "fts_search, two-stage as the pipeline (k=100)": two_stage,
                 "raw FAISS search (k=100)": raw_faiss,
@@ -174,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--work-dir", default=None, help="SciFact eval cache (default $RP_HOME/eval/scifact)")
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--pg-admin-url", default=None,
+                        help="run on PostgreSQL instead of SQLite: a server URL (a scratch database is made and dropped)")
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir) if args.work_dir else Settings.from_env().home / "eval" / "scifact"
     embedder = load_embedder()
@@ -188,22 +231,25 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            r = run_size(size, docs, chunks, vecs, queries, qvecs, embedder, Path(tmp))
+            r = run_size(size, docs, chunks, vecs, queries, qvecs, embedder, Path(tmp), args.pg_admin_url)
             rows.append(r)
             print(f"size {size}: {r['index']}, FTS build {r['fts_build_s']:.1f}s, FAISS build {r['faiss_build_s']:.1f}s, "
-                  f"db {r['db_mb']:.0f} MiB, peak RSS {r['rss_mb']:.0f} MiB", flush=True)
+                  f"{r['backend']} db {r['db_mb']:.0f} MiB, peak RSS {r['rss_mb']:.0f} MiB", flush=True)
     print("\n| chunks | what | p50 ms | p95 ms |")
     print("|---:|---|---:|---:|")
     for r in rows:
         for name, lat in r["lat"].items():
             print(f"| {r['size']:,} | {name} | {percentile(lat, 50):.1f} | {percentile(lat, 95):.1f} |")
         lat = r["lat"]
-        raw = [a + b + c for a, b, c in zip(lat["raw FTS5 MATCH, weighted bm25() (k=100)"],
-                                             lat["raw FAISS search (k=100)"], lat["query encoding"])]
+        text_key, text_name = (
+            ("raw FTS5 MATCH, weighted bm25() (k=100)", "weighted FTS5") if r["backend"] == "sqlite"
+            else ("raw GIN match, count of every matching row", "GIN count")
+        )
+        raw = [a + b + c for a, b, c in zip(lat[text_key], lat["raw FAISS search (k=100)"], lat["query encoding"])]
         hyb = lat["hybrid Searcher.search (k=10)"]
         print(f"| {r['size']:,} | two-stage vs every row scored: top-10 / top-100 overlap | "
               f"{r['overlap'][10]:.3f} | {r['overlap'][100]:.3f} |")
-        print(f"| {r['size']:,} | ratio hybrid / (weighted FTS5 + FAISS + encoding) | "
+        print(f"| {r['size']:,} | ratio hybrid / ({text_name} + FAISS + encoding) | "
               f"{percentile(hyb, 50) / percentile(raw, 50):.2f}x | {percentile(hyb, 95) / percentile(raw, 95):.2f}x |")
 
 

@@ -442,18 +442,22 @@ class _Postgres:
     @staticmethod
     def top(conn: sa.Connection, table: str, terms: list[str], stats: _Stats, w: dict[str, float], n: int):  # noqa: ANN205
         # Written as FTS5 evaluates bm25(): idf * (f * (k1 + 1)) / (f + k1 * (1 - b + b * dl / avgdl)).
+        # The row's jsonb is read once (d: OFFSET 0 keeps it one value per row) and the query
+        # terms are looked up in it per row, rather than re-reading the stored value per term.
         sql = sa.text(
             f"""
-            SELECT t.chunk_id, t.rid,
-                   sum(q.idf * ((f.tf * ({K1} + 1.0)) / (f.tf + {K1} * (1 - {B} + {B} * t.dl / :avgdl)))) AS score
+            SELECT t.chunk_id, t.rid, (
+                SELECT sum(q.idf * ((f.tf * ({K1} + 1.0)) / (f.tf + {K1} * (1 - {B} + {B} * t.dl / :avgdl))))
+                FROM unnest(CAST(:terms AS text[]), CAST(:idfs AS float8[])) WITH ORDINALITY AS q(term, idf, i)
+                CROSS JOIN LATERAL (SELECT d.tf -> q.term AS c) x
+                CROSS JOIN LATERAL (
+                    SELECT :wa * (x.c ->> 0)::float8 + :wb * (x.c ->> 1)::float8 + :wc * (x.c ->> 2)::float8 AS tf
+                ) f
+                WHERE x.c IS NOT NULL
+            ) AS score
             FROM "{table}" t
-            CROSS JOIN LATERAL unnest(CAST(:terms AS text[]), CAST(:idfs AS float8[])) AS q(term, idf)
-            CROSS JOIN LATERAL (SELECT t.tf -> q.term AS c) x
-            CROSS JOIN LATERAL (
-                SELECT :wa * (x.c ->> 0)::float8 + :wb * (x.c ->> 1)::float8 + :wc * (x.c ->> 2)::float8 AS tf
-            ) f
-            WHERE t.lexemes @@ CAST(:tsq AS tsquery) AND x.c IS NOT NULL
-            GROUP BY t.chunk_id, t.rid
+            CROSS JOIN LATERAL (SELECT t.tf || '{{}}'::jsonb AS tf OFFSET 0) d
+            WHERE t.lexemes @@ CAST(:tsq AS tsquery)
             ORDER BY score DESC, t.rid
             LIMIT :n
             """
