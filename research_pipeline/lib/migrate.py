@@ -644,9 +644,7 @@ def _s3_key(prefix: str, key: str) -> str:
 
 
 #: S3 answers that mean "try again later" (throttling, a node restarting).
-_TRANSIENT_S3_CODES = frozenset(
-    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling"}
-)
+_TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling"})
 
 
 def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> Any:
@@ -657,19 +655,17 @@ def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> A
     """
     from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError
 
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return fn(*args)
         except ClientError as exc:
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            code = exc.response.get("Error", {}).get("Code")
-            if attempt == attempts - 1 or not (status >= 500 or code in _TRANSIENT_S3_CODES):
+            if status < 500 and exc.response.get("Error", {}).get("Code") not in _TRANSIENT_S3_CODES:
                 raise
         except S3ConnectionError:
-            if attempt == attempts - 1:
-                raise
+            pass
         time.sleep(min(8.0, 0.25 * 2**attempt))
-    raise AssertionError("unreachable")
+    return fn(*args)
 
 
 def _head(s3: Any, bucket: str, key: str) -> dict | None:

@@ -277,3 +277,40 @@ def test_postgresql_computes_the_same_row_digests_as_python(target):
             in_sql = migrate.digests_of(target, spec, shard, in_database=True)
             assert in_sql
             assert in_sql == migrate.digests_of(target, spec, shard, in_database=False), (name, shard)
+
+
+def test_transient_s3_errors_are_retried_and_others_raised(monkeypatch):
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setattr(migrate.time, "sleep", lambda _s: None)
+
+    def error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "HeadObject")
+
+    calls = []
+
+    def flaky(answer: str) -> str:
+        calls.append(answer)
+        if len(calls) < 3:
+            raise error(503, "ServiceUnavailable")
+        return answer
+
+    assert migrate._with_s3_retries(flaky, "ok") == "ok" and len(calls) == 3
+
+    def forbidden() -> None:
+        calls.append("403")
+        raise error(403, "AccessDenied")
+
+    calls.clear()
+    with pytest.raises(ClientError):
+        migrate._with_s3_retries(forbidden)
+    assert calls == ["403"]  # not retried
+
+    def always_down() -> None:
+        calls.append("503")
+        raise error(503, "SlowDown")
+
+    calls.clear()
+    with pytest.raises(ClientError):
+        migrate._with_s3_retries(always_down, attempts=4)
+    assert len(calls) == 4
