@@ -7,7 +7,7 @@ canonical digests, COPY, read-back verification, state) and the raw primitive (p
 of the same rows, already in memory, into an empty copy of the schema) run in the same process
 on the same data, each into a fresh database.
 
-Run from the repository root:  .venv/bin/python -m bench.bench_migrate [--chunks N] [--workers W]
+Run from the repository root:  .venv/bin/python -m bench.bench_migrate [--chunks N] [--workers W] [--threads]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +99,33 @@ def _drop_db(url: str) -> None:
     admin.dispose()
 
 
-def run_pipeline(source_url: str, workers: int) -> dict:
-    """migrate_rows over all 16 shards (`workers` shards at a time, as a backfill runs them)."""
+_ENGINES: dict[tuple[str, str], tuple[sa.Engine, sa.Engine]] = {}
+
+
+def _migrate_shard(source_url: str, target_url: str, shard: str | None) -> dict:
+    """migrate_rows of one shard in this worker process (engines opened once per process);
+    `shard=None` only opens them, so the timed run does not pay for imports and connects."""
+    if (source_url, target_url) not in _ENGINES:
+        source = migrate.open_source_engine(source_url)
+        _ENGINES[(source_url, target_url)] = (source, migrate.open_target_engine(target_url, source_url))
+    source, target = _ENGINES[(source_url, target_url)]
+    return migrate.migrate_rows(source, target, shard) if shard else {}
+
+
+def run_pipeline(source_url: str, workers: int, processes: bool = True) -> dict:
+    """migrate_rows over all 16 shards, `workers` shards at a time: in worker processes, as a
+    backfill's partition runs are, or in threads of this process."""
     url = _new_db("pipeline")
     try:
         source = migrate.open_source_engine(source_url)
         target = migrate.open_target_engine(url, source_url)
         migrate.prepare_target(target)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda s: migrate.migrate_rows(source, target, s), store.SHARDS))
-        seconds = time.perf_counter() - t0
+        pool_type = ProcessPoolExecutor if processes else ThreadPoolExecutor
+        with pool_type(max_workers=workers) as pool:
+            list(pool.map(_migrate_shard, [source_url] * workers, [url] * workers, [None] * workers))
+            t0 = time.perf_counter()
+            results = list(pool.map(_migrate_shard, [source_url] * 16, [url] * 16, store.SHARDS))
+            seconds = time.perf_counter() - t0
         report = migrate.verify(source, target, None, None)
         assert report.ok, report.summary()
         source.dispose()
@@ -155,18 +171,20 @@ def run_raw(source_url: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=4, help="shards migrated concurrently")
+    parser.add_argument("--workers", type=int, default=2, help="shards migrated concurrently (default: one per core)")
+    parser.add_argument("--threads", action="store_true", help="shards in threads of one process, not in processes")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_migrate_") as tmp:
         t0 = time.perf_counter()
         source_url = build_source(Path(tmp) / "rp.db", args.chunks)
         build_s = time.perf_counter() - t0
         raw = run_raw(source_url)
-        pipe = run_pipeline(source_url, args.workers)
+        pipe = run_pipeline(source_url, args.workers, processes=not args.threads)
     assert pipe["rows"] == raw["rows"], (pipe["rows"], raw["rows"])
     rows_ratio = (pipe["rows"] / pipe["seconds"]) / (raw["rows"] / raw["seconds"])
     print(f"source: {args.chunks} chunks + {args.chunks} embeddings + {args.chunks // CHUNKS_PER_DOC} documents "
-          f"(built in {build_s:.0f}s); {os.cpu_count()} CPUs; shard workers {args.workers}\n")
+          f"(built in {build_s:.0f}s); {os.cpu_count()} CPUs; {args.workers} shards at a time in "
+          f"{'threads' if args.threads else 'processes'}\n")
     print("| run | rows | MB | seconds | rows/s | MB/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in (("migrate_rows x16 shards (read+COPY+verify)", pipe), ("raw psycopg COPY (rows in memory)", raw)):

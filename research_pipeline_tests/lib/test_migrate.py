@@ -189,6 +189,16 @@ def test_verification_names_exactly_the_altered_and_missing_rows(source, target)
     assert migrate.verify(source, target, None, None, "").ok
 
 
+def test_a_checksum_that_differs_after_the_copy_fails_the_shard(source, target, monkeypatch):
+    """migrate_rows trusts only the target's own count and checksum: when they disagree it
+    reads the rows back, and if no row explains it, the shard still fails by name."""
+    shard = "0"
+    monkeypatch.setattr(migrate, "checksum_in_database", lambda *_a: (0, "0" * 64))
+    with pytest.raises(migrate.MigrationError, match="checksum differs from source"):
+        migrate.migrate_rows(source, target, shard)
+    assert migrate.migration_states(target)[("chunks", shard)]["state"] != "verified"
+
+
 def test_dry_run_reports_what_would_move_and_changes_nothing(source, target, source_url):
     db_file = Path(sa.engine.make_url(source_url).database)
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db_file.parent.glob("rp.db*")}
@@ -277,6 +287,9 @@ def test_postgresql_computes_the_same_row_digests_as_python(target):
             in_sql = migrate.digests_of(target, spec, shard, in_database=True)
             assert in_sql
             assert in_sql == migrate.digests_of(target, spec, shard, in_database=False), (name, shard)
+            # The sum PostgreSQL makes of them equals Python's, bit for bit.
+            expected = (len(in_sql), migrate.checksum_of(in_sql.values()))
+            assert migrate.checksum_in_database(target, spec, shard) == expected, (name, shard)
 
 
 def test_transient_s3_errors_are_retried_and_others_raised(monkeypatch):
