@@ -694,6 +694,7 @@ def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> A
     botocore retries each call, but its retry quota runs dry in a storm of 503s and then it
     raises at once; a migration would rather wait a few seconds than fail a shard.
     """
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError
 
     for attempt in range(attempts - 1):
@@ -703,7 +704,8 @@ def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> A
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if status < 500 and exc.response.get("Error", {}).get("Code") not in _TRANSIENT_S3_CODES:
                 raise
-        except S3ConnectionError:
+        except (S3ConnectionError, S3UploadFailedError):
+            # upload_file wraps whatever failed in S3UploadFailedError; uploads are idempotent.
             pass
         time.sleep(min(8.0, 0.25 * 2**attempt))
     return fn(*args)
