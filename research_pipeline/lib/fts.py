@@ -13,6 +13,10 @@ so both see the same terms, the same document frequencies and row lengths, and r
 top-k: scores are rounded to 1e-9 (summation order differs in the last bits) and ties go to
 the lower row id, which both assign in chunk_id order.
 
+Above `EXHAUSTIVE_ROWS` rows a query runs in two stages (`fts_search`): rows are found by its
+rare terms, and its common terms' share of the score is added to the best of those from the
+rows' term counts, so FTS5 no longer scores half the table for a query with everyday words.
+
 User text never reaches a query parser: `query_terms` reduces it to analyzed terms, and the
 match expression is built from those alone (quoted terms joined by OR in FTS5, a tsquery of
 quoted lexemes joined by ``|`` in PostgreSQL). An OR of terms is BM25's bag-of-words
