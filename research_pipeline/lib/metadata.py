@@ -12,7 +12,9 @@ import unicodedata
 from collections import Counter
 from typing import Any
 
-DOI_RE = re.compile(r"\b(10\.\d{4,9}/[^\s\"<>]+)", re.IGNORECASE)
+# "10." that no letter or digit precedes (a word boundary), written literal first so that the
+# search skips ahead to each "10." instead of trying the pattern at every character.
+DOI_RE = re.compile(r"(10\.(?<!\w10\.)\d{4,9}/[^\s\"<>]+)", re.IGNORECASE)
 ARXIV_RE = re.compile(
     r"arXiv:\s*(\d{4}\.\d{4,5}|[a-z\-]+(?:\.[A-Z]{2})?/\d{7})(v\d+)?", re.IGNORECASE
 )
@@ -57,28 +59,44 @@ _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HANGUL_RE = re.compile("[\uac00-\ud7af]")
 _HAN_RE = re.compile("[\u4e00-\u9fff]")
 _ASCII_WORD_RE = re.compile(r"[a-z]+")
+_NON_SPACE_RE = re.compile(r"\S")
+_ASCII_LETTER_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ASCII_RUN_RE = re.compile("[\x00-\x7f]+")
 _ENGLISH_COMMON = frozenset(
     "the of and to in a is that for it as with be on by this are we which an or not from at".split()
 )
 
 
-def detect_language(text: str) -> str | None:
-    """An ISO 639-1 guess: Unicode script for Chinese/Japanese/Korean, else langdetect (fixed seed)."""
+def detect_language(text: str, more: str = "") -> str | None:
+    """An ISO 639-1 guess: Unicode script for Chinese/Japanese/Korean, else langdetect (fixed seed).
+
+    `more` is the text that follows `text` in the document; the English check reads it when
+    `text` is too short to decide (a title page and a table of contents).
+    """
     sample = text[:5000]
-    n_letters = len(_LETTER_RE.findall(sample))
+    # Letters: the ASCII ones counted on a byte copy, the rest (and the CJK scripts, none of
+    # them ASCII) on the non-ASCII characters alone, which are few in most papers.
+    ascii_bytes = sample.encode("ascii", "replace")
+    ascii_letters = len(ascii_bytes) - len(ascii_bytes.translate(None, _ASCII_LETTER_BYTES))
+    other = _ASCII_RUN_RE.sub("", sample)
+    n_letters = ascii_letters + (len(_LETTER_RE.findall(other)) if other else 0)
     if n_letters < 20:
         return None
-    if len(_KANA_RE.findall(sample)) / n_letters > 0.05:
-        return "ja"
-    if len(_HANGUL_RE.findall(sample)) / n_letters > 0.2:
-        return "ko"
-    if len(_HAN_RE.findall(sample)) / n_letters > 0.2:
-        return "zh"
+    if other:
+        if len(_KANA_RE.findall(other)) / n_letters > 0.05:
+            return "ja"
+        if len(_HANGUL_RE.findall(other)) / n_letters > 0.2:
+            return "ko"
+        if len(_HAN_RE.findall(other)) / n_letters > 0.2:
+            return "zh"
     words = _ASCII_WORD_RE.findall(sample[:3000].lower())
-    if len(words) >= 50 and sum(1 for w in words if w in _ENGLISH_COMMON) / len(words) > 0.15:
+    if _reads_english(words):
         # Running English text is ~25% function words; other languages using Latin script
         # stay far below. This skips langdetect (the costliest step of a parse) for most papers.
         return "en"
+    if more and len(words) < 50 and len(sample) < 3000:
+        if _reads_english(_ASCII_WORD_RE.findall((text + more)[:3000].lower())):
+            return "en"
     try:
         from langdetect import DetectorFactory, detect
         from langdetect.lang_detect_exception import LangDetectException
@@ -91,6 +109,10 @@ def detect_language(text: str) -> str | None:
         return None
 
 
+def _reads_english(words: list[str]) -> bool:
+    return len(words) >= 50 and sum(1 for w in words if w in _ENGLISH_COMMON) / len(words) > 0.15
+
+
 def _median(values: list[float]) -> float:
     # The median, not the max: a drop cap or a large superscript must not make a body line a title.
     if not values:
@@ -99,54 +121,59 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
+def first_page_lines(textpage: Any) -> list[tuple[float, float, str]]:
     """(glyph height, top y, text) for each line of page 1, from pdfium's per-character boxes.
 
-    The loose character box height (font ascent to descent at the rendered size) is used
-    instead of the nominal font size, which is 1.0 for fonts scaled by the text matrix.
+    `textpage` is page 1's open pypdfium2 text page: the parser passes the one it extracts the
+    page's text from, so page 1 is loaded once. The loose character box height (font ascent
+    to descent at the rendered size) is used instead of the nominal font size, which is 1.0
+    for fonts scaled by the text matrix.
     """
     import ctypes
 
     import pypdfium2.raw as pdfium_c
 
-    page = doc[0]
     lines: list[tuple[float, float, str]] = []
-    try:
-        textpage = page.get_textpage()
-        try:
-            n = pdfium_c.FPDFText_CountChars(textpage)
-            buf: list[str] = []
+    n = pdfium_c.FPDFText_CountChars(textpage)
+    top = 0.0
+    rect = pdfium_c.FS_RECTF()
+    rect_ref = ctypes.byref(rect)
+    # The title is near the top: the first 1,000 characters are enough. One call reads
+    # them; per-character calls are the fallback when indexes do not line up (surrogates).
+    limit = min(n, 1000)
+    head = textpage.get_text_range(0, limit)
+    if len(head) != limit:
+        head = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(limit))
+    start = 0  # index of the line's first character in `head`
+    for segment in head.split("\n"):
+        text = segment.replace("\r", "") if "\r" in segment else segment
+        if text:
+            # Six glyphs per line give its size; boxing every glyph costs more than the parse.
+            # A line without a box keeps the top of the line before it.
             sizes: list[float] = []
-            top = 0.0
-            rect = pdfium_c.FS_RECTF()
-            # The title is near the top: the first 1,000 characters are enough. One call reads
-            # them; per-character calls are the fallback when indexes do not line up (surrogates).
-            limit = min(n, 1000)
-            head = textpage.get_text_range(0, limit)
-            if len(head) != limit:
-                head = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(limit))
-            for i, ch in enumerate(head):
-                if ch == "\n":
-                    if buf:
-                        lines.append((_median(sizes), top, "".join(buf).strip()))
-                    buf, sizes = [], []
-                    continue
-                if ch == "\r":
-                    continue
-                # Six glyphs per line give its size; boxing every glyph costs more than the parse.
-                if (not ch.isspace() and len(sizes) < 6
-                        and pdfium_c.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(rect))):
+            for m in _NON_SPACE_RE.finditer(segment):
+                if pdfium_c.FPDFText_GetLooseCharBox(textpage, start + m.start(), rect_ref):
                     if not sizes:
                         top = rect.top
                     sizes.append(round(abs(rect.top - rect.bottom), 1))
-                buf.append(ch)
-            if buf:
-                lines.append((_median(sizes), top, "".join(buf).strip()))
+                    if len(sizes) == 6:
+                        break
+            lines.append((_median(sizes), top, text.strip()))
+        start += len(segment) + 1
+    return [line for line in lines if line[2]]
+
+
+def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
+    """`first_page_lines` of an open document, loading its page 1 again."""
+    page = doc[0]
+    try:
+        textpage = page.get_textpage()
+        try:
+            return first_page_lines(textpage)
         finally:
             textpage.close()
     finally:
         page.close()
-    return [line for line in lines if line[2]]
 
 
 def _plausible_title(t: str | None) -> bool:
@@ -192,9 +219,30 @@ def _title_from_text(first_page: str) -> str | None:
     return None
 
 
+def _years_and_their_lines(text: str) -> tuple[list[str], str]:
+    """`YEAR_RE.findall(text)`, and the lines of `text` that hold those years, in order.
+
+    `_DATED_RE` matches within one line and ends in a year, so it finds the same matches in
+    those lines as in `text`, with far less to scan.
+    """
+    years: list[str] = []
+    lines: list[str] = []
+    line_start = -1
+    for m in YEAR_RE.finditer(text):
+        years.append(m.group(1))
+        start = text.rfind("\n", 0, m.start()) + 1
+        if start == line_start:
+            continue
+        end = text.find("\n", m.end())
+        lines.append(text[start:] if end < 0 else text[start:end])
+        line_start = start
+    return years, "\n".join(lines)
+
+
 def _year(first_page: str, info: dict[str, str], arxiv: str | None) -> int | None:
     head = first_page[:6000]
-    dated = [int(y) for y in _DATED_RE.findall(head)]
+    printed, lines = _years_and_their_lines(head)
+    dated = [int(y) for y in _DATED_RE.findall(lines)]
     creation = None
     m = re.match(r"D?:?(\d{4})", info.get("CreationDate") or "")
     if m and 1900 < int(m.group(1)) < 2100:
@@ -206,7 +254,7 @@ def _year(first_page: str, info: dict[str, str], arxiv: str | None) -> int | Non
             return max(plausible)
     if arxiv and re.match(r"\d{4}\.", arxiv):
         return 2000 + int(arxiv[:2])
-    years = [int(y) for y in YEAR_RE.findall(head) if int(y) <= limit]
+    years = [int(y) for y in printed if int(y) <= limit]
     if years and (creation is None or max(years) < creation - 2):
         # An old paper scanned or re-typeset later: trust the years printed on it.
         counts = Counter(years)
@@ -234,18 +282,30 @@ def _abstract(text: str) -> str | None:
     return rest[:2000] or None
 
 
-def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, Any]:
-    """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF."""
+def pdf_metadata(
+    doc: Any,
+    pages: list[str],
+    filename: str = "",
+    first_lines: list[tuple[float, float, str]] | None = None,
+) -> dict[str, Any]:
+    """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF.
+
+    `first_lines` is `first_page_lines` of page 1 when the caller has read it already;
+    otherwise page 1 is loaded again to read it.
+    """
     try:
         info = {k: clean_str(v) for k, v in doc.get_metadata_dict().items() if v and clean_str(v)}
     except Exception:  # noqa: BLE001 - a broken info dict must not lose the document
         info = {}
     first = pages[0] if pages else ""
     head = "\n".join(pages[:2])[:20000]
-    try:
-        lines = _first_page_lines(doc) if len(doc) else []
-    except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
-        lines = []
+    if first_lines is not None:
+        lines = first_lines
+    else:
+        try:
+            lines = _first_page_lines(doc) if len(doc) else []
+        except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
+            lines = []
     font_title = _title_from_fonts(lines)
     info_title = (info.get("Title") or "").strip()
     stem = normalize_title(re.sub(r"\.pdf$", "", filename, flags=re.IGNORECASE))
@@ -261,6 +321,14 @@ def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, An
     arxiv_m = ARXIV_RE.search(head)
     arxiv = arxiv_m.group(1) if arxiv_m else None
     text_sample = " ".join(p for p in pages[:3])
+    # Further pages for the English check when the first three are short (title, contents).
+    more: list[str] = []
+    size = len(text_sample)
+    for page in pages[3:] if size < 3000 else ():
+        more.append(page)
+        size += len(page) + 1
+        if size >= 3000:
+            break
     title = clean_str(title) if title else None
     return {
         "title": title or None,
@@ -269,7 +337,7 @@ def pdf_metadata(doc: Any, pages: list[str], filename: str = "") -> dict[str, An
         "abstract": _abstract(head),
         "doi": doi,
         "arxiv_id": arxiv,
-        "language": detect_language(text_sample),
+        "language": detect_language(text_sample, "".join(" " + p for p in more)),
         "page_count": len(pages),
         "info": info,
     }

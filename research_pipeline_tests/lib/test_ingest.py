@@ -133,6 +133,30 @@ def test_fixed_file_leaves_quarantine_and_changed_file_is_reparsed(engine, tmp_p
     assert n_docs == 3
 
 
+def test_batched_commits_write_what_one_transaction_per_document_writes(tmp_path, monkeypatch):
+    from research_pipeline.lib import ingest as ingest_module
+
+    inbox = tmp_path / "inbox"
+    (inbox / "nested").mkdir(parents=True)
+    papers = sorted(DEMO_PAPERS.glob("*.pdf"))[:8]
+    for p in papers:
+        shutil.copy2(p, inbox / p.name)
+    shutil.copy2(papers[0], inbox / "nested" / "copy.pdf")  # the same bytes twice
+    (inbox / "broken.pdf").write_bytes(papers[1].read_bytes()[:2000])
+    (inbox / "notes.pdf").write_text("not a PDF")
+    runs = {}
+    for batch in (1, ingest_module.DOC_BATCH):
+        monkeypatch.setattr(ingest_module, "DOC_BATCH", batch)
+        engine = store.make_engine(f"sqlite:///{tmp_path / f'batch{batch}.db'}")
+        store.create_schema(engine)
+        report = ingest(engine, sources_for(inbox), workers=2)
+        numbers = {k: v for k, v in report.as_metadata().items() if k not in ("seconds", "pages_per_s")}
+        runs[batch] = (numbers, snapshot(engine, timestamps=False))
+        engine.dispose()
+    assert runs[1] == runs[ingest_module.DOC_BATCH]
+    assert runs[1][0]["documents_new"] == 8 and runs[1][0]["quarantined"] == 2
+
+
 def test_jsonl_records(engine, tmp_path):
     corpus = require_shared(IR) / "scifact" / "corpus.jsonl"
     lines = corpus.read_text(encoding="utf-8").splitlines()[:40]

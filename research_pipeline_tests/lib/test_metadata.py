@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 
@@ -56,6 +57,36 @@ def test_language_detection_by_script_and_langdetect():
     english = "The present free storage control program has a severe limitation in that it can handle only list structure."
     assert md.detect_language(english) == "en"
     assert md.detect_language("12 3") is None
+
+
+def test_language_of_short_first_pages_reads_on():
+    # A title page and a table of contents are too few words for the English check; the pages
+    # after them decide it, without langdetect. Other languages still go to langdetect.
+    first = "Paxos Made Simple\nLeslie Lamport\nContents\n1 Introduction 1\n2 The Consensus Algorithm 1"
+    more = " The Paxos algorithm for implementing a fault-tolerant distributed system has been regarded as " \
+           "difficult to understand, perhaps because the original presentation was Greek to many readers. " \
+           "In fact, it is among the simplest and most obvious of distributed algorithms. At its heart is a " \
+           "consensus algorithm, the synod algorithm of the paper. The next section shows that this " \
+           "consensus algorithm follows almost unavoidably from the properties we want it to satisfy."
+    assert md.detect_language(first, more) == "en"
+    dutch = "Factuur Lenze Postbus Kamer van Koophandel Verkoopkantoor Pagina " * 3
+    assert md.detect_language(dutch, " " + dutch) == md.detect_language(dutch) == "nl"
+
+
+def test_dated_years_are_found_on_the_lines_that_hold_a_year():
+    text = ("Journal of Things, Vol. 12\nReceived 3 May 2019; accepted 2020\nno year here\n"
+            "(c) ACM 1999 and 2049 but not 20191 or 2050\nDraft\n2003 alone\nunpublished 2018")
+    years, lines = md._years_and_their_lines(text)
+    assert years == md.YEAR_RE.findall(text)
+    assert md._DATED_RE.findall(lines) == md._DATED_RE.findall(text) == ["2019", "2020", "2018"]
+
+
+def test_doi_pattern_needs_a_word_boundary():
+    for text in ["doi:10.1145/3183713.3196909.", "see 10.21105/jose.00021 here", "x10.1000/abc", "110.1000/abc",
+                 "10.1000/abc", "https://doi.org/10.48550/arXiv.1706.03762", "_10.1000/a", "\u00e910.1000/a"]:
+        old = re.search(r"\b(10\.\d{4,9}/[^\s\"<>]+)", text, re.IGNORECASE)
+        new = md.DOI_RE.search(text)
+        assert (old and (old.span(), old.group(1))) == (new and (new.span(), new.group(1))), text
 
 
 @pytest.mark.parametrize(

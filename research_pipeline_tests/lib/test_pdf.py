@@ -52,6 +52,26 @@ def test_ligatures_soft_hyphens_and_controls_are_cleaned():
     assert pdf.clean_text(raw) == "efficient flow of files\nexample and tab\tok"
 
 
+def test_one_scan_reading_matches_page_stats_and_clean_text():
+    # `_read_page` skips the passes its scan shows to change nothing; `clean_text` folds its
+    # passes together. Both must equal the step-by-step definition, tricky orders included.
+    pages = [
+        "",
+        "   \n\t ",
+        "plain ASCII text of a page\r\nwith CRLF line ends\r\n" * 3,
+        "e\ufb03cient \ufb02ow \ufb05 \ufb1d\ufb4f of \ufb01les\r\nexam\ufffe\r\nple\x00 and\x07 \ue000tab\tok",
+        "soft\ufffe \t\nhyphen\x02\nand\ufffe\x03\nkept\fform feed\x0b\x1c\x85 done",
+        "(cid:12) glyphs (cid:7)(cid:8) and (ci\ufffed:5) and (ci\x03d:6) and (cid:\ufb01)",
+        "Grandes Client\xe8les \xc0 \xd7 \xa9 \x85 caf\xe9 " * 10,
+        "O ^ r c W O R Z T b W Q c N Q a W T Q W d Q c W s W P S Z W T O R Z T Q R S O " * 20,
+        "a b c d e f g h i j " * 30,
+    ]
+    for raw in pages:
+        stats, text = pdf._read_page(raw)
+        assert stats == pdf.page_stats(raw), raw
+        assert text == pdf.clean_text(raw) == pdf._clean_text_stepwise(raw), raw
+
+
 def test_dehyphenation_joins_broken_words_and_keeps_real_hyphens():
     pages = ["an exam-\nple of a well-\nknown effect", "this well-known effect is an example"]
     out = pdf.dehyphenate(pages)
@@ -59,6 +79,14 @@ def test_dehyphenation_joins_broken_words_and_keeps_real_hyphens():
     assert out[1] == pages[1]
     # Capitalised continuations are not line-break hyphenation (e.g. "Navier-\nStokes").
     assert pdf.dehyphenate(["Navier-\nStokes"]) == ["Navier-\nStokes"]
+
+
+def test_hyphenated_words_are_those_of_the_full_word_scan_of_the_lower_cased_text():
+    for text in ["well-known a-b-c x--y -lead trail- (state-of-the-art)\u2003co-op\nnon-\nlinear",
+                 "caf\xe9-cr\xe8me 9-5 _-_ a- -b \xa0ab-cd\xa0",
+                 "Well-Known \u03a3-\u03a3 \u0391\u03a3-b \u0130-x \u212a-K", ""]:
+        expected = {w for w in pdf._WORD_RE.findall(text.lower()) if "-" in w}
+        assert pdf._hyphenated_words(text) == expected
 
 
 def test_page_stats_separates_clean_and_junk_text():
@@ -140,6 +168,7 @@ def test_pool_kills_a_file_past_its_timeout_and_leaves_no_process():
             results[key] = res
             seen_pids.update(pool.pids())
     assert results["bomb"].reason == "timeout", results["bomb"].message
+    assert "at page 1;" in results["bomb"].message  # its single page: read from the progress record
     assert results["good"].ok
     assert seen_pids
     assert not any(_alive(p) for p in seen_pids)
@@ -195,3 +224,47 @@ def test_pool_closes_idle_workers_on_exit():
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+def test_progress_record_is_shared_and_ignores_a_torn_write():
+    fd, parent_side = pdf._ProgressRecord.create()
+    worker_side = pdf._ProgressRecord(fd)
+    os.close(fd)
+    try:
+        assert parent_side.read() is None
+        before = time.monotonic()
+        worker_side.write(7)
+        page, started = parent_side.read()
+        assert page == 7 and before <= started <= time.monotonic()
+        worker_side._slots[0] += 1  # a write under way (odd sequence number): not read
+        assert parent_side.read() is None
+    finally:
+        worker_side.close()
+        parent_side.close()
+
+
+def test_pool_starts_the_next_file_before_the_caller_sees_a_result():
+    papers = sorted(DEMO_PAPERS.glob("*.pdf"))[:4]
+    pulled: list[int] = []
+    at_result: list[tuple[int, list]] = []
+    waits = 0
+
+    def jobs():
+        for i, p in enumerate(papers):
+            pulled.append(i)
+            yield i, str(p)
+
+    def before_wait() -> float:
+        nonlocal waits
+        waits += 1
+        return 0.01
+
+    with pdf.ParsePool(workers=1, ocr=False) as pool:
+        for key, res in pool.imap_unordered(jobs(), before_wait=before_wait):
+            assert res.ok
+            at_result.append((key, [w.job for w in pool._workers]))
+            # The job after the next one is pulled only now, while the worker parses.
+            assert len(pulled) == min(key + 2, len(papers))
+    # Each result arrives with the worker already on the next file.
+    assert at_result == [(0, [1]), (1, [2]), (2, [3]), (3, [None])]
+    assert waits >= len(papers)
