@@ -176,30 +176,29 @@ def _scan_page(raw: str) -> tuple[PageStats, str | None]:
 
 def clean_text(raw: str) -> str:
     """Normalise one page of extracted text: newlines, ligatures, soft hyphens, junk characters."""
-    text = _newlines(raw)
-    # pdfium marks a soft hyphen at a line end with U+FFFE (sometimes U+0002) and keeps the break.
-    text = _SOFT_HYPHEN_AND_DROP_RE.sub("", text)
-    if "(cid:" in text:
-        # Rare: `(cid:N)` is removed before the other junk, so a glyph that only junk split
-        # apart stays. The step-by-step order decides it.
-        return _clean_text_stepwise(raw)
-    text = _PRESENTATION_RE.sub(_presentation_form, text)
-    return text.replace("\f", "\n") if "\f" in text else text
+    return _clean(raw, None)
 
 
 def _read_page(raw: str) -> tuple[PageStats, str]:
     """`page_stats(raw)` and `clean_text(raw)`, skipping the passes that the scan shows to change nothing."""
     stats, found = _scan_page(raw)
-    if found is None:
-        return stats, clean_text(raw)
+    return stats, _clean(raw, found)
+
+
+def _clean(raw: str, found: str | None) -> str:
+    """`clean_text`; `found`, the page's characters of `_PAGE_SCAN_RE` (None: unknown), lets it
+    skip the passes that cannot change anything."""
     text = _newlines(raw)
-    if _DROPPED_RE.search(found):
+    # pdfium marks a soft hyphen at a line end with U+FFFE (sometimes U+0002) and keeps the break.
+    if found is None or _DROPPED_RE.search(found):
         text = _SOFT_HYPHEN_AND_DROP_RE.sub("", text)
     if "(cid:" in text:
-        return stats, _clean_text_stepwise(raw)
-    if _PRESENTATION_RE.search(found):
+        # Rare: `(cid:N)` is removed before the other junk, so a glyph that only junk split
+        # apart stays. The step-by-step order decides it.
+        return _clean_text_stepwise(raw)
+    if found is None or _PRESENTATION_RE.search(found):
         text = _PRESENTATION_RE.sub(_presentation_form, text)
-    return stats, text.replace("\f", "\n") if "\f" in text else text
+    return text.replace("\f", "\n") if "\f" in text else text
 
 
 def _newlines(raw: str) -> str:
