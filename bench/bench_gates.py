@@ -28,15 +28,17 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from research_pipeline.lib import gates, generations, store
-from research_pipeline.lib.cache import QueryCache, cache_key, cached_search
-from research_pipeline.lib.chunking import chunk_documents
-from research_pipeline.lib.embedder import load_embedder
-from research_pipeline.lib.embeddings import embed_missing
-from research_pipeline.lib.ingest import ingest
-from research_pipeline.lib.objectstore import LocalObjectStore
-from research_pipeline.lib.querylog import QueryLog
-from research_pipeline.lib.sources import sources_for
+from research_pipeline.lib.release import gates
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
+from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
+from research_pipeline.lib.ingest.chunking import chunk_documents
+from research_pipeline.lib.embed.model import load_embedder
+from research_pipeline.lib.embed.embeddings import embed_missing
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.core.objectstore import LocalObjectStore
+from research_pipeline.lib.search.querylog import QueryLog
+from research_pipeline.lib.ingest.sources import sources_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "papers"

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from research_pipeline.lib import store
-from research_pipeline.lib.ingest import ingest
-from research_pipeline.lib.sources import FolderSource
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.sources import FolderSource
 
 REPO = Path(__file__).resolve().parents[1]
 PAPERS = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data")) / "papers"

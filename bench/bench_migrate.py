@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from research_pipeline.lib import migrate, store
+from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -31,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from research_pipeline.lib import evaluate, fts, store
-from research_pipeline.lib.embedder import load_embedder
-from research_pipeline.lib.embeddings import load_embeddings
-from research_pipeline.lib.ir_metrics import percentile
-from research_pipeline.lib.search import Searcher
-from research_pipeline.lib.settings import Settings
-from research_pipeline.lib.vectors import build_vector_index
+from research_pipeline.lib.release import evaluate
+from research_pipeline.lib.search import fts
+from research_pipeline.lib.core import store
+from research_pipeline.lib.embed.model import load_embedder
+from research_pipeline.lib.embed.embeddings import load_embeddings
+from research_pipeline.lib.release.ir_metrics import percentile
+from research_pipeline.lib.search.searcher import Searcher
+from research_pipeline.config import Settings
+from research_pipeline.lib.embed.vectors import build_vector_index
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ir" / "scifact"
 NOISE = 0.02
@@ -164,7 +166,7 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     index, params = build_vector_index(v)
     faiss_build_s = time.perf_counter() - started
     faiss.omp_set_num_threads(1)
-    from research_pipeline.lib.vectors import VectorIndex
+    from research_pipeline.lib.embed.vectors import VectorIndex
 
     vi = VectorIndex(index, [x["chunk_id"] for x in c])
     searcher = Searcher(engine, "fts_bench", vi, embedder)

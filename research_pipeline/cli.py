@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.lib import store
-from research_pipeline.lib.settings import Settings
+from research_pipeline.lib.core import store
+from research_pipeline.config import Settings
 
 NO_GENERATION = (
     "no index generation is published yet: run `make demo` or materialize reindex_job "
@@ -62,7 +62,7 @@ def _engine(settings: Settings):  # noqa: ANN202
 
 
 def _embedder(settings: Settings):  # noqa: ANN202
-    from research_pipeline.lib.embedder import load_embedder
+    from research_pipeline.lib.embed.model import load_embedder
 
     try:
         return load_embedder(settings.model, settings.device)
@@ -71,7 +71,7 @@ def _embedder(settings: Settings):  # noqa: ANN202
 
 
 def _object_store(settings: Settings):  # noqa: ANN202
-    from research_pipeline.lib.objectstore import open_object_store
+    from research_pipeline.lib.core.objectstore import open_object_store
 
     return open_object_store(settings.object_store_url, endpoint_url=settings.s3_endpoint_url)
 
@@ -119,14 +119,14 @@ def _redact(url: str) -> str:
 
 def open_live_searcher(settings: Settings, engine, command: str = "search"):  # noqa: ANN001, ANN201
     """The Searcher over the live generation, or a CliError telling how to publish one."""
-    generations = _require("research_pipeline.lib.generations", command)
+    generations = _require("research_pipeline.lib.release.generations", command)
     if generations.live_generation(engine) is None:
         raise CliError(NO_GENERATION)
     return generations.open_searcher(engine, _object_store(settings), _embedder(settings))
 
 
 def _filters(args: argparse.Namespace):  # noqa: ANN202
-    search_lib = _require("research_pipeline.lib.search", "search")
+    search_lib = _require("research_pipeline.lib.search.searcher", "search")
     if args.year_min is None and args.year_max is None and args.author is None:
         return None
     return search_lib.SearchFilters(year_min=args.year_min, year_max=args.year_max, author=args.author)
@@ -140,8 +140,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         filters = _filters(args)
         searcher = open_live_searcher(settings, engine)
-        cache_lib = _require("research_pipeline.lib.cache", "search")
-        querylog_lib = _require("research_pipeline.lib.querylog", "search")
+        cache_lib = _require("research_pipeline.lib.search.cache", "search")
+        querylog_lib = _require("research_pipeline.lib.search.querylog", "search")
         # A one-shot process has no use for an in-process cache; Redis is shared with the search API.
         cache = cache_lib.QueryCache(redis_url=settings.redis_url) if settings.redis_url else None
         with querylog_lib.QueryLog(engine) as query_log:
@@ -194,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"{beir_dir} is not a BEIR folder: expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     if not (beir_dir / "qrels" / f"{args.split}.tsv").is_file():
         raise CliError(f"{beir_dir} has no qrels/{args.split}.tsv: pick another --split")
-    evaluate_lib = _require("research_pipeline.lib.evaluate", "eval")
+    evaluate_lib = _require("research_pipeline.lib.release.evaluate", "eval")
     settings = _settings()
     work_dir = Path(args.work_dir) if args.work_dir else settings.home / "eval" / beir_dir.resolve().name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    generations = _require("research_pipeline.lib.generations", f"index {args.index_command}")
+    generations = _require("research_pipeline.lib.release.generations", f"index {args.index_command}")
     settings = _settings()
     engine = _engine(settings)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -89,7 +89,7 @@ def engine(db_url) -> sa.Engine:
 @pytest.fixture(scope="session")
 def embedder():
     """The packaged MiniLM on the CPU, loaded once per test process."""
-    from research_pipeline.lib.embedder import load_embedder
+    from research_pipeline.lib.embed.model import load_embedder
 
     return load_embedder()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from research_pipeline import cli
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +277,7 @@ def test_serve_health_readiness_search_and_metrics(published, tmp_path):
     from urllib.parse import quote
 
     from research_pipeline import health
-    from research_pipeline.lib.settings import Settings
+    from research_pipeline.config import Settings
 
     settings = Settings(
         home=tmp_path, inbox=tmp_path, database_url=published["url"], object_store_url=published["objects"]
@@ -333,7 +333,7 @@ def test_serve_is_live_but_not_ready_without_a_database(tmp_path, pg_server):
     import sqlalchemy as sa
 
     from research_pipeline import health
-    from research_pipeline.lib.settings import Settings
+    from research_pipeline.config import Settings
 
     # A PostgreSQL database that does not exist: the process is up, but it cannot answer searches.
     missing = sa.engine.make_url(pg_server).set(database="rp_test_no_such_database").render_as_string(hide_password=False)

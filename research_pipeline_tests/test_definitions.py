@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from research_pipeline.defs.embeddings.assets import chunk_embeddings
 from research_pipeline.defs.ingest.assets import chunks, documents
 from research_pipeline.defs.resources import build_resources
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 from research_pipeline_tests.defs.test_ingest_assets import RUN_CONFIG, make_settings, metadata_of, small_papers
 
 

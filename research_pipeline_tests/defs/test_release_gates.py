@@ -7,8 +7,9 @@ import pytest
 from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
 from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
 from research_pipeline.defs.search.checks import release_gates_check
-from research_pipeline.lib import generations, store
-from research_pipeline.lib.settings import Settings
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
+from research_pipeline.config import Settings
 from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP, load_corpus_rows, sample_corpus
 
 SEARCH_DEFS = [fts_index, vector_index, published_index, release_gates_check]

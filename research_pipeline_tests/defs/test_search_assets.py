@@ -14,8 +14,9 @@ from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.defs.search.jobs import reindex_job
 from research_pipeline.defs.resources import DEFAULT_NIGHTLY_CRON, nightly_cron
 from research_pipeline.defs.search.schedules import build_nightly_reindex
-from research_pipeline.lib import generations, store
-from research_pipeline.lib.settings import Settings
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
+from research_pipeline.config import Settings
 from research_pipeline_tests.conftest import DEMO_PAPERS
 from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP
 

@@ -24,8 +24,10 @@ from research_pipeline.defs.migration.assets import migrated_objects, migrated_r
 from research_pipeline.defs.migration.checks import migration_verified
 from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
-from research_pipeline.lib import generations, migrate, store
-from research_pipeline.lib.objectstore import S3ObjectStore
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.core import store
+from research_pipeline.lib.core.objectstore import S3ObjectStore
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO, drop_pg_database, make_pg_database
 
 # Kept on one worker where loadgroup honours it (then the moto server starts once); the demo

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib import store
-from research_pipeline.lib.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
-from research_pipeline.lib.ingest import ingest
-from research_pipeline.lib.sources import sources_for
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.sources import sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Papers with numbered headings (ReScience) and with JOSS-style unnumbered ones.

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import store
-from research_pipeline.lib.chunking import chunk_document
-from research_pipeline.lib.embedder import resolve_model_path
-from research_pipeline.lib.embeddings import bytes_to_vector, embed_missing, load_embeddings, vector_to_bytes
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.chunking import chunk_document
+from research_pipeline.lib.embed.model import resolve_model_path
+from research_pipeline.lib.embed.embeddings import bytes_to_vector, embed_missing, load_embeddings, vector_to_bytes
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 from research_pipeline_tests.lib.test_chunking import ingest_demo
 
@@ -128,9 +128,9 @@ def test_vectors_equal_sentence_transformers(sqlite_url, embedder, papers):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from research_pipeline.lib import store
-    from research_pipeline.lib.embedder import load_embedder
-    from research_pipeline.lib.embeddings import embed_missing
+    from research_pipeline.lib.core import store
+    from research_pipeline.lib.embed.model import load_embedder
+    from research_pipeline.lib.embed.embeddings import embed_missing
 
     class Progress:
         # Reports each line to the parent; after the second committed batch it stalls, so the

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib import fts, store
+from research_pipeline.lib.search import fts
+from research_pipeline.lib.core import store
 from research_pipeline_tests.conftest import IR, drop_pg_database, make_pg_database, require_shared
 
 N_DOCS = 300

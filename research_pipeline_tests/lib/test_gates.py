@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import gates, store
+from research_pipeline.lib.release import gates
+from research_pipeline.lib.core import store
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 
 
@@ -120,8 +121,9 @@ def _chunk(doc_id: str, ordinal: int, text: str) -> dict:
 
 
 def test_volume_gate_counts_the_real_artifacts(engine):
-    from research_pipeline.lib import fts, vectors
-    from research_pipeline.lib.embeddings import vector_to_bytes
+    from research_pipeline.lib.search import fts
+    from research_pipeline.lib.embed import vectors
+    from research_pipeline.lib.embed.embeddings import vector_to_bytes
 
     docs = [_doc(store.sha256_hex(f"doc{i}")) for i in range(3)]
     chunks = [_chunk(d["doc_id"], j, f"passage {j} of paper {d['doc_id'][:6]}") for d in docs for j in range(2)]

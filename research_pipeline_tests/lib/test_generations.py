@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import gates, generations, store
-from research_pipeline.lib.objectstore import LocalObjectStore, fsync_write
+from research_pipeline.lib.release import gates
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
+from research_pipeline.lib.core.objectstore import LocalObjectStore, fsync_write
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
@@ -40,10 +42,10 @@ pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 def build_corpus_rows(tmp_dir, embedder) -> dict[str, list[dict]]:
     """Ingest, chunk and embed SAMPLE with the project's own code; the rows of the corpus tables."""
-    from research_pipeline.lib.chunking import chunk_documents
-    from research_pipeline.lib.embeddings import embed_missing
-    from research_pipeline.lib.ingest import ingest
-    from research_pipeline.lib.sources import sources_for
+    from research_pipeline.lib.ingest.chunking import chunk_documents
+    from research_pipeline.lib.embed.embeddings import embed_missing
+    from research_pipeline.lib.ingest.pipeline import ingest
+    from research_pipeline.lib.ingest.sources import sources_for
 
     inbox = tmp_dir / "inbox"
     inbox.mkdir()
@@ -88,7 +90,7 @@ def sample_corpus(tmp_path_factory) -> dict[str, list[dict]]:
         if data.exists():
             rows = pickle.loads(data.read_bytes())
         else:
-            from research_pipeline.lib.embedder import load_embedder
+            from research_pipeline.lib.embed.model import load_embedder
 
             with tempfile.TemporaryDirectory(prefix="rp_sample_corpus_") as tmp:
                 rows = build_corpus_rows(Path(tmp), load_embedder())

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import store
-from research_pipeline.lib.ingest import ingest
-from research_pipeline.lib.pdf import REASONS
-from research_pipeline.lib.sources import FolderSource, sources_for
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.pdf import REASONS
+from research_pipeline.lib.ingest.sources import FolderSource, sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, require_shared
 
 GOOD = sorted(DEMO_PAPERS.glob("*.pdf"))[:5]

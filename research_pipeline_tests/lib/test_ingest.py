@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import store
-from research_pipeline.lib.ingest import IngestReport, ingest
-from research_pipeline.lib.pdf import PAGE_SEPARATOR, REASONS, tesseract_available
-from research_pipeline.lib.sources import FolderSource, JsonlSource, canonical_json, sources_for
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pipeline import IngestReport, ingest
+from research_pipeline.lib.ingest.pdf import PAGE_SEPARATOR, REASONS, tesseract_available
+from research_pipeline.lib.ingest.sources import FolderSource, JsonlSource, canonical_json, sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS, IR, PAPERS, REPO, require_shared
 
 PWL = "papers-we-love"
@@ -134,7 +134,7 @@ def test_fixed_file_leaves_quarantine_and_changed_file_is_reparsed(engine, tmp_p
 
 
 def test_batched_commits_write_what_one_transaction_per_document_writes(tmp_path, monkeypatch):
-    from research_pipeline.lib import ingest as ingest_module
+    from research_pipeline.lib.ingest import pipeline as ingest_module
 
     inbox = tmp_path / "inbox"
     (inbox / "nested").mkdir(parents=True)
@@ -205,9 +205,9 @@ def _worker_pids_with_marker(marker: str) -> list[int]:
 
 KILL_SCRIPT = """
 import sys, time
-from research_pipeline.lib import store
-from research_pipeline.lib.ingest import ingest
-from research_pipeline.lib.sources import sources_for
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.sources import sources_for
 engine = store.make_engine(sys.argv[1])
 store.create_schema(engine)
 # Slow the walk down so the parent can kill this process mid-way with documents committed.

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from research_pipeline.lib import metadata as md
-from research_pipeline.lib.pdf import parse_pdf
+from research_pipeline.lib.ingest import metadata as md
+from research_pipeline.lib.ingest.pdf import parse_pdf
 from research_pipeline_tests.conftest import PAPERS, REPO, require_shared
 
 FIXTURE = REPO / "research_pipeline_tests" / "fixtures" / "metadata_sample.tsv"

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import migrate, store
+from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.core import store
 from research_pipeline_tests.conftest import IR, drop_pg_database, make_pg_database, require_shared
 
 N_DOCS = 60

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline.lib import pdf
+from research_pipeline.lib.ingest import pdf
 from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, PAPERS, require_shared
 
 

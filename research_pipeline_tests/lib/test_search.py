@@ -10,10 +10,11 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib import fts, store
-from research_pipeline.lib.embedder import load_embedder
-from research_pipeline.lib.search import PaperHit, Searcher, SearchFilters, make_snippet
-from research_pipeline.lib.vectors import VectorIndex, build_vector_index
+from research_pipeline.lib.search import fts
+from research_pipeline.lib.core import store
+from research_pipeline.lib.embed.model import load_embedder
+from research_pipeline.lib.search.searcher import PaperHit, Searcher, SearchFilters, make_snippet
+from research_pipeline.lib.embed.vectors import VectorIndex, build_vector_index
 from research_pipeline_tests.lib.test_fts import load_records, scifact_records
 
 N_DOCS = 40

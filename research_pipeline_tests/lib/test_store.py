@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 
 def _doc(doc_id: str, title: str) -> dict:

@@ -4,7 +4,7 @@ import dagster as dg
 
 from research_pipeline.defs.ingest.assets import chunks
 from research_pipeline.defs.resources import DatabaseResource, EmbedderResource
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 #: The static shards of the document-hash space ('0'..'f'), shared with the migration.
 shard_partitions = dg.StaticPartitionsDefinition(list(store.SHARDS))
@@ -34,7 +34,7 @@ def chunk_embeddings(
     parallel. Batches are committed as they finish, so a run that crashes (or is cancelled)
     resumes where it stopped when the partition is materialized again.
     """
-    from research_pipeline.lib.embeddings import embed_missing
+    from research_pipeline.lib.embed.embeddings import embed_missing
 
     model = embedder.get_embedder()
     shard = context.partition_key

@@ -8,8 +8,8 @@ from research_pipeline.defs.resources import (
     EmbedderResource,
     InboxResource,
 )
-from research_pipeline.lib import store
-from research_pipeline.lib.pdf import REASONS
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pdf import REASONS
 
 
 class IngestConfig(dg.Config):
@@ -38,8 +38,8 @@ def documents(
     re-materializing only parses files it has not seen; files that cannot be parsed are kept
     in the `quarantine` table with a reason and are retried when their bytes change.
     """
-    from research_pipeline.lib.ingest import ingest
-    from research_pipeline.lib.sources import sources_for
+    from research_pipeline.lib.ingest.pipeline import ingest
+    from research_pipeline.lib.ingest.sources import sources_for
 
     path = inbox.get_path()
     if not path.exists():
@@ -117,7 +117,7 @@ def chunks(
     transaction), so re-materializing after a partial run finishes the rest and changes nothing
     else. Token counts use the embedding model's own tokenizer so no chunk is truncated.
     """
-    from research_pipeline.lib.chunking import chunk_documents
+    from research_pipeline.lib.ingest.chunking import chunk_documents
 
     engine = database.get_engine()
     model = embedder.get_embedder()

@@ -11,7 +11,7 @@ from research_pipeline.defs.resources import (
     InboxResource,
     ObjectStoreResource,
 )
-from research_pipeline.lib import migrate
+from research_pipeline.lib.migration import migrate
 
 
 @dg.asset_check(asset=migration, blocking=True, name="migration_verified")

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from research_pipeline.lib import migrate
+from research_pipeline.lib.migration import migrate
 
 
 class MigrationTargetResource(dg.ConfigurableResource):

@@ -14,7 +14,7 @@ from research_pipeline.defs.resources import (
     ObjectStoreResource,
     ReleaseGatesResource,
 )
-from research_pipeline.lib import generations
+from research_pipeline.lib.release import generations
 
 CHUNKS = dg.AssetKey("chunks")
 CHUNK_EMBEDDINGS = dg.AssetKey("chunk_embeddings")

@@ -14,9 +14,9 @@ from research_pipeline.defs.search.assets import (
     published_index,
     vector_index,
 )
-from research_pipeline.lib import generations
-from research_pipeline.lib.cache import QueryCache, cached_search
-from research_pipeline.lib.querylog import top_queries
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.search.cache import QueryCache, cached_search
+from research_pipeline.lib.search.querylog import top_queries
 
 reindex_job = dg.define_asset_job(
     name="reindex_job",
@@ -54,7 +54,7 @@ def warm_query_cache(
     query_cache: QueryCacheResource,
 ) -> None:
     """Runs the most frequent logged queries against the generation so their results are cached."""
-    from research_pipeline.lib.search import SearchFilters
+    from research_pipeline.lib.search.searcher import SearchFilters
 
     engine = database.get_engine()
     searcher = generations.open_searcher(

@@ -4,7 +4,8 @@ import dagster as dg
 
 from research_pipeline.defs.resources import DatabaseResource, QueryCacheResource
 from research_pipeline.defs.search.jobs import warm_cache_job
-from research_pipeline.lib import generations, store
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
 
 
 @dg.sensor(

@@ -16,8 +16,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.progress import emit
+from research_pipeline.lib.core import store
+from research_pipeline.lib.core.progress import emit
 
 #: Embeddings are stored as little-endian float32 so bytes are portable across machines.
 _DTYPE = np.dtype("<f4")

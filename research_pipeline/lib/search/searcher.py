@@ -26,13 +26,13 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.fts import MAX_QUERY_CHARS, fts_search, query_words
+from research_pipeline.lib.core import store
+from research_pipeline.lib.search.fts import MAX_QUERY_CHARS, fts_search, query_words
 
 MODES = ("hybrid", "bm25", "dense")
 
 #: Fusion parameters tuned on SciFact train, shipped as package data.
-TUNING_FILE = Path(__file__).resolve().parents[1] / "data" / "search_tuning.json"
+TUNING_FILE = Path(__file__).resolve().parents[2] / "data" / "search_tuning.json"
 
 #: Used when the packaged tuning file is absent; every key can be overridden per Searcher.
 BASE_TUNING: dict[str, Any] = {

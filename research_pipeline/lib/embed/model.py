@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research_pipeline.lib.settings import DEFAULT_MODEL
+from research_pipeline.config import DEFAULT_MODEL
 
 # Code never downloads weights: every model is a local path or a packaged model.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,18 +22,18 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.fts import INDEX_FORMAT, build_fts
-from research_pipeline.lib.ir_metrics import (
+from research_pipeline.lib.core import store
+from research_pipeline.lib.search.fts import INDEX_FORMAT, build_fts
+from research_pipeline.lib.release.ir_metrics import (
     mrr_at_k,
     ndcg_at_k,
     percentile,
     recall_at_k,
 )
-from research_pipeline.lib.objectstore import LocalObjectStore, sha256_file
-from research_pipeline.lib.progress import emit
-from research_pipeline.lib.search import MODES, Searcher
-from research_pipeline.lib.vectors import (
+from research_pipeline.lib.core.objectstore import LocalObjectStore, sha256_file
+from research_pipeline.lib.core.progress import emit
+from research_pipeline.lib.search.searcher import MODES, Searcher
+from research_pipeline.lib.embed.vectors import (
     VectorIndex,
     build_vector_index,
     load_vector_index,
@@ -86,26 +86,26 @@ class EvalIndex:
 
 
 def _ingest_corpus(engine: Engine, beir_dir: Path, log: Log) -> None:
-    from research_pipeline.lib.ingest import ingest
-    from research_pipeline.lib.sources import sources_for
+    from research_pipeline.lib.ingest.pipeline import ingest
+    from research_pipeline.lib.ingest.sources import sources_for
 
     ingest(engine, sources_for(beir_dir), log=log)
 
 
 def _chunk(engine: Engine, embedder: Any, log: Log) -> None:
-    from research_pipeline.lib.chunking import chunk_documents
+    from research_pipeline.lib.ingest.chunking import chunk_documents
 
     chunk_documents(engine, embedder.count_tokens, max_tokens=embedder.max_seq_length, log=log)
 
 
 def _embed(engine: Engine, embedder: Any, log: Log) -> None:
-    from research_pipeline.lib.embeddings import embed_missing
+    from research_pipeline.lib.embed.embeddings import embed_missing
 
     embed_missing(engine, embedder, log=log)
 
 
 def _load_embeddings(engine: Engine, model_id: str, hashes: list[str]) -> np.ndarray:
-    from research_pipeline.lib.embeddings import load_embeddings
+    from research_pipeline.lib.embed.embeddings import load_embeddings
 
     return load_embeddings(engine, model_id, hashes)
 
@@ -123,8 +123,8 @@ def _corpus_ids(engine: Engine) -> dict[str, str]:
 
 
 def _default_embedder() -> Any:
-    from research_pipeline.lib.embedder import load_embedder
-    from research_pipeline.lib.settings import Settings
+    from research_pipeline.lib.embed.model import load_embedder
+    from research_pipeline.config import Settings
 
     settings = Settings.from_env()
     return load_embedder(settings.model, settings.device)
@@ -147,7 +147,7 @@ def prepare(
     if not corpus.is_file():
         raise FileNotFoundError(f"{corpus} not found: a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/")
     if work_dir is None:
-        from research_pipeline.lib.settings import Settings
+        from research_pipeline.config import Settings
 
         work_dir = Settings.from_env().home / "eval" / beir_dir.resolve().name
     work_dir = Path(work_dir)
@@ -259,7 +259,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """nDCG@10, recall@100, MRR@10 and latency p50/p95 of `mode` on one split of a BEIR folder.
 
-    `tuning` overrides the Searcher's fusion parameters (see lib/search.py).
+    `tuning` overrides the Searcher's fusion parameters (see lib/search/searcher.py).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -390,7 +390,7 @@ def parse_pdf(
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
 
-    from research_pipeline.lib import metadata as md
+    from research_pipeline.lib.ingest import metadata as md
 
     started = time.monotonic()
     path = Path(path)
@@ -596,7 +596,7 @@ class _Worker:
         progress_fd, self.progress = _ProgressRecord.create()
         self.proc = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys; from research_pipeline.lib.pdf import _worker_main; "
+             "import sys; from research_pipeline.lib.ingest.pdf import _worker_main; "
              "_worker_main(*map(int, sys.argv[1:3]), int(sys.argv[3]), sys.argv[4] == '1', int(sys.argv[5]), "
              "int(sys.argv[6]))",
              str(to_child_r), str(from_child_w), str(memory_mb), "1" if ocr else "0", str(ocr_dpi),

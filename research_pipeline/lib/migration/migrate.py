@@ -36,8 +36,8 @@ from urllib.parse import quote, unquote, urlparse
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.progress import emit
+from research_pipeline.lib.core import store
+from research_pipeline.lib.core.progress import emit
 
 Log = Callable[[str], None] | None
 
@@ -952,7 +952,8 @@ def republish(target: Engine, target_store: Any, log: Log = None) -> dict[str, A
     copied to PostgreSQL, so the live generation's full-text table is rebuilt from the migrated
     chunks with the same code that built it.
     """
-    from research_pipeline.lib import fts, vectors
+    from research_pipeline.lib.search import fts
+    from research_pipeline.lib.embed import vectors
 
     with target.connect() as conn:
         live = conn.execute(

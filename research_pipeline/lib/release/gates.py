@@ -25,13 +25,14 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import generations, store
+from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store
 
 BLOCKING_GATES: tuple[str, ...] = ("volume", "latency", "quality")
 ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
 
 #: The bundled probe eval set (package data), built from the demo corpus.
-PROBE_EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "probe_eval"
+PROBE_EVAL_DIR = Path(__file__).resolve().parents[2] / "data" / "probe_eval"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _count(conn: sa.Connection, stmt: Any) -> int:
 
 def fts_row_count(engine: Engine, table: str) -> int:
     """Rows in a generation's full-text table (0 if it does not exist)."""
-    from research_pipeline.lib.fts import check_table_name
+    from research_pipeline.lib.search.fts import check_table_name
 
     check_table_name(table)
     if not sa.inspect(engine).has_table(table):

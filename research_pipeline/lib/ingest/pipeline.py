@@ -18,17 +18,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.metadata import record_metadata
-from research_pipeline.lib.objectstore import sha256_file
-from research_pipeline.lib.pdf import (
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.metadata import record_metadata
+from research_pipeline.lib.core.objectstore import sha256_file
+from research_pipeline.lib.ingest.pdf import (
     PARSER,
     PARSER_VERSION,
     REASONS,
     ParsePool,
     ParseResult,
 )
-from research_pipeline.lib.sources import SourceItem, canonical_json, iter_items
+from research_pipeline.lib.ingest.sources import SourceItem, canonical_json, iter_items
 
 Log = Callable[[str], None]
 

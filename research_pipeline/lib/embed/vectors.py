@@ -21,7 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from research_pipeline.lib.objectstore import ObjectStore
+from research_pipeline.lib.core.objectstore import ObjectStore
 
 #: Up to this many vectors the index is exact (IndexFlatIP).
 EXACT_THRESHOLD = 50_000

@@ -26,8 +26,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store as db
-from research_pipeline.lib.progress import emit
+from research_pipeline.lib.core import store as db
+from research_pipeline.lib.core.progress import emit
 
 G = db.index_generations
 P = db.index_pointer
@@ -176,7 +176,7 @@ def _promote_if_complete(engine: Engine, gen_id: str) -> str:
 
 def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None, log: Log = None) -> dict[str, Any]:
     """Build the full-text table of generation `gen_id` from the current chunks."""
-    from research_pipeline.lib import fts
+    from research_pipeline.lib.search import fts
 
     start_generation(engine, gen_id, model_id)
     table = fts_table_name(gen_id)
@@ -206,7 +206,8 @@ def build_vector_part(
     log: Log = None,
 ) -> dict[str, Any]:
     """Embed any chunk without a vector, then build and write the FAISS index of generation `gen_id`."""
-    from research_pipeline.lib import embeddings, vectors
+    from research_pipeline.lib.embed import embeddings
+    from research_pipeline.lib.embed import vectors
 
     start_generation(engine, gen_id, embedder.model_id)
     started = time.perf_counter()
@@ -422,7 +423,7 @@ def rollback(engine: Engine, gen_id: str | None = None) -> str:
 
 def drop_generation_files(engine: Engine, object_store: Any, gen: Mapping[str, Any]) -> None:
     """Drop the full-text table and delete the vector files of one generation (idempotent)."""
-    from research_pipeline.lib import fts
+    from research_pipeline.lib.search import fts
 
     table = gen.get("fts_table") or fts_table_name(gen["gen_id"])
     fts.drop_fts(engine, table)
@@ -496,7 +497,7 @@ def _forget_vectors(key: str | None) -> None:
 
 def load_vectors(object_store: Any, key: str) -> Any:
     """The loaded VectorIndex of a manifest key (cached per process)."""
-    from research_pipeline.lib import vectors
+    from research_pipeline.lib.embed import vectors
 
     ident = (getattr(object_store, "url", str(id(object_store))), key)
     with _VECTORS_LOCK:
@@ -517,7 +518,7 @@ def open_searcher(engine: Engine, object_store: Any, embedder: Any, gen_id: str 
     The Searcher holds its generation's table name and loaded vectors, so a search that
     started on it finishes on it even if another generation is published meanwhile.
     """
-    from research_pipeline.lib.search import Searcher
+    from research_pipeline.lib.search.searcher import Searcher
 
     if gen_id is None:
         gen = live_generation(engine)

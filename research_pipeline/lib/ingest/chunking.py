@@ -22,8 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
-from research_pipeline.lib.progress import emit
+from research_pipeline.lib.core import store
+from research_pipeline.lib.core.progress import emit
 
 #: Word pieces the model adds around every input ([CLS] and [SEP] for BERT-style models).
 SPECIAL_TOKENS = 2

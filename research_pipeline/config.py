@@ -32,7 +32,7 @@ def default_home() -> Path:
 
 
 def default_inbox() -> Path:
-    return Path(os.environ.get("RP_INBOX") or (Path(__file__).resolve().parents[2] / "examples" / "papers"))
+    return Path(os.environ.get("RP_INBOX") or (Path(__file__).resolve().parents[1] / "examples" / "papers"))
 
 
 def default_database_url(home: Path) -> str:

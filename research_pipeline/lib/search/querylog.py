@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib import store
+from research_pipeline.lib.core import store
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def latency_summary(engine: Engine, gen_id: str | None = None) -> dict[str, floa
         stmt = stmt.where(ql.c.gen_id == gen_id)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
-    from research_pipeline.lib.gates import percentiles
+    from research_pipeline.lib.release.gates import percentiles
 
     lat = [float(r.latency_ms) for r in rows]
     out: dict[str, float | int] = {"searches": len(rows), "cache_hits": sum(1 for r in rows if r.cache_hit)}

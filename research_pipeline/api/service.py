@@ -27,8 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from research_pipeline.lib import store
-from research_pipeline.lib.settings import Settings
+from research_pipeline.lib.core import store
+from research_pipeline.config import Settings
 
 MAX_K = 100
 
@@ -114,8 +114,8 @@ class SearchApp:
             "rp_search_cache_hits", "/search answers served from the query cache", registry=self.registry
         )
         self.registry.register(_CorpusCollector(self))
-        from research_pipeline.lib.cache import QueryCache
-        from research_pipeline.lib.querylog import QueryLog
+        from research_pipeline.lib.search.cache import QueryCache
+        from research_pipeline.lib.search.querylog import QueryLog
 
         # Redis when RP_REDIS_URL is set: shared by every replica and warmed after each publish.
         self.cache = QueryCache(redis_url=settings.redis_url)
@@ -140,9 +140,9 @@ class SearchApp:
         with self._lock:
             if self._searcher is None or self._searcher_gen != live["gen_id"]:
                 try:
-                    from research_pipeline.lib.embedder import load_embedder
-                    from research_pipeline.lib.generations import open_searcher
-                    from research_pipeline.lib.objectstore import open_object_store
+                    from research_pipeline.lib.embed.model import load_embedder
+                    from research_pipeline.lib.release.generations import open_searcher
+                    from research_pipeline.lib.core.objectstore import open_object_store
 
                     self._searcher = open_searcher(
                         self.engine,
@@ -180,8 +180,8 @@ class SearchApp:
         except NotReady as exc:
             self.requests.labels("not_ready").inc()
             return 503, {"error": str(exc)}
-        from research_pipeline.lib.cache import cached_search
-        from research_pipeline.lib.search import SearchFilters
+        from research_pipeline.lib.search.cache import cached_search
+        from research_pipeline.lib.search.searcher import SearchFilters
 
         filters = None
         if year_min is not None or year_max is not None or author:
