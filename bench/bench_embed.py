@@ -29,12 +29,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from research_pipeline.lib.core import store
-from research_pipeline.lib.ingest.chunking import chunk_documents
-from research_pipeline.lib.embed.model import load_embedder, resolve_model_path
-from research_pipeline.lib.embed.embeddings import embed_missing
-from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.config import Settings
+from research_pipeline.lib.core import store
+from research_pipeline.lib.embed.embeddings import embed_missing
+from research_pipeline.lib.embed.model import load_embedder, resolve_model_path
+from research_pipeline.lib.ingest.chunking import chunk_documents
+from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
 
 REPO = Path(__file__).resolve().parents[1]

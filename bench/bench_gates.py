@@ -28,17 +28,16 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from research_pipeline.lib.release import gates
-from research_pipeline.lib.release import generations
-from research_pipeline.lib.core import store
-from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
-from research_pipeline.lib.ingest.chunking import chunk_documents
-from research_pipeline.lib.embed.model import load_embedder
-from research_pipeline.lib.embed.embeddings import embed_missing
-from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.objectstore import LocalObjectStore
-from research_pipeline.lib.search.querylog import QueryLog
+from research_pipeline.lib.embed.embeddings import embed_missing
+from research_pipeline.lib.embed.model import load_embedder
+from research_pipeline.lib.ingest.chunking import chunk_documents
+from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
+from research_pipeline.lib.release import gates, generations
+from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
+from research_pipeline.lib.search.querylog import QueryLog
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "papers"
@@ -129,7 +128,7 @@ def bench_querylog(engine) -> tuple[str, str, str, str]:  # noqa: ANN001
         with engine.begin() as conn:
             conn.execute(
                 sa.insert(store.query_log),
-                {"ts": store.utcnow(), "query": f"q {i}", "gen_id": "g", "latency_ms": 1.0, "n_results": 3, "cache_hit": False},
+                {"ts": util.utcnow(), "query": f"q {i}", "gen_id": "g", "latency_ms": 1.0, "n_results": 3, "cache_hit": False},
             )
 
     sync = [timed(lambda i=i: insert_one(i)) for i in range(n)]
@@ -153,7 +152,7 @@ def bench_swap(engine, obj, embedder, label: str) -> tuple[str, str, str, str]: 
 
     def flip() -> None:
         with engine.begin() as conn:
-            conn.execute(sa.update(p).where(p.c.name == "live").values(gen_id=live, updated_at=store.utcnow()))
+            conn.execute(sa.update(p).where(p.c.name == "live").values(gen_id=live, updated_at=util.utcnow()))
 
     bare = [timed(flip) for _ in range(SWAPS)]
     rollback = timed(lambda: generations.rollback(engine))

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.migration import migrate
-from research_pipeline.lib.core import store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -53,11 +53,11 @@ def build_source(path: Path, n_chunks: int) -> str:
     store.create_schema(engine)
     passages = _passages()
     rng = np.random.default_rng(0)
-    now = store.utcnow()
+    now = util.utcnow()
     n_docs = n_chunks // CHUNKS_PER_DOC
     with engine.begin() as conn:
         for d in range(n_docs):
-            doc_id = store.sha256_hex(f"bench-doc-{d}")
+            doc_id = util.sha256_hex(f"bench-doc-{d}")
             pieces = [f"[{d}.{o}] {passages[(d * CHUNKS_PER_DOC + o) % len(passages)]}" for o in range(CHUNKS_PER_DOC)]
             text = "\n".join(pieces)
             store.upsert(conn, store.documents, [dict(
@@ -69,9 +69,9 @@ def build_source(path: Path, n_chunks: int) -> str:
             vecs = rng.standard_normal((CHUNKS_PER_DOC, DIM)).astype("<f4")
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             for o, piece in enumerate(pieces):
-                h = store.sha256_hex(piece)
+                h = util.sha256_hex(piece)
                 chunks.append(dict(
-                    chunk_id=store.sha256_hex(f"{doc_id}|{o}|{h}"), doc_id=doc_id, shard=doc_id[0], ordinal=o,
+                    chunk_id=util.sha256_hex(f"{doc_id}|{o}|{h}"), doc_id=doc_id, shard=doc_id[0], ordinal=o,
                     section="Abstract", is_references=False, page_start=1, page_end=1, char_start=pos,
                     char_end=pos + len(piece), n_tokens=len(piece.split()), content_hash=h, text=piece))
                 embs.append(dict(content_hash=h, model_id=MODEL_ID, shard=h[0], dim=DIM, vector=vecs[o].tobytes(),

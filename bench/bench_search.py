@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from research_pipeline.lib.release import evaluate
-from research_pipeline.lib.search import fts
-from research_pipeline.lib.core import store
-from research_pipeline.lib.embed.model import load_embedder
-from research_pipeline.lib.embed.embeddings import load_embeddings
-from research_pipeline.lib.release.ir_metrics import percentile
-from research_pipeline.lib.search.searcher import Searcher
 from research_pipeline.config import Settings
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.embed.embeddings import load_embeddings
+from research_pipeline.lib.embed.model import load_embedder
 from research_pipeline.lib.embed.vectors import build_vector_index
+from research_pipeline.lib.release import evaluate
+from research_pipeline.lib.release.ir_metrics import percentile
+from research_pipeline.lib.search import fts
+from research_pipeline.lib.search.searcher import Searcher
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ir" / "scifact"
 NOISE = 0.02
@@ -84,13 +84,13 @@ def scaled_corpus(docs, chunks, vecs, size: int, seed: int = 0):  # noqa: ANN001
         batch_vecs /= np.linalg.norm(batch_vecs, axis=1, keepdims=True)
         out_vecs.append(batch_vecs)
         for c in take:
-            doc_id = store.sha256_hex(f"{c['doc_id']}|copy{copy}")
+            doc_id = util.sha256_hex(f"{c['doc_id']}|copy{copy}")
             if doc_id not in out_docs:
                 out_docs[doc_id] = {**doc_by_id[c["doc_id"]], "doc_id": doc_id, "shard": doc_id[0]}
             text = _perturb(c["text"], rng)
-            h = store.sha256_hex(text)
+            h = util.sha256_hex(text)
             out_chunks.append({**c, "doc_id": doc_id, "shard": doc_id[0], "text": text, "content_hash": h,
-                               "chunk_id": store.sha256_hex(f"{doc_id}|{c['ordinal']}|{h}")})
+                               "chunk_id": util.sha256_hex(f"{doc_id}|{c['ordinal']}|{h}")})
     return list(out_docs.values()), out_chunks, np.vstack(out_vecs)
 
 

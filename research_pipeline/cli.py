@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.lib.core import store
 from research_pipeline.config import Settings
+from research_pipeline.lib.core import store
 
 NO_GENERATION = (
     "no index generation is published yet: run `make demo` or materialize reindex_job "

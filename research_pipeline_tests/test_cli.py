@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from research_pipeline import cli
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def rp_env(monkeypatch, tmp_path, db_url):
 def _quarantine(engine, reasons):
     rows = [
         {"uri": f"file:///inbox/{i}.pdf", "content_hash": None, "reason": r, "message": "x", "size": 1,
-         "quarantined_at": store.utcnow()}
+         "quarantined_at": util.utcnow()}
         for i, r in enumerate(reasons)
     ]
     with engine.begin() as conn:

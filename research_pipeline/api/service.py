@@ -27,8 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from research_pipeline.lib.core import store
 from research_pipeline.config import Settings
+from research_pipeline.lib.core import store
 
 MAX_K = 100
 
@@ -140,9 +140,9 @@ class SearchApp:
         with self._lock:
             if self._searcher is None or self._searcher_gen != live["gen_id"]:
                 try:
+                    from research_pipeline.lib.core.objectstore import open_object_store
                     from research_pipeline.lib.embed.model import load_embedder
                     from research_pipeline.lib.release.generations import open_searcher
-                    from research_pipeline.lib.core.objectstore import open_object_store
 
                     self._searcher = open_searcher(
                         self.engine,

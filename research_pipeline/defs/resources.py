@@ -15,12 +15,12 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import PrivateAttr
 
+from research_pipeline.config import Settings
 from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.lib.core import store
+from research_pipeline.lib.core.objectstore import ObjectStore, open_object_store
 from research_pipeline.lib.embed.model import Embedder, load_embedder
 from research_pipeline.lib.release.gates import GateThresholds
-from research_pipeline.lib.core.objectstore import ObjectStore, open_object_store
-from research_pipeline.config import Settings
 
 
 class DatabaseResource(dg.ConfigurableResource):

@@ -3,15 +3,18 @@
 import dagster as dg
 import pytest
 
+from research_pipeline.config import Settings
 from research_pipeline.defs.resources import QueryCacheResource, build_resources
 from research_pipeline.defs.search.jobs import warm_cache_job
 from research_pipeline.defs.search.sensors import published_index_sensor
-from research_pipeline.lib.release import gates
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import gates, generations
 from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
 from research_pipeline.lib.search.querylog import QueryLog, top_queries
-from research_pipeline.config import Settings
-from research_pipeline_tests.lib.test_generations import SEARCH_GROUP, load_corpus_rows, sample_corpus
+from research_pipeline_tests.lib.test_generations import (
+    SEARCH_GROUP,
+    load_corpus_rows,
+    sample_corpus,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RELAXED = gates.GateThresholds(latency_p95_ms=600_000.0)

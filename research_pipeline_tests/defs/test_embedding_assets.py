@@ -9,7 +9,12 @@ from research_pipeline.defs.embeddings.assets import chunk_embeddings
 from research_pipeline.defs.ingest.assets import chunks, documents
 from research_pipeline.defs.resources import build_resources
 from research_pipeline.lib.core import store
-from research_pipeline_tests.defs.test_ingest_assets import RUN_CONFIG, make_settings, metadata_of, small_papers
+from research_pipeline_tests.defs.test_ingest_assets import (
+    RUN_CONFIG,
+    make_settings,
+    metadata_of,
+    small_papers,
+)
 
 
 def _distinct_hashes(engine, shard: str) -> set[str]:

@@ -8,11 +8,11 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from research_pipeline.config import Settings
 from research_pipeline.defs.ingest.assets import chunks, documents
-from research_pipeline.lib.ingest.pdf import REASONS as QUARANTINE_REASONS
 from research_pipeline.defs.resources import build_resources
 from research_pipeline.lib.core import store
-from research_pipeline.config import Settings
+from research_pipeline.lib.ingest.pdf import REASONS as QUARANTINE_REASONS
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 RUN_CONFIG = {"ops": {"documents": {"config": {"workers": 1}}}}

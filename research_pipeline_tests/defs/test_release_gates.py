@@ -4,13 +4,22 @@ in the same run and (through its automation condition) across runs; a passing ru
 import dagster as dg
 import pytest
 
-from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
-from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
-from research_pipeline.defs.search.checks import release_gates_check
-from research_pipeline.lib.release import generations
-from research_pipeline.lib.core import store
 from research_pipeline.config import Settings
-from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP, load_corpus_rows, sample_corpus
+from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
+from research_pipeline.defs.search.assets import (
+    fts_index,
+    published_index,
+    vector_index,
+)
+from research_pipeline.defs.search.checks import release_gates_check
+from research_pipeline.lib.core import store
+from research_pipeline.lib.release import generations
+from research_pipeline_tests.lib.test_generations import (
+    SAMPLE,
+    SEARCH_GROUP,
+    load_corpus_rows,
+    sample_corpus,
+)
 
 SEARCH_DEFS = [fts_index, vector_index, published_index, release_gates_check]
 #: Two probe queries keep each gate step short; latency has its own failing case below.

@@ -6,17 +6,25 @@ import shutil
 import dagster as dg
 import pytest
 
+from research_pipeline.config import Settings
 from research_pipeline.defs.embeddings.assets import chunk_embeddings
 from research_pipeline.defs.ingest.assets import chunks, documents
-from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
-from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
+from research_pipeline.defs.resources import (
+    DEFAULT_NIGHTLY_CRON,
+    ReleaseGatesResource,
+    build_resources,
+    nightly_cron,
+)
+from research_pipeline.defs.search.assets import (
+    fts_index,
+    published_index,
+    vector_index,
+)
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.defs.search.jobs import reindex_job
-from research_pipeline.defs.resources import DEFAULT_NIGHTLY_CRON, nightly_cron
 from research_pipeline.defs.search.schedules import build_nightly_reindex
-from research_pipeline.lib.release import generations
 from research_pipeline.lib.core import store
-from research_pipeline.config import Settings
+from research_pipeline.lib.release import generations
 from research_pipeline_tests.conftest import DEMO_PAPERS
 from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP
 

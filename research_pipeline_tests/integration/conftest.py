@@ -35,11 +35,11 @@ def _demo_queries() -> list[str]:
 
 def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
     """Ingest, chunk, embed, index and publish the whole demo corpus with the pipeline's own code."""
-    from research_pipeline.lib.release import generations
-    from research_pipeline.lib.ingest.chunking import chunk_documents
     from research_pipeline.lib.embed.embeddings import embed_missing
+    from research_pipeline.lib.ingest.chunking import chunk_documents
     from research_pipeline.lib.ingest.pipeline import ingest
     from research_pipeline.lib.ingest.sources import sources_for
+    from research_pipeline.lib.release import generations
 
     files = sorted(p.name for p in DEMO_PAPERS.glob("*.pdf"))
     inbox = home / "inbox"

@@ -20,15 +20,29 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from dagster_aws.s3 import S3Resource
 
-from research_pipeline.defs.migration.assets import migrated_objects, migrated_rows, migration, migration_cutover
+from research_pipeline.defs.migration.assets import (
+    migrated_objects,
+    migrated_rows,
+    migration,
+    migration_cutover,
+)
 from research_pipeline.defs.migration.checks import migration_verified
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.defs.resources import DatabaseResource, InboxResource, ObjectStoreResource
-from research_pipeline.lib.release import generations
-from research_pipeline.lib.migration import migrate
-from research_pipeline.lib.core import store
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    InboxResource,
+    ObjectStoreResource,
+)
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.objectstore import S3ObjectStore
-from research_pipeline_tests.conftest import DEMO_PAPERS, REPO, drop_pg_database, make_pg_database
+from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.release import generations
+from research_pipeline_tests.conftest import (
+    DEMO_PAPERS,
+    REPO,
+    drop_pg_database,
+    make_pg_database,
+)
 
 # Kept on one worker where loadgroup honours it (then the moto server starts once); the demo
 # source is shared across workers either way (see conftest.demo_source).
@@ -308,12 +322,12 @@ def test_papers_gone_or_changed_since_ingest_are_named_and_the_rest_uploaded(tmp
     url = f"sqlite:///{tmp_path / 'rp.db'}"
     engine = store.make_engine(url)
     store.create_schema(engine)
-    now = store.utcnow()
+    now = util.utcnow()
     rows = []
     for pdf in pdfs:
         copy = inbox / pdf.name
         copy.write_bytes(pdf.read_bytes())
-        rows.append((store.sha256_hex(copy.read_bytes()), copy))
+        rows.append((util.sha256_hex(copy.read_bytes()), copy))
     with engine.begin() as conn:
         store.upsert(conn, store.documents, [
             dict(doc_id=d, shard=d[0], source_kind="pdf", title=p.name, text="t", page_offsets="[0]", parser="p",

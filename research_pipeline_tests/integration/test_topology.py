@@ -25,7 +25,11 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline_tests.conftest import DEMO_PAPERS, drop_pg_database, make_pg_database
+from research_pipeline_tests.conftest import (
+    DEMO_PAPERS,
+    drop_pg_database,
+    make_pg_database,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

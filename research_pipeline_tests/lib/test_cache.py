@@ -7,7 +7,12 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline.lib.search.cache import QueryCache, cache_key, filters_dict, normalise_query
+from research_pipeline.lib.search.cache import (
+    QueryCache,
+    cache_key,
+    filters_dict,
+    normalise_query,
+)
 from research_pipeline.lib.search.querylog import QueryLog, latency_summary, top_queries
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -11,8 +11,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib.core import store
-from research_pipeline.lib.ingest.chunking import FRONT_MATTER, chunk_document, chunk_documents, detect_sections
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.ingest.chunking import (
+    FRONT_MATTER,
+    chunk_document,
+    chunk_documents,
+    detect_sections,
+)
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS
@@ -55,8 +60,8 @@ def check_chunk(doc: dict, row: dict, count_tokens, budget: int = BUDGET) -> Non
     assert row["text"] == text[row["char_start"] : row["char_end"]]
     assert row["text"].strip() == row["text"], "chunks start and end on a token"
     assert 0 < count_tokens(row["text"]) == row["n_tokens"] <= budget
-    assert row["content_hash"] == store.sha256_hex(row["text"])
-    assert row["chunk_id"] == store.sha256_hex(f"{doc['doc_id']}|{row['ordinal']}|{row['content_hash']}")
+    assert row["content_hash"] == util.sha256_hex(row["text"])
+    assert row["chunk_id"] == util.sha256_hex(f"{doc['doc_id']}|{row['ordinal']}|{row['content_hash']}")
     assert row["shard"] == doc["doc_id"][0]
     offsets = json.loads(doc["page_offsets"])
     # 1-based pages: the page holding the first and the last character of the chunk.

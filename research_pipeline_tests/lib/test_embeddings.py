@@ -13,9 +13,14 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline.lib.ingest.chunking import chunk_document
+from research_pipeline.lib.embed.embeddings import (
+    bytes_to_vector,
+    embed_missing,
+    load_embeddings,
+    vector_to_bytes,
+)
 from research_pipeline.lib.embed.model import resolve_model_path
-from research_pipeline.lib.embed.embeddings import bytes_to_vector, embed_missing, load_embeddings, vector_to_bytes
+from research_pipeline.lib.ingest.chunking import chunk_document
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 from research_pipeline_tests.lib.test_chunking import ingest_demo
 

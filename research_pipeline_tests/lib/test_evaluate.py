@@ -10,10 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from research_pipeline.lib.release import evaluate as evaluate_lib
 from research_pipeline.lib.embed import vectors
 from research_pipeline.lib.embed.model import load_embedder
-from research_pipeline.lib.release.ir_metrics import mrr_at_k, ndcg_at_k, percentile, recall_at_k
+from research_pipeline.lib.release import evaluate as evaluate_lib
+from research_pipeline.lib.release.ir_metrics import (
+    mrr_at_k,
+    ndcg_at_k,
+    percentile,
+    recall_at_k,
+)
 from research_pipeline_tests.conftest import IR, require_shared
 
 #: Acceptance floors on SciFact test (parameters were tuned on train only; see docs/SEARCH.md).

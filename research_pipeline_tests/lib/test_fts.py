@@ -11,9 +11,14 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.search import fts
-from research_pipeline.lib.core import store
-from research_pipeline_tests.conftest import IR, drop_pg_database, make_pg_database, require_shared
+from research_pipeline_tests.conftest import (
+    IR,
+    drop_pg_database,
+    make_pg_database,
+    require_shared,
+)
 
 N_DOCS = 300
 
@@ -32,13 +37,13 @@ def scifact_records(n: int = N_DOCS) -> list[dict]:
 
 def load_records(engine: sa.Engine, records: list[dict]) -> dict[str, str]:
     """Documents and one chunk per record in the agreed row shapes; returns chunk_id -> _id."""
-    now = store.utcnow()
+    now = util.utcnow()
     docs, chunks, ids = [], [], {}
     for rec in records:
-        doc_id = store.sha256_hex(json.dumps(rec, sort_keys=True))
+        doc_id = util.sha256_hex(json.dumps(rec, sort_keys=True))
         text = rec["text"]
-        content_hash = store.sha256_hex(text)
-        chunk_id = store.sha256_hex(f"{doc_id}|0|{content_hash}")
+        content_hash = util.sha256_hex(text)
+        chunk_id = util.sha256_hex(f"{doc_id}|0|{content_hash}")
         docs.append(
             dict(doc_id=doc_id, shard=doc_id[0], source_kind="record", title=rec["title"], authors="[]",
                  year=None, abstract=None, text=text, page_offsets="[0]", parser="test", parser_version="1",

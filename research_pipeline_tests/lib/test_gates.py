@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.release import gates
-from research_pipeline.lib.core import store
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 
 
@@ -45,7 +45,7 @@ def test_bundled_probe_set_matches_the_demo_queries():
         assert set(probe.qrels[by_text[r["query"]]]) == expected
     # The doc ids are the sha256 of the PDF bytes, i.e. what ingest uses as doc_id.
     pdf = next(iter(sha))
-    assert store.sha256_hex((DEMO_PAPERS / pdf).read_bytes()) == sha[pdf]
+    assert util.sha256_hex((DEMO_PAPERS / pdf).read_bytes()) == sha[pdf]
 
 
 def test_probe_set_limited_prefers_answerable_queries():
@@ -97,14 +97,14 @@ def _doc(doc_id: str, quality: float = 1.0, hours_ago: float = 0.0) -> dict:
         "parser": "test",
         "parser_version": "1",
         "quality": quality,
-        "ingested_at": store.utcnow() - timedelta(hours=hours_ago),
+        "ingested_at": util.utcnow() - timedelta(hours=hours_ago),
     }
 
 
 def _chunk(doc_id: str, ordinal: int, text: str) -> dict:
-    h = store.sha256_hex(text)
+    h = util.sha256_hex(text)
     return {
-        "chunk_id": store.sha256_hex(f"{doc_id}|{ordinal}|{h}"),
+        "chunk_id": util.sha256_hex(f"{doc_id}|{ordinal}|{h}"),
         "doc_id": doc_id,
         "shard": doc_id[0],
         "ordinal": ordinal,
@@ -121,11 +121,11 @@ def _chunk(doc_id: str, ordinal: int, text: str) -> dict:
 
 
 def test_volume_gate_counts_the_real_artifacts(engine):
-    from research_pipeline.lib.search import fts
     from research_pipeline.lib.embed import vectors
     from research_pipeline.lib.embed.embeddings import vector_to_bytes
+    from research_pipeline.lib.search import fts
 
-    docs = [_doc(store.sha256_hex(f"doc{i}")) for i in range(3)]
+    docs = [_doc(util.sha256_hex(f"doc{i}")) for i in range(3)]
     chunks = [_chunk(d["doc_id"], j, f"passage {j} of paper {d['doc_id'][:6]}") for d in docs for j in range(2)]
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((len(chunks), 8)).astype("float32")
@@ -137,7 +137,7 @@ def test_volume_gate_counts_the_real_artifacts(engine):
             sa.insert(store.embeddings),
             [
                 {"content_hash": c["content_hash"], "model_id": "m", "shard": c["content_hash"][0], "dim": 8,
-                 "vector": vector_to_bytes(v), "created_at": store.utcnow()}
+                 "vector": vector_to_bytes(v), "created_at": util.utcnow()}
                 for c, v in zip(chunks, vecs)
             ],
         )
@@ -170,11 +170,11 @@ def test_advisory_gates(engine):
     with engine.begin() as conn:
         conn.execute(
             sa.insert(store.documents),
-            [_doc(store.sha256_hex("a"), 0.9, hours_ago=1), _doc(store.sha256_hex("b"), 0.3, hours_ago=2)],
+            [_doc(util.sha256_hex("a"), 0.9, hours_ago=1), _doc(util.sha256_hex("b"), 0.3, hours_ago=2)],
         )
         conn.execute(
             sa.insert(store.quarantine),
-            [{"uri": "x.pdf", "reason": "corrupt", "message": "m", "quarantined_at": store.utcnow()}],
+            [{"uri": "x.pdf", "reason": "corrupt", "message": "m", "quarantined_at": util.utcnow()}],
         )
     th = gates.GateThresholds(max_quarantine_share=0.5, min_median_quality=0.2)
     ok = gates.parse_quality_gate(engine, th)

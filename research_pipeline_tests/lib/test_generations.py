@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib.release import gates
-from research_pipeline.lib.release import generations
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore, fsync_write
+from research_pipeline.lib.release import gates, generations
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
@@ -42,8 +41,8 @@ pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 
 def build_corpus_rows(tmp_dir, embedder) -> dict[str, list[dict]]:
     """Ingest, chunk and embed SAMPLE with the project's own code; the rows of the corpus tables."""
-    from research_pipeline.lib.ingest.chunking import chunk_documents
     from research_pipeline.lib.embed.embeddings import embed_missing
+    from research_pipeline.lib.ingest.chunking import chunk_documents
     from research_pipeline.lib.ingest.pipeline import ingest
     from research_pipeline.lib.ingest.sources import sources_for
 

@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.pdf import REASONS
+from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import FolderSource, sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, require_shared
 

@@ -16,11 +16,26 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.ingest.pdf import (
+    PAGE_SEPARATOR,
+    REASONS,
+    tesseract_available,
+)
 from research_pipeline.lib.ingest.pipeline import IngestReport, ingest
-from research_pipeline.lib.ingest.pdf import PAGE_SEPARATOR, REASONS, tesseract_available
-from research_pipeline.lib.ingest.sources import FolderSource, JsonlSource, canonical_json, sources_for
-from research_pipeline_tests.conftest import DEMO_PAPERS, IR, PAPERS, REPO, require_shared
+from research_pipeline.lib.ingest.sources import (
+    FolderSource,
+    JsonlSource,
+    canonical_json,
+    sources_for,
+)
+from research_pipeline_tests.conftest import (
+    DEMO_PAPERS,
+    IR,
+    PAPERS,
+    REPO,
+    require_shared,
+)
 
 PWL = "papers-we-love"
 SUBSET = [
@@ -77,10 +92,10 @@ def test_subset_on_both_backends(engine, tmp_path):
         quarantine = {r.uri: r for r in conn.execute(sa.select(store.quarantine))}
     assert len(docs) == 6
     for uri, doc_id in sources.items():
-        assert doc_id == store.sha256_hex(Path(uri).read_bytes())
+        assert doc_id == util.sha256_hex(Path(uri).read_bytes())
     assert sources[str(inbox / "bitcoin.pdf")] == sources[str(inbox / "nested" / "BITCOIN-copy.PDF")]
     assert quarantine[str(inbox / "therac.pdf")].reason == "garbled"
-    assert quarantine[str(inbox / "therac.pdf")].content_hash == store.sha256_hex((inbox / "therac.pdf").read_bytes())
+    assert quarantine[str(inbox / "therac.pdf")].content_hash == util.sha256_hex((inbox / "therac.pdf").read_bytes())
     by_name = {Path(u).name: docs[d] for u, d in sources.items()}
     for doc in docs.values():
         assert doc.text.strip()
@@ -127,8 +142,8 @@ def test_fixed_file_leaves_quarantine_and_changed_file_is_reparsed(engine, tmp_p
         assert conn.execute(sa.select(sa.func.count()).select_from(store.quarantine)).scalar_one() == 0
         sources = dict(conn.execute(sa.select(store.document_sources.c.uri, store.document_sources.c.doc_id)).all())
         n_docs = conn.execute(sa.select(sa.func.count()).select_from(store.documents)).scalar_one()
-    assert sources[str(inbox / "a.pdf")] == store.sha256_hex(good[1].read_bytes())
-    assert sources[str(inbox / "b.pdf")] == store.sha256_hex(good[2].read_bytes())
+    assert sources[str(inbox / "a.pdf")] == util.sha256_hex(good[1].read_bytes())
+    assert sources[str(inbox / "b.pdf")] == util.sha256_hex(good[2].read_bytes())
     # The old version of b.pdf stays a document: nothing ingested is ever lost.
     assert n_docs == 3
 
@@ -175,13 +190,13 @@ def test_jsonl_records(engine, tmp_path):
     assert report.documents_new == 41  # 40 records + the copy with another _id (another canonical JSON)
     assert report.quarantined == {"corrupt": 1, "empty": 1}
     rec = json.loads(lines[3])
-    doc_id = store.sha256_hex(canonical_json(rec))
+    doc_id = util.sha256_hex(canonical_json(rec))
     with engine.connect() as conn:
         row = conn.execute(sa.select(store.documents).where(store.documents.c.doc_id == doc_id)).one()
     assert row.source_kind == "record" and row.title == rec["title"] and row.text == rec["text"]
     assert row.page_count == 1 and json.loads(row.page_offsets) == [0]
     item = next(i for i in JsonlSource(folder / "corpus.jsonl") if i.record and i.record["_id"] == rec["_id"])
-    assert store.sha256_hex(item.read_bytes()) == doc_id
+    assert util.sha256_hex(item.read_bytes()) == doc_id
     before = snapshot(engine)
     again = ingest(engine, sources_for(folder))
     assert again.documents_new == 0 and again.documents_unchanged == 42 and again.quarantined == {}

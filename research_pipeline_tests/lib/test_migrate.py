@@ -16,9 +16,14 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.migration import migrate
-from research_pipeline.lib.core import store
-from research_pipeline_tests.conftest import IR, drop_pg_database, make_pg_database, require_shared
+from research_pipeline_tests.conftest import (
+    IR,
+    drop_pg_database,
+    make_pg_database,
+    require_shared,
+)
 
 N_DOCS = 60
 
@@ -28,12 +33,12 @@ def _build_source(path: Path) -> str:
     engine = store.make_engine(url)
     store.create_schema(engine)
     rng = np.random.default_rng(7)
-    now = store.utcnow()
+    now = util.utcnow()
     docs, sources, chunks, embs = [], [], [], []
     with open(require_shared(IR / "scifact" / "corpus.jsonl"), encoding="utf-8") as fh:
         records = [json.loads(line) for _, line in zip(range(N_DOCS), fh)]
     for i, rec in enumerate(records):
-        doc_id = store.sha256_hex(json.dumps(rec, sort_keys=True))
+        doc_id = util.sha256_hex(json.dumps(rec, sort_keys=True))
         text = rec["text"]
         docs.append(
             dict(doc_id=doc_id, shard=doc_id[0], source_kind="record", title=rec["title"], authors='["A. Author"]',
@@ -47,9 +52,9 @@ def _build_source(path: Path) -> str:
         step = max(1, len(text) // 3)
         for ordinal, start in enumerate(range(0, len(text), step)):
             piece = text[start : start + step]
-            content_hash = store.sha256_hex(piece)
+            content_hash = util.sha256_hex(piece)
             chunks.append(
-                dict(chunk_id=store.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}"), doc_id=doc_id, shard=doc_id[0],
+                dict(chunk_id=util.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}"), doc_id=doc_id, shard=doc_id[0],
                      ordinal=ordinal, section="Abstract", is_references=ordinal == 3, page_start=1, page_end=1,
                      char_start=start, char_end=start + len(piece), n_tokens=len(piece.split()),
                      content_hash=content_hash, text=piece)
@@ -63,7 +68,7 @@ def _build_source(path: Path) -> str:
         store.upsert(conn, store.chunks, chunks, ["chunk_id"])
         store.upsert(conn, store.embeddings, embs, ["content_hash", "model_id"], update=())
         store.upsert(conn, store.quarantine, [
-            dict(uri=f"/inbox/bad-{i}.pdf", content_hash=None if i % 2 else store.sha256_hex(str(i)),
+            dict(uri=f"/inbox/bad-{i}.pdf", content_hash=None if i % 2 else util.sha256_hex(str(i)),
                  reason="corrupt", message="no %PDF header", size=i, quarantined_at=now) for i in range(20)
         ], ["uri"])
         store.upsert(conn, store.index_generations, [
@@ -136,7 +141,7 @@ def test_all_shards_arrive_equal_and_a_second_run_copies_nothing(source, target)
                                                            migrate.SPECS_BY_NAME])
     # The query_log sequence moved past the copied ids: the pipeline can log on the target.
     with target.begin() as conn:
-        conn.execute(sa.insert(store.query_log).values(ts=store.utcnow(), query="after", latency_ms=1.0,
+        conn.execute(sa.insert(store.query_log).values(ts=util.utcnow(), query="after", latency_ms=1.0,
                                                        n_results=0, cache_hit=False))
     assert _table_counts(target)["query_log"] == _table_counts(source)["query_log"] + 1
 
@@ -224,12 +229,12 @@ def test_text_postgresql_cannot_store_is_refused_by_name(tmp_path, target):
     url = f"sqlite:///{tmp_path / 'nul.db'}"
     engine = store.make_engine(url)
     store.create_schema(engine)
-    doc_id = store.sha256_hex("nul")
+    doc_id = util.sha256_hex("nul")
     with engine.begin() as conn:
         store.upsert(conn, store.documents, [
             dict(doc_id=doc_id, shard=doc_id[0], source_kind="pdf", title="t", text="a\x00b", page_offsets="[0]",
                  parser="p", parser_version="1", quality=1.0, page_count=1, garbled_ratio=0.0, empty_pages=0,
-                 ocr_pages=0, ingested_at=store.utcnow())
+                 ocr_pages=0, ingested_at=util.utcnow())
         ], ["doc_id"])
     engine.dispose()
     src = migrate.open_source_engine(url)
@@ -262,8 +267,8 @@ class _EmptyStore:
 def test_postgresql_computes_the_same_row_digests_as_python(target):
     """The target's digests come from SQL; they must equal Python's for awkward values too."""
     migrate.prepare_target(target)
-    now = store.utcnow()
-    doc_ids = [store.sha256_hex(str(i)) for i in range(6)]
+    now = util.utcnow()
+    doc_ids = [util.sha256_hex(str(i)) for i in range(6)]
     floats = [100.0, 1e-300, -0.0, 1.5e16, 0.1 + 0.2, 1700000000.123456]
     with target.begin() as conn:
         store.upsert(conn, store.documents, [

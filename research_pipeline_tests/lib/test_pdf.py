@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from research_pipeline.lib.ingest import pdf
-from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, PAPERS, require_shared
+from research_pipeline_tests.conftest import (
+    DEMO_PAPERS,
+    HOSTILE,
+    PAPERS,
+    require_shared,
+)
 
 
 def _alive(pid: int) -> bool:

@@ -10,11 +10,16 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib.search import fts
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.embed.model import load_embedder
-from research_pipeline.lib.search.searcher import PaperHit, Searcher, SearchFilters, make_snippet
 from research_pipeline.lib.embed.vectors import VectorIndex, build_vector_index
+from research_pipeline.lib.search import fts
+from research_pipeline.lib.search.searcher import (
+    PaperHit,
+    Searcher,
+    SearchFilters,
+    make_snippet,
+)
 from research_pipeline_tests.lib.test_fts import load_records, scifact_records
 
 N_DOCS = 40
@@ -47,14 +52,14 @@ def searcher(engine, corpus):
             )
     # The citing paper: its own body, then a References chunk that repeats paper 0's abstract.
     cited = records[0]
-    citing_doc = store.sha256_hex("citing paper")
+    citing_doc = util.sha256_hex("citing paper")
     body, refs = records[1]["text"], cited["text"]
     text = body + "\n\f\n" + refs
-    now = store.utcnow()
+    now = util.utcnow()
     rows = []
     for ordinal, (start, part, is_refs) in enumerate(((0, body, False), (len(body) + 3, refs, True))):
-        h = store.sha256_hex(part)
-        rows.append(dict(chunk_id=store.sha256_hex(f"{citing_doc}|{ordinal}|{h}"), doc_id=citing_doc, shard=citing_doc[0],
+        h = util.sha256_hex(part)
+        rows.append(dict(chunk_id=util.sha256_hex(f"{citing_doc}|{ordinal}|{h}"), doc_id=citing_doc, shard=citing_doc[0],
                          ordinal=ordinal, section="References" if is_refs else "Body", is_references=is_refs,
                          page_start=ordinal + 1, page_end=ordinal + 1, char_start=start, char_end=start + len(part),
                          n_tokens=len(part.split()), content_hash=h, text=part))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline.lib.core.objectstore import LocalObjectStore, open_object_store
 from research_pipeline.config import DEFAULT_MODEL, Settings
+from research_pipeline.lib.core.objectstore import LocalObjectStore, open_object_store
 
 
 def test_defaults_live_under_rp_home(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 
 
 def _doc(doc_id: str, title: str) -> dict:
@@ -23,7 +23,7 @@ def _doc(doc_id: str, title: str) -> dict:
         "garbled_ratio": 0.0,
         "empty_pages": 0,
         "ocr_pages": 0,
-        "ingested_at": store.utcnow(),
+        "ingested_at": util.utcnow(),
     }
 
 
@@ -40,7 +40,7 @@ def test_create_schema_is_idempotent_and_versioned(db_url):
 
 
 def test_upsert_updates_on_conflict_and_ignores_when_asked(engine):
-    doc_id = store.sha256_hex(b"paper")
+    doc_id = util.sha256_hex(b"paper")
     with engine.begin() as conn:
         store.upsert(conn, store.documents, [_doc(doc_id, "first")], ["doc_id"])
         store.upsert(conn, store.documents, [_doc(doc_id, "second")], ["doc_id"])
@@ -52,7 +52,7 @@ def test_upsert_updates_on_conflict_and_ignores_when_asked(engine):
 
 def test_upsert_batches_beyond_the_parameter_limit(engine):
     rows = [
-        {"uri": f"file:///p/{i}.pdf", "doc_id": store.sha256_hex(str(i)), "size": i, "mtime": 0.0, "seen_at": store.utcnow()}
+        {"uri": f"file:///p/{i}.pdf", "doc_id": util.sha256_hex(str(i)), "size": i, "mtime": 0.0, "seen_at": util.utcnow()}
         for i in range(12_000)
     ]
     with engine.begin() as conn:

@@ -14,9 +14,9 @@ from research_pipeline.defs.resources import (
     InboxResource,
     ObjectStoreResource,
 )
-from research_pipeline.lib.migration import migrate
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import S3ObjectStore
+from research_pipeline.lib.migration import migrate
 
 #: Transient failures (a dropped connection, S3 throttling beyond botocore's own retries) are
 #: retried with growing pauses; each retry resumes from what is already verified.

@@ -22,8 +22,7 @@ from research_pipeline.defs.search.assets import (
     latest_generation_id,
     vector_index,
 )
-from research_pipeline.lib.release import gates
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import gates, generations
 
 _DESCRIPTIONS = {
     "volume": "Blocking: enough documents, document drop vs live within bounds, chunks == fts rows == vectors == embeddings.",

@@ -4,8 +4,8 @@ import dagster as dg
 
 from research_pipeline.defs.resources import DatabaseResource, QueryCacheResource
 from research_pipeline.defs.search.jobs import warm_cache_job
+from research_pipeline.lib.core import util
 from research_pipeline.lib.release import generations
-from research_pipeline.lib.core import store
 
 
 @dg.sensor(
@@ -41,7 +41,7 @@ def published_index_sensor(
             f"generation {gen_id} is live, but the query cache is in-process (RP_REDIS_URL unset): nothing to warm"
         )
     return dg.RunRequest(
-        run_key=f"warm-{store.sha256_hex(state)[:16]}",
+        run_key=f"warm-{util.sha256_hex(state)[:16]}",
         run_config=dg.RunConfig(ops={"warm_query_cache": {"config": {"gen_id": gen_id}}}),
         tags={"research_pipeline/gen_id": gen_id},
     )

@@ -7,15 +7,16 @@ forward migrations in order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+
+from research_pipeline.lib.core.util import as_utc, utcnow
 
 SCHEMA_VERSION = 1
 
@@ -23,6 +24,25 @@ SCHEMA_VERSION = 1
 #: The same keys partition embeddings and migration, so backfills, resumption and
 #: verification line up.
 SHARDS: tuple[str, ...] = tuple("0123456789abcdef")
+
+
+
+class UtcDateTime(sa.types.TypeDecorator):
+    """A timestamp column that always reads back as an aware UTC datetime.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zone and hands back naive values, which
+    the store wrote in UTC. One column type instead of a patch at every reader.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001, ANN201
+        return None if value is None else as_utc(value).astimezone(timezone.utc)
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201
+        return None if value is None else as_utc(value)
+
 
 metadata = sa.MetaData()
 
@@ -49,7 +69,7 @@ documents = sa.Table(
     sa.Column("empty_pages", sa.Integer, nullable=False, default=0),
     sa.Column("ocr_pages", sa.Integer, nullable=False, default=0),
     sa.Column("extra", sa.Text),  # JSON: record metadata, PDF info dict
-    sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ingested_at", UtcDateTime(), nullable=False),
 )
 
 document_sources = sa.Table(
@@ -59,7 +79,7 @@ document_sources = sa.Table(
     sa.Column("doc_id", sa.String(64), nullable=False, index=True),
     sa.Column("size", sa.BigInteger),
     sa.Column("mtime", sa.Float),
-    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("seen_at", UtcDateTime(), nullable=False),
 )
 
 chunks = sa.Table(
@@ -88,7 +108,7 @@ quarantine = sa.Table(
     sa.Column("reason", sa.String(16), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("size", sa.BigInteger),
-    sa.Column("quarantined_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("quarantined_at", UtcDateTime(), nullable=False),
 )
 
 embeddings = sa.Table(
@@ -99,7 +119,7 @@ embeddings = sa.Table(
     sa.Column("shard", sa.String(1), nullable=False, index=True),  # content_hash[0]
     sa.Column("dim", sa.Integer, nullable=False),
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32 little-endian, L2-normalised
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
 )
 
 index_generations = sa.Table(
@@ -116,8 +136,8 @@ index_generations = sa.Table(
     sa.Column("vector_key", sa.Text, nullable=False),  # object-store key of the FAISS manifest
     sa.Column("manifest", sa.Text),  # JSON
     sa.Column("checks", sa.Text),  # JSON: gate results
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("published_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("published_at", UtcDateTime()),
 )
 
 index_pointer = sa.Table(
@@ -126,14 +146,14 @@ index_pointer = sa.Table(
     sa.Column("name", sa.String(32), primary_key=True),  # "live"
     sa.Column("gen_id", sa.String(32), nullable=False),
     sa.Column("previous_gen_id", sa.String(32)),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 query_log = sa.Table(
     "query_log",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ts", UtcDateTime(), nullable=False),
     sa.Column("query", sa.Text, nullable=False),
     sa.Column("filters", sa.Text),  # JSON
     sa.Column("gen_id", sa.String(32)),
@@ -150,14 +170,14 @@ migration_state = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # pending|copied|verified
     sa.Column("rows", sa.BigInteger, nullable=False, default=0),
     sa.Column("checksum", sa.String(64)),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 schema_version = sa.Table(
     "schema_version",
     metadata,
     sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("applied_at", UtcDateTime(), nullable=False),
 )
 
 #: Tables that hold the corpus, in dependency order (what a migration copies).
@@ -171,16 +191,6 @@ DATA_TABLES: tuple[sa.Table, ...] = (
     index_pointer,
     query_log,
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def sha256_hex(data: bytes | str) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return hashlib.sha256(data).hexdigest()
 
 
 def shard_of(hex_hash: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.progress import emit
 
 #: Embeddings are stored as little-endian float32 so bytes are portable across machines.
@@ -91,7 +91,7 @@ def embed_missing(
             texts = dict(conn.execute(sa.select(c.c.content_hash, c.c.text).where(c.c.content_hash.in_(hashes))).all())
         batch = [h for h in hashes if h in texts]  # a chunk deleted meanwhile is simply skipped
         vectors = embedder.encode([texts[h] for h in batch], batch_size=batch_size)
-        now = store.utcnow()
+        now = util.utcnow()
         rows = [
             {
                 "content_hash": h,

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.progress import emit
 
 #: Word pieces the model adds around every input ([CLS] and [SEP] for BERT-style models).
@@ -298,7 +298,7 @@ def _page_of(page_offsets: Sequence[int], char: int) -> int:
 
 def chunk_id_of(doc_id: str, ordinal: int, content_hash: str) -> str:
     """The identity of a chunk: sha256 of doc_id|ordinal|content_hash."""
-    return store.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}")
+    return util.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}")
 
 
 def chunk_document(
@@ -340,7 +340,7 @@ def chunk_document(
     rows: list[dict[str, Any]] = []
     for section, a, b, n_tok in checked:
         chunk_text = text[a:b]
-        content_hash = store.sha256_hex(chunk_text)
+        content_hash = util.sha256_hex(chunk_text)
         ordinal = len(rows)
         rows.append(
             {

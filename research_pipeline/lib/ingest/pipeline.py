@@ -18,9 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.core.util import sha256_file
 from research_pipeline.lib.ingest.metadata import record_metadata
-from research_pipeline.lib.core.objectstore import sha256_file
 from research_pipeline.lib.ingest.pdf import (
     PARSER,
     PARSER_VERSION,
@@ -97,7 +97,7 @@ def _document_row(doc_id: str, kind: str, result: ParseResult | None, meta: dict
         "empty_pages": result.empty_pages if result else 0,
         "ocr_pages": result.ocr_pages if result else 0,
         "extra": store.dumps(extra),
-        "ingested_at": store.utcnow(),
+        "ingested_at": util.utcnow(),
     }
 
 
@@ -116,7 +116,7 @@ class _Writer:
         self.report = report
 
     def source_row(self, item: SourceItem, doc_id: str) -> dict[str, Any]:
-        return {"uri": item.uri, "doc_id": doc_id, "size": item.size, "mtime": item.mtime, "seen_at": store.utcnow()}
+        return {"uri": item.uri, "doc_id": doc_id, "size": item.size, "mtime": item.mtime, "seen_at": util.utcnow()}
 
     def document(self, conn: sa.Connection, row: dict[str, Any] | None, items: list[SourceItem]) -> None:
         """Insert a document (if new) and its sources; a source leaving quarantine is released."""
@@ -157,7 +157,7 @@ class _Writer:
         assert reason in REASONS, reason
         store.upsert(conn, store.quarantine, [{
             "uri": item.uri, "content_hash": content_hash, "reason": reason, "message": message,
-            "size": item.size, "quarantined_at": store.utcnow(),
+            "size": item.size, "quarantined_at": util.utcnow(),
         }], ["uri"])
         # The uri no longer holds that document; the document itself stays (other sources, history).
         conn.execute(sa.delete(store.document_sources).where(store.document_sources.c.uri == item.uri))
@@ -289,7 +289,7 @@ def ingest(
                 continue
             if item.kind == "record":
                 assert item.record is not None
-                doc_id = store.sha256_hex(canonical_json(item.record))
+                doc_id = util.sha256_hex(canonical_json(item.record))
                 if prev_src and prev_src[2] == doc_id:
                     report.documents_unchanged += 1
                     continue

@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote, urlparse
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.progress import emit
 
 Log = Callable[[str], None] | None
@@ -93,7 +93,7 @@ class TableSpec:
         if self.by is None:
             return SMALL_TABLES_SHARD
         value = row[self.by]
-        return store.sha256_hex(value)[0] if self.hash_key else str(value)[:1]
+        return util.sha256_hex(value)[0] if self.hash_key else str(value)[:1]
 
     def predicate(self, shard: str, dialect: str) -> Any:
         """A WHERE clause selecting the shard, or None when rows must be filtered in Python."""
@@ -413,7 +413,7 @@ def _relaxed_commit(conn: sa.Connection) -> None:
 def _set_states(conn: sa.Connection, rows: Sequence[tuple[str, str, str, int, str | None]]) -> None:
     """Upsert (table_name, shard, state, rows, checksum) rows of migration_state."""
     _relaxed_commit(conn)
-    now = store.utcnow()
+    now = util.utcnow()
     store.upsert(
         conn,
         store.migration_state,
@@ -653,7 +653,7 @@ def _plan_indexes(source_store: Any, shard: str) -> list[ObjectPlan]:
     """The index files (vector indexes and manifests) whose key hashes to the shard."""
     plans = []
     for key in source_store.list(INDEXES_PREFIX):
-        if store.sha256_hex(key)[0] != shard:
+        if util.sha256_hex(key)[0] != shard:
             continue
         root = getattr(source_store, "root", None)
         if root is not None:
@@ -661,7 +661,7 @@ def _plan_indexes(source_store: Any, shard: str) -> list[ObjectPlan]:
             plans.append(ObjectPlan(key, path.stat().st_size, _sha256_path(path), path=path))
         else:
             data = source_store.get_bytes(key)
-            plans.append(ObjectPlan(key, len(data), store.sha256_hex(data), store_key=key))
+            plans.append(ObjectPlan(key, len(data), util.sha256_hex(data), store_key=key))
     return plans
 
 
@@ -695,7 +695,8 @@ def _with_s3_retries(fn: Callable[..., Any], *args: Any, attempts: int = 6) -> A
     raises at once; a migration would rather wait a few seconds than fail a shard.
     """
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError
+    from botocore.exceptions import ClientError
+    from botocore.exceptions import ConnectionError as S3ConnectionError
 
     for attempt in range(attempts - 1):
         try:
@@ -952,8 +953,8 @@ def republish(target: Engine, target_store: Any, log: Log = None) -> dict[str, A
     copied to PostgreSQL, so the live generation's full-text table is rebuilt from the migrated
     chunks with the same code that built it.
     """
-    from research_pipeline.lib.search import fts
     from research_pipeline.lib.embed import vectors
+    from research_pipeline.lib.search import fts
 
     with target.connect() as conn:
         live = conn.execute(
@@ -1003,7 +1004,7 @@ def cutover(
     if not report.ok:
         raise MigrationNotVerified(report)
     record = {
-        "cutover_at": store.utcnow().isoformat(),
+        "cutover_at": util.utcnow().isoformat(),
         "source_database": _safe_url(source.url.render_as_string(hide_password=False)),
         "target_database": _safe_url(target.url.render_as_string(hide_password=False)),
         "object_store": f"s3://{bucket}/{prefix.strip('/')}".rstrip("/"),

@@ -22,23 +22,24 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
-from research_pipeline.lib.search.fts import INDEX_FORMAT, build_fts
-from research_pipeline.lib.release.ir_metrics import (
-    mrr_at_k,
-    ndcg_at_k,
-    percentile,
-    recall_at_k,
-)
-from research_pipeline.lib.core.objectstore import LocalObjectStore, sha256_file
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.core.objectstore import LocalObjectStore
 from research_pipeline.lib.core.progress import emit
-from research_pipeline.lib.search.searcher import MODES, Searcher
+from research_pipeline.lib.core.util import sha256_file
 from research_pipeline.lib.embed.vectors import (
     VectorIndex,
     build_vector_index,
     load_vector_index,
     write_vector_index,
 )
+from research_pipeline.lib.release.ir_metrics import (
+    mrr_at_k,
+    ndcg_at_k,
+    percentile,
+    recall_at_k,
+)
+from research_pipeline.lib.search.fts import INDEX_FORMAT, build_fts
+from research_pipeline.lib.search.searcher import MODES, Searcher
 
 #: A logger with .info, or a callable taking one message, or None.
 Log = Any
@@ -123,15 +124,15 @@ def _corpus_ids(engine: Engine) -> dict[str, str]:
 
 
 def _default_embedder() -> Any:
-    from research_pipeline.lib.embed.model import load_embedder
     from research_pipeline.config import Settings
+    from research_pipeline.lib.embed.model import load_embedder
 
     settings = Settings.from_env()
     return load_embedder(settings.model, settings.device)
 
 
 def _fingerprint(chunk_ids: list[str], salt: str) -> str:
-    return store.sha256_hex(salt + "\n" + "\n".join(sorted(chunk_ids)))
+    return util.sha256_hex(salt + "\n" + "\n".join(sorted(chunk_ids)))
 
 
 def prepare(

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.release import generations
-from research_pipeline.lib.core import store
 
 BLOCKING_GATES: tuple[str, ...] = ("volume", "latency", "quality")
 ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
@@ -372,7 +372,7 @@ def parse_quality_gate(engine: Engine, thresholds: GateThresholds) -> GateResult
 
 def freshness_gate(engine: Engine, live: Mapping[str, Any] | None, thresholds: GateThresholds) -> GateResult:
     """Advisory: hours since the newest ingested document and since the live generation was published."""
-    now = store.utcnow()
+    now = util.utcnow()
     with engine.connect() as conn:
         newest = conn.execute(sa.select(sa.func.max(store.documents.c.ingested_at))).scalar()
 

@@ -206,8 +206,7 @@ def build_vector_part(
     log: Log = None,
 ) -> dict[str, Any]:
     """Embed any chunk without a vector, then build and write the FAISS index of generation `gen_id`."""
-    from research_pipeline.lib.embed import embeddings
-    from research_pipeline.lib.embed import vectors
+    from research_pipeline.lib.embed import embeddings, vectors
 
     start_generation(engine, gen_id, embedder.model_id)
     started = time.perf_counter()

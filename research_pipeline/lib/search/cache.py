@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from research_pipeline.lib.core.store import sha256_hex
+from research_pipeline.lib.core.util import sha256_hex
 
 log = logging.getLogger(__name__)
 

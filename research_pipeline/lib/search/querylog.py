@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class QueryLog:
     ) -> None:
         """Buffer one search; returns at once (the row is written by the flush thread)."""
         row = {
-            "ts": store.utcnow(),
+            "ts": util.utcnow(),
             "query": (query or "")[:MAX_QUERY_CHARS],
             "filters": store.dumps(dict(filters)) if filters else None,
             "gen_id": gen_id,
