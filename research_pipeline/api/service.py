@@ -39,19 +39,10 @@ class NotReady(Exception):
 
 def live_generation_info(engine: sa.Engine) -> dict[str, Any] | None:
     """The live generation's id and when it went live (published_at, else created_at), or None."""
-    gens, ptr = store.index_generations, store.index_pointer
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(ptr.c.gen_id, gens.c.published_at, gens.c.created_at, ptr.c.updated_at)
-            .select_from(ptr.outerjoin(gens, gens.c.gen_id == ptr.c.gen_id))
-            .where(ptr.c.name == "live")
-        ).first()
-    if row is None:
+    live = store.live_generation(engine)
+    if live is None:
         return None
-    since = row.published_at or row.created_at or row.updated_at
-    if since is not None and since.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-        since = since.replace(tzinfo=timezone.utc)
-    return {"gen_id": row.gen_id, "since": since}
+    return {"gen_id": live["gen_id"], "since": live["published_at"] or live["created_at"] or live["live_since"]}
 
 
 class _CorpusCollector:

@@ -290,6 +290,26 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
+def live_generation(bind: Engine | sa.Connection) -> dict[str, Any] | None:
+    """The generation searches use now, or None before the first publish: the one query for it.
+
+    Every column of `index_generations`, plus the pointer's `previous_gen_id` and `live_since`
+    (when the pointer last moved: a publish or a rollback).
+    """
+    gens, ptr = index_generations, index_pointer
+    stmt = (
+        sa.select(gens, ptr.c.previous_gen_id, ptr.c.updated_at.label("live_since"))
+        .join(ptr, ptr.c.gen_id == gens.c.gen_id)
+        .where(ptr.c.name == "live")
+    )
+    if isinstance(bind, sa.Connection):
+        row = bind.execute(stmt).mappings().first()
+    else:
+        with bind.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+    return None if row is None else dict(row)
+
+
 def counts(engine: Engine) -> dict[str, Any]:
     """Row counts for `research-pipeline status` and asset metadata."""
     with engine.connect() as conn:
@@ -305,6 +325,6 @@ def counts(engine: Engine) -> dict[str, Any]:
         ).all()
         out["quarantine"] = {reason: n for reason, n in sorted(by_reason)}
         out["quarantined"] = sum(out["quarantine"].values())
-        live = conn.execute(sa.select(index_pointer.c.gen_id).where(index_pointer.c.name == "live")).scalar()
-        out["live_generation"] = live
+        live = live_generation(conn)
+        out["live_generation"] = live["gen_id"] if live else None
     return out

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store as db
+from research_pipeline.lib.core import util
 from research_pipeline.lib.core.progress import emit
 
 G = db.index_generations
@@ -53,7 +54,7 @@ def new_generation_id(when: datetime | None = None, salt: str | None = None) -> 
     Pass the run's start time and run id as `salt` to give every step of one run the same id.
     """
     when = (when or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    suffix = db.sha256_hex(salt)[:6] if salt else secrets.token_hex(3)
+    suffix = util.sha256_hex(salt)[:6] if salt else secrets.token_hex(3)
     return f"{when:%Y%m%dT%H%M%S}-{suffix}"
 
 
@@ -134,7 +135,7 @@ def start_generation(engine: Engine, gen_id: str, model_id: str | None) -> dict[
                     "model_id": model_id or "",
                     "fts_table": "",
                     "vector_key": "",
-                    "created_at": db.utcnow(),
+                    "created_at": util.utcnow(),
                 }
             ],
             ["gen_id"],
@@ -292,7 +293,7 @@ def record_gates(engine: Engine, gen_id: str, results: Mapping[str, Mapping[str,
                 "blocking": bool(res.get("blocking", True)),
                 "metadata": dict(res.get("metadata") or {}),
                 "description": str(res.get("description") or ""),
-                "at": db.utcnow().isoformat(),
+                "at": util.utcnow().isoformat(),
             }
         failed = any(c["blocking"] and not c["passed"] for c in checks.values())
         values: dict[str, Any] = {"checks": db.dumps(checks)}
@@ -365,7 +366,7 @@ def publish(engine: Engine, gen_id: str, keep: int = 3, store: Any = None) -> di
                     "publishing it would serve staler data. Run reindex_job for a fresh candidate, "
                     "or roll back explicitly with `research-pipeline index rollback`"
                 )
-        now = db.utcnow()
+        now = util.utcnow()
         previous = ptr.gen_id if ptr is not None else None
         db.upsert(
             conn,
@@ -414,7 +415,7 @@ def rollback(engine: Engine, gen_id: str | None = None) -> str:
         db.upsert(
             conn,
             P,
-            [{"name": LIVE, "gen_id": target, "previous_gen_id": ptr.gen_id, "updated_at": db.utcnow()}],
+            [{"name": LIVE, "gen_id": target, "previous_gen_id": ptr.gen_id, "updated_at": util.utcnow()}],
             ["name"],
         )
     return target
