@@ -38,7 +38,7 @@ from research_pipeline.lib.embed.model import load_embedder
 from research_pipeline.lib.embed.vectors import build_vector_index
 from research_pipeline.lib.release import evaluate
 from research_pipeline.lib.release.ir_metrics import percentile
-from research_pipeline.lib.search import fts
+from research_pipeline.lib.search import analyzer, bm25, fts
 from research_pipeline.lib.search.searcher import Searcher
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ir" / "scifact"
@@ -118,7 +118,7 @@ def _raw_queries(engine: sa.Engine, matches: list[str]) -> dict[str, list[float]
     """The backend's own full-text primitives over the same OR-of-terms queries, k=100."""
     if engine.dialect.name == "sqlite":
         raw_sql = sa.text("SELECT rowid FROM fts_bench WHERE fts_bench MATCH :q ORDER BY rank LIMIT 100")
-        w = fts.FIELD_WEIGHTS
+        w = bm25.FIELD_WEIGHTS
         weighted_sql = sa.text(
             f"SELECT rowid, bm25(fts_bench, {w['title']}, {w['abstract']}, {w['body']}) AS s "
             "FROM fts_bench WHERE fts_bench MATCH :q ORDER BY s LIMIT 100"
@@ -171,7 +171,7 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     vi = VectorIndex(index, [x["chunk_id"] for x in c])
     searcher = Searcher(engine, "fts_bench", vi, embedder)
 
-    matches = [" OR ".join(f'"{t}"' for t in fts.query_terms(q)) for q in queries]
+    matches = [" OR ".join(f'"{t}"' for t in analyzer.query_terms(q)) for q in queries]
     raw = _raw_queries(engine, matches)
     two_stage = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100), queries)
     exhaustive = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0), queries)

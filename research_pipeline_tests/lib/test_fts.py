@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.search import fts
+from research_pipeline.lib.search import analyzer, fts
 from research_pipeline_tests.conftest import (
     IR,
     drop_pg_database,
@@ -159,17 +159,17 @@ def test_hostile_queries_never_raise(indexed, query):
     engine, _, _, _ = indexed
     hits = fts.fts_search(engine, "fts_test", query, k=10)
     assert isinstance(hits, list)
-    if not fts.query_terms(query):
+    if not analyzer.query_terms(query):
         assert hits == []
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.chunks)).scalar_one() == N_DOCS
 
 
 def test_query_terms_strip_syntax_and_stopwords():
-    assert fts.query_terms('"Cell" AND (protein) NOT gene* -x:y') == ["cell", "protein", "gene", "x", "y"]
-    assert fts.query_terms("The role of the cell") == ["role", "cell"]
-    assert fts.query_terms(None) == []
-    assert len(fts.query_terms(" ".join(f"w{i}" for i in range(500)))) == fts.MAX_QUERY_TERMS
+    assert analyzer.query_terms('"Cell" AND (protein) NOT gene* -x:y') == ["cell", "protein", "gene", "x", "y"]
+    assert analyzer.query_terms("The role of the cell") == ["role", "cell"]
+    assert analyzer.query_terms(None) == []
+    assert len(analyzer.query_terms(" ".join(f"w{i}" for i in range(500)))) == analyzer.MAX_QUERY_TERMS
 
 
 @pytest.mark.parametrize("bad", ["", "1abc", "fts; drop", "a-b", "x" * 49, 'q"'])
@@ -229,7 +229,7 @@ def test_common_terms_are_rescored_exactly(indexed):
             queries.append(json.loads(line)["text"])
     overlaps, two_stage = [], 0
     for query in queries[:80]:
-        terms = fts.query_terms(query)
+        terms = analyzer.query_terms(query)
         fast = fts.fts_search(engine, "fts_test", query, k=10, common_df=fts.COMMON_DF)
         exact = dict(fts.fts_search(engine, "fts_test", query, k=N_DOCS, common_df=1.0))
         for cid, score in fast:
@@ -257,7 +257,7 @@ def test_analyzer_is_what_both_backends_index(engine):
     fts.build_fts(engine, "fts_vocab")
     expected = set()
     for rec in records:
-        expected.update(fts.analyze(rec["title"]), fts.analyze(rec["text"]))
+        expected.update(analyzer.analyze(rec["title"]), analyzer.analyze(rec["text"]))
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             conn.execute(sa.text("CREATE VIRTUAL TABLE temp.v USING fts5vocab(main, 'fts_vocab', 'row')"))

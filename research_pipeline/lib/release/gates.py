@@ -126,7 +126,7 @@ def _count(conn: sa.Connection, stmt: Any) -> int:
 
 def fts_row_count(engine: Engine, table: str) -> int:
     """Rows in a generation's full-text table (0 if it does not exist)."""
-    from research_pipeline.lib.search.fts import check_table_name
+    from research_pipeline.lib.search.fts_tables import check_table_name
 
     check_table_name(table)
     if not sa.inspect(engine).has_table(table):

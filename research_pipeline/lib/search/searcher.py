@@ -27,7 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store
-from research_pipeline.lib.search.fts import MAX_QUERY_CHARS, fts_search, query_words
+from research_pipeline.lib.search.analyzer import MAX_QUERY_CHARS, query_words
+from research_pipeline.lib.search.fts import fts_search
 
 MODES = ("hybrid", "bm25", "dense")
 
@@ -43,7 +44,7 @@ BASE_TUNING: dict[str, Any] = {
     "depth": 100,  # candidates taken from each list
     "references_weight": 0.5,
     "snippet_chars": 280,
-    "field_weights": None,  # BM25 weights {title, abstract, body}; None: fts.FIELD_WEIGHTS
+    "field_weights": None,  # BM25 weights {title, abstract, body}; None: bm25.FIELD_WEIGHTS
 }
 
 #: With filters, candidates are drawn this many times deeper so that enough survive them.
