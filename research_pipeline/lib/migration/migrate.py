@@ -232,9 +232,15 @@ def _canon_datetime(v: datetime) -> str:
     return str((v - _EPOCH) // timedelta(microseconds=1))
 
 
+def _declared(col: sa.Column) -> sa.types.TypeEngine:
+    """The column's storage type: a TypeDecorator (store.UtcDateTime) is judged by its impl."""
+    t = col.type
+    return t.impl if isinstance(t, sa.types.TypeDecorator) else t
+
+
 def _canon_py(col: sa.Column) -> Callable[[Any], str]:
     """The canonical text of a column's value, by declared type (not by what a driver returned)."""
-    t = col.type
+    t = _declared(col)
     if isinstance(t, sa.Boolean):
         return lambda v: "true" if v else "false"
     if isinstance(t, sa.DateTime):
@@ -255,7 +261,7 @@ def _canon_int(v: Any) -> str:
 def _canon_sql(col: sa.Column) -> str:
     """The same canonical text as `_canon_py`, as a PostgreSQL expression."""
     name = f't."{col.name}"'
-    t = col.type
+    t = _declared(col)
     if isinstance(t, sa.DateTime):
         return f"(extract(epoch from {name}) * 1000000)::bigint::text"
     if isinstance(t, sa.LargeBinary):
@@ -269,9 +275,9 @@ def _canon_sql(col: sa.Column) -> str:
 
 def _pg_value(col: sa.Column) -> Callable[[Any], Any] | None:
     """How a source value becomes a COPY value (None: as it is)."""
-    if isinstance(col.type, sa.DateTime):
+    if isinstance(_declared(col), sa.DateTime):
         return lambda v: v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v
-    if isinstance(col.type, sa.LargeBinary):
+    if isinstance(_declared(col), sa.LargeBinary):
         return bytes
     return None
 
