@@ -7,15 +7,16 @@ import contextlib
 import csv
 import importlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.config import Settings
+from research_pipeline import logs, runtime
+from research_pipeline.config import ConfigError, Settings, export_dagster_home
 from research_pipeline.lib.core import store
+from research_pipeline.lib.core.util import redact_url
 
 NO_GENERATION = (
     "no index generation is published yet: run `make demo` or materialize reindex_job "
@@ -46,34 +47,26 @@ def _require(module: str, command: str) -> Any:
 def _settings() -> Settings:
     try:
         return Settings.from_env()
-    except ValueError as exc:
+    except ConfigError as exc:
         raise CliError(str(exc)) from None
 
 
 def _engine(settings: Settings):  # noqa: ANN202
     try:
-        engine = store.make_engine(settings.database_url)
-        store.create_schema(engine)
-    except ValueError as exc:
+        return runtime.make_engine(settings.database_url)
+    except runtime.DependencyError as exc:
         raise CliError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - the driver's errors vary; the fix is the same
-        raise CliError(f"cannot open the database {_redact(settings.database_url)}: {exc}") from None
-    return engine
 
 
 def _embedder(settings: Settings):  # noqa: ANN202
-    from research_pipeline.lib.embed.model import load_embedder
-
     try:
-        return load_embedder(settings.model, settings.device)
-    except RuntimeError as exc:
+        return runtime.embedder(settings.model, settings.device, settings.embed_precision)
+    except runtime.DependencyError as exc:
         raise CliError(str(exc)) from None
 
 
 def _object_store(settings: Settings):  # noqa: ANN202
-    from research_pipeline.lib.core.objectstore import open_object_store
-
-    return open_object_store(settings.object_store_url, endpoint_url=settings.s3_endpoint_url)
+    return runtime.make_object_store(settings.object_store_url, settings.s3_endpoint_url)
 
 
 def _print_json(value: Any) -> None:
@@ -93,7 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(counts)
         return 0
-    print(f"database:        {_redact(settings.database_url)}")
+    print(f"database:        {redact_url(settings.database_url)}")
     print(f"inbox:           {settings.inbox}")
     print(f"documents:       {counts['documents']} ({counts['pages']} pages, {counts['sources']} source files)")
     print(f"chunks:          {counts['chunks']}")
@@ -104,25 +97,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redact(url: str) -> str:
-    """The database URL without its password, for printing."""
-    import sqlalchemy as sa
-
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported by make_engine instead
-        return url
-
-
 # --- search ------------------------------------------------------------------------------------
 
 
 def open_live_searcher(settings: Settings, engine, command: str = "search"):  # noqa: ANN001, ANN201
     """The Searcher over the live generation, or a CliError telling how to publish one."""
-    generations = _require("research_pipeline.lib.release.generations", command)
-    if generations.live_generation(engine) is None:
+    searchers = _require("research_pipeline.lib.release.searchers", command)
+    if store.live_generation(engine) is None:
         raise CliError(NO_GENERATION)
-    return generations.open_searcher(engine, _object_store(settings), _embedder(settings))
+    return searchers.open_searcher(engine, _object_store(settings), _embedder(settings))
 
 
 def _filters(args: argparse.Namespace):  # noqa: ANN202
@@ -201,8 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Anything the pipeline prints while it runs goes to stderr, so --json stays one object on stdout.
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_lib.evaluate(
-            beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings),
-            log=lambda message: print(message, file=sys.stderr, flush=True),
+            beir_dir, split=args.split, mode=args.mode, work_dir=work_dir, embedder=_embedder(settings)
         )
     if args.json:
         keys = ("ndcg@10", "recall@100", "mrr@10", "queries", "latency_ms_p50", "latency_ms_p95")
@@ -219,13 +201,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    generations = _require("research_pipeline.lib.release.generations", f"index {args.index_command}")
+    registry = _require("research_pipeline.lib.release.registry", f"index {args.index_command}")
     settings = _settings()
     engine = _engine(settings)
     try:
         if args.index_command == "list":
-            rows = generations.list_generations(engine)
-            live = (generations.live_generation(engine) or {}).get("gen_id")
+            rows = registry.list_generations(engine)
+            live = (store.live_generation(engine) or {}).get("gen_id")
             if args.json:
                 _print_json({"live": live, "generations": rows})
                 return 0
@@ -240,8 +222,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 )
             return 0
         try:
-            now_live = generations.rollback(engine, args.gen_id)
-        except (LookupError, ValueError, getattr(generations, "GenerationError", LookupError)) as exc:
+            now_live = _require("research_pipeline.lib.release.publish", "index rollback").rollback(engine, args.gen_id)
+        except (LookupError, ValueError, registry.GenerationError) as exc:
             raise CliError(f"rollback failed: {exc}") from None
         print(f"live generation is now {now_live}")
         return 0
@@ -253,9 +235,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from research_pipeline import health
+    from research_pipeline.api import service
 
-    health.serve(_settings(), host=args.host, port=args.port)
+    service.serve(_settings(), host=args.host, port=args.port)
     return 0
 
 
@@ -281,12 +263,12 @@ def read_queries(path: Path) -> list[tuple[str, list[str]]]:
 
 def prepare_dagster_home(settings: Settings) -> Path:
     """DAGSTER_HOME (default $RP_HOME/dagster), created, with the repository's dagster.yaml if it has none."""
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster")
+    dagster_home = settings.dagster_home
     dagster_home.mkdir(parents=True, exist_ok=True)
     instance_file = dagster_home / "dagster.yaml"
     if not instance_file.exists() and LOCAL_INSTANCE_FILE.is_file():
         shutil.copyfile(LOCAL_INSTANCE_FILE, instance_file)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    export_dagster_home(dagster_home)
     return dagster_home
 
 
@@ -312,7 +294,6 @@ def describe_failure(job_name: str, result) -> str:  # noqa: ANN001
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings()
     dagster_home = prepare_dagster_home(settings)
-    os.environ.setdefault("RP_HOME", str(settings.home))
     if not settings.inbox.is_dir():
         raise CliError(f"inbox {settings.inbox} is not a folder: set RP_INBOX to a folder of PDFs")
 
@@ -320,7 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from research_pipeline.definitions import defs
 
-    print(f"demo: ingesting {settings.inbox} into {_redact(settings.database_url)} (Dagster home {dagster_home})")
+    print(f"demo: ingesting {settings.inbox} into {redact_url(settings.database_url)} (Dagster home {dagster_home})")
     with dg.DagsterInstance.get() as instance:
         for job in demo_jobs(defs):
             print(f"demo: running {job.name} ...", flush=True)
@@ -421,10 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `research-pipeline` console script."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
+        settings = _settings()
+        logs.configure(settings.log_format, settings.log_level)
         return args.func(args)
     except CliError as exc:
         print(f"research-pipeline: {exc}", file=sys.stderr)

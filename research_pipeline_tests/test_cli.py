@@ -276,13 +276,13 @@ def test_serve_health_readiness_search_and_metrics(published, tmp_path):
     import threading
     from urllib.parse import quote
 
-    from research_pipeline import health
+    from research_pipeline.api import service
     from research_pipeline.config import Settings
 
     settings = Settings(
         home=tmp_path, inbox=tmp_path, database_url=published["url"], object_store_url=published["objects"]
     )
-    server = health.make_server(settings, port=0)
+    server = service.make_server(settings, port=0)
     port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -332,13 +332,13 @@ def test_serve_is_live_but_not_ready_without_a_database(tmp_path, pg_server):
 
     import sqlalchemy as sa
 
-    from research_pipeline import health
+    from research_pipeline.api import service
     from research_pipeline.config import Settings
 
     # A PostgreSQL database that does not exist: the process is up, but it cannot answer searches.
     missing = sa.engine.make_url(pg_server).set(database="rp_test_no_such_database").render_as_string(hide_password=False)
     settings = Settings(home=tmp_path, inbox=tmp_path, database_url=missing, object_store_url=str(tmp_path / "objects"))
-    server = health.make_server(settings, port=0)
+    server = service.make_server(settings, port=0)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

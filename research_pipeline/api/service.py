@@ -29,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from research_pipeline.config import Settings
 from research_pipeline.lib.core import store
+from research_pipeline.runtime import Runtime
 
 MAX_K = 100
 
@@ -90,7 +91,9 @@ class SearchApp:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.engine = store.make_engine(settings.database_url)
+        # Never creates the schema: a replica only reads (it may point at a read-only standby).
+        self.runtime = Runtime(settings, create_schema=False)
+        self.engine = self.runtime.engine
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "rp_search_latency_seconds",
@@ -105,12 +108,9 @@ class SearchApp:
             "rp_search_cache_hits", "/search answers served from the query cache", registry=self.registry
         )
         self.registry.register(_CorpusCollector(self))
-        from research_pipeline.lib.search.cache import QueryCache
-        from research_pipeline.lib.search.querylog import QueryLog
-
         # Redis when RP_REDIS_URL is set: shared by every replica and warmed after each publish.
-        self.cache = QueryCache(redis_url=settings.redis_url)
-        self.query_log = QueryLog(self.engine)
+        self.cache = self.runtime.query_cache
+        self.query_log = self.runtime.query_log
         self._lock = threading.Lock()
         self._searcher = None
         self._searcher_gen: str | None = None
@@ -131,16 +131,7 @@ class SearchApp:
         with self._lock:
             if self._searcher is None or self._searcher_gen != live["gen_id"]:
                 try:
-                    from research_pipeline.lib.core.objectstore import open_object_store
-                    from research_pipeline.lib.embed.model import load_embedder
-                    from research_pipeline.lib.release.generations import open_searcher
-
-                    self._searcher = open_searcher(
-                        self.engine,
-                        open_object_store(self.settings.object_store_url, endpoint_url=self.settings.s3_endpoint_url),
-                        load_embedder(self.settings.model, self.settings.device),
-                        gen_id=live["gen_id"],
-                    )
+                    self._searcher = self.runtime.open_searcher(live["gen_id"])
                 except Exception as exc:  # noqa: BLE001 - any load failure means "not ready"
                     raise NotReady(
                         f"live generation {live['gen_id']} does not load: {exc.__class__.__name__}: {exc}"
@@ -198,9 +189,7 @@ class SearchApp:
 
     def close(self) -> None:
         """Write the buffered query log and release the cache and database connections."""
-        self.query_log.close()
-        self.cache.close()
-        self.engine.dispose()
+        self.runtime.close()
 
 
 def _opt_int(params: dict[str, list[str]], name: str) -> int | None:

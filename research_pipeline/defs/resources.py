@@ -1,25 +1,26 @@
-"""The one place that reads the environment: every resource of the code location.
+"""Every resource of the code location, configured from `research_pipeline.config.Settings`.
 
-Each setting falls back to the embedded default (SQLite and local files under RP_HOME, the
-packaged model), so the code location runs with no configuration; set the variable to point
-it at production (PostgreSQL, S3, Redis).
+Values come from the one configuration reader; a variable that is set reaches the resource as
+`EnvVar(name)`, so the UI shows where it came from, and an unset one as its default. The
+resources build their clients through `research_pipeline.runtime`, the same builders the CLI
+and the search service use; heavy state (engine, embedder) is built once per process.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, create_model
 
-from research_pipeline.config import Settings
+from research_pipeline import runtime
+from research_pipeline.config import DEFAULT_KEEP_GENERATIONS, Settings
 from research_pipeline.defs.migration.resources import MigrationTargetResource
-from research_pipeline.lib.core import store
-from research_pipeline.lib.core.objectstore import ObjectStore, open_object_store
-from research_pipeline.lib.embed.model import Embedder, load_embedder
+from research_pipeline.lib.core.objectstore import ObjectStore
+from research_pipeline.lib.embed.model import Embedder
 from research_pipeline.lib.release.gates import GateThresholds
 
 
@@ -30,10 +31,9 @@ class DatabaseResource(dg.ConfigurableResource):
 
     _engine: Any = PrivateAttr(default=None)
 
-    def get_engine(self):
+    def get_engine(self):  # noqa: ANN201
         if self._engine is None:
-            self._engine = store.make_engine(self.url)
-            store.create_schema(self._engine)
+            self._engine = runtime.make_engine(self.url)
         return self._engine
 
     def teardown_after_execution(self, context) -> None:  # noqa: ANN001
@@ -48,7 +48,7 @@ class ObjectStoreResource(dg.ConfigurableResource):
     s3_endpoint_url: str | None = None
 
     def get_store(self) -> ObjectStore:
-        return open_object_store(self.url, endpoint_url=self.s3_endpoint_url)
+        return runtime.make_object_store(self.url, self.s3_endpoint_url)
 
 
 class InboxResource(dg.ConfigurableResource):
@@ -61,14 +61,15 @@ class InboxResource(dg.ConfigurableResource):
 
 
 class EmbedderResource(dg.ConfigurableResource):
-    """The sentence-transformers model; weights load once per process."""
+    """The sentence-transformers model; weights load once per process (`runtime.embedder`)."""
 
     model: str
     device: str = "cpu"
+    precision: str = "auto"
     batch_size: int = 64
 
     def get_embedder(self) -> Embedder:
-        return load_embedder(self.model, self.device)
+        return runtime.embedder(self.model, self.device, self.precision)
 
 
 class QueryCacheResource(dg.ConfigurableResource):
@@ -78,92 +79,80 @@ class QueryCacheResource(dg.ConfigurableResource):
     max_entries: int = 10_000
     ttl_s: int = 86_400
 
-
-#: The gate defaults live in one place, lib/gates.GateThresholds.
-_GATES = GateThresholds()
-
-
-class ReleaseGatesResource(dg.ConfigurableResource):
-    """Thresholds of the blocking release gates on a candidate index generation."""
-
-    min_documents: int = _GATES.min_documents
-    max_document_drop_share: float = _GATES.max_document_drop_share
-    latency_p95_ms: float = _GATES.latency_p95_ms
-    ndcg_floor: float = _GATES.ndcg_floor
-    ndcg_max_regression: float = _GATES.ndcg_max_regression
-    keep_generations: int = 3
+    def get_cache(self) -> Any:
+        return runtime.make_query_cache(self.redis_url, max_entries=self.max_entries, ttl_s=self.ttl_s)
 
 
-def _env_or(name: str, default: Any) -> Any:
-    """`EnvVar(name)` when the variable is set (the UI shows where a value came from), else the default."""
-    return dg.EnvVar(name) if os.environ.get(name) else default
+# The gate thresholds are declared once, as GateThresholds' fields; the resource's config schema
+# (what the UI shows and a run may override) is made from them.
+_GateFields = create_model(
+    "_GateFields",
+    __base__=dg.ConfigurableResource,
+    **{f.name: (type(f.default), f.default) for f in dataclasses.fields(GateThresholds)},
+)
 
 
-def _env_opt(name: str) -> Any:
-    """`EnvVar(name)` when the variable is set, else None (the library's own default applies)."""
-    return _env_or(name, None)
+class ReleaseGatesResource(_GateFields):
+    """Thresholds of the release gates on a candidate generation, and how many generations to keep."""
 
+    keep_generations: int = DEFAULT_KEEP_GENERATIONS
 
-def _env_num(name: str, default: float, cast=float):  # noqa: ANN001
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {cast.__name__}") from None
+    def thresholds(self) -> GateThresholds:
+        return GateThresholds(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GateThresholds)})
 
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
-    """All resources, configured from the environment (or from an explicit Settings for tests)."""
-    s = settings or Settings.from_env()
+    """All resources, from the environment (or from an explicit Settings, for tests)."""
     explicit = settings is not None
-    pick = (lambda name, value: value) if explicit else _env_or
+    s = settings or Settings.from_env()
+
+    def pick(name: str, value: Any) -> Any:
+        """`EnvVar(name)` when the variable is set (the UI shows the source), else the resolved value."""
+        return dg.EnvVar(name) if not explicit and s.is_set(name) else value
+
+    gate_values = dataclasses.asdict(s.gates)
+    aws = s.aws
     return {
         "database": DatabaseResource(url=pick("RP_DATABASE_URL", s.database_url)),
         "object_store": ObjectStoreResource(
             url=pick("RP_OBJECT_STORE_URL", s.object_store_url),
             s3_endpoint_url=pick("RP_S3_ENDPOINT_URL", s.s3_endpoint_url),
         ),
-        "inbox": InboxResource(path=pick("RP_INBOX", str(s.inbox))),
-        "embedder": EmbedderResource(model=pick("RP_MODEL", s.model), device=pick("RP_DEVICE", s.device)),
-        "query_cache": QueryCacheResource(redis_url=pick("RP_REDIS_URL", s.redis_url)),
-        "release_gates": ReleaseGatesResource(
-            min_documents=_env_num("RP_GATE_MIN_DOCUMENTS", _GATES.min_documents, int),
-            max_document_drop_share=_env_num("RP_GATE_MAX_DOCUMENT_DROP", _GATES.max_document_drop_share),
-            latency_p95_ms=_env_num("RP_GATE_LATENCY_P95_MS", _GATES.latency_p95_ms),
-            ndcg_floor=_env_num("RP_GATE_NDCG_FLOOR", _GATES.ndcg_floor),
-            ndcg_max_regression=_env_num("RP_GATE_NDCG_MAX_REGRESSION", _GATES.ndcg_max_regression),
-            keep_generations=_env_num("RP_KEEP_GENERATIONS", 3, int),
+        "inbox": InboxResource(path=str(s.inbox)),
+        "embedder": EmbedderResource(
+            model=pick("RP_MODEL", s.model),
+            device=pick("RP_DEVICE", s.device),
+            precision=pick("RP_EMBED_PRECISION", s.embed_precision),
         ),
+        "query_cache": QueryCacheResource(redis_url=pick("RP_REDIS_URL", s.redis_url)),
+        # Numbers pass as parsed values (EnvVar would hand the resource a string).
+        "release_gates": ReleaseGatesResource(**gate_values, keep_generations=s.keep_generations),
         # The migration's target. Unset values raise a clear error only when a migration runs,
         # so the code location always loads.
         "migration_target": MigrationTargetResource(
-            database_url=_env_or("RP_TARGET_DATABASE_URL", ""),
-            bucket=_env_or("RP_S3_BUCKET", ""),
-            prefix=_env_or("RP_S3_PREFIX", ""),
+            database_url=pick("RP_TARGET_DATABASE_URL", s.migration.database_url),
+            bucket=pick("RP_S3_BUCKET", s.migration.bucket),
+            prefix=pick("RP_S3_PREFIX", s.migration.prefix),
         ),
         # Unset AWS values fall back to boto3's default chain (profile, instance role);
         # botocore's retry mode retries throttling and 5xx answers with backoff.
         "migration_s3": S3Resource(
-            endpoint_url=_env_opt("RP_S3_ENDPOINT_URL"),
-            region_name=_env_opt("AWS_DEFAULT_REGION"),
-            aws_access_key_id=_env_opt("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=_env_opt("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=_env_opt("AWS_SESSION_TOKEN"),
+            endpoint_url=pick("RP_S3_ENDPOINT_URL", s.s3_endpoint_url),
+            region_name=pick("AWS_DEFAULT_REGION", aws.region),
+            aws_access_key_id=pick("AWS_ACCESS_KEY_ID", aws.access_key_id),
+            aws_secret_access_key=pick("AWS_SECRET_ACCESS_KEY", aws.secret_access_key),
+            aws_session_token=pick("AWS_SESSION_TOKEN", aws.session_token),
             max_attempts=10,
         ),
     }
 
 
-DEFAULT_NIGHTLY_CRON = "0 2 * * *"
-
-
 def nightly_cron() -> str:
     """The cron expression of `nightly_reindex`: RP_NIGHTLY_CRON (UTC), default 02:00 every day."""
-    return os.environ.get("RP_NIGHTLY_CRON") or DEFAULT_NIGHTLY_CRON
+    return Settings.from_env().nightly_cron
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(resources=build_resources())
+
