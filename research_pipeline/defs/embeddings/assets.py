@@ -1,6 +1,7 @@
 """The embedding asset: one vector per distinct chunk text and model, partitioned by document shard."""
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from research_pipeline.defs.ingest.assets import chunks
 from research_pipeline.defs.resources import DatabaseResource, EmbedderResource
@@ -8,6 +9,16 @@ from research_pipeline.lib.core import store
 
 #: The static shards of the document-hash space ('0'..'f'), shared with the migration.
 shard_partitions = dg.StaticPartitionsDefinition(list(store.SHARDS))
+
+#: Run tags of a run that covers every shard in one step (the partition range '0'..'f').
+ALL_SHARDS_TAGS = {
+    ASSET_PARTITION_RANGE_START_TAG: store.SHARDS[0],
+    ASSET_PARTITION_RANGE_END_TAG: store.SHARDS[-1],
+}
+
+#: Retries of a failed embedding step (a killed worker, a database that restarted). Each retry
+#: embeds only what the failed attempt had not committed, so retrying is cheap.
+EMBED_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
 @dg.asset(
@@ -18,44 +29,52 @@ shard_partitions = dg.StaticPartitionsDefinition(list(store.SHARDS))
     # A backfill of all 16 shards becomes 8 runs of 2 shards each: the run queue runs them in
     # parallel up to its concurrency limit, and a failed run retries only its own shards.
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=2),
+    retry_policy=EMBED_RETRY,
+    owners=["team:search"],
+    code_version="embed-v1",
+    tags={"research_pipeline/area": "embeddings"},
 )
 def chunk_embeddings(
     context: dg.AssetExecutionContext,
     database: DatabaseResource,
     embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
-    """The dense vectors of the chunks whose document falls in this shard, for the configured model.
+    """The dense vectors of the chunks whose document falls in a shard, for the configured model.
 
     A vector is keyed by (chunk content hash, model id), so identical passages are embedded
     once and a re-run embeds only what is missing. The partitions are the 16 static shards of
     the document-hash space (the first hex digit of doc_id) rather than dates, because papers
-    have no natural time axis and the shard of a document never changes: a model change or a
-    full re-embed is a backfill of all 16 partitions from the UI, which the daemon runs in
-    parallel. Batches are committed as they finish, so a run that crashes (or is cancelled)
-    resumes where it stopped when the partition is materialized again.
+    have no natural time axis and the shard of a document never changes. One run may cover a
+    range of shards (a backfill run of 2, or reindex_job's run of all 16); the metadata is the
+    total over the run's shards. This is the only producer of vectors: `vector_index` reads
+    them. Batches are committed as they finish, so a run that crashes (or is cancelled)
+    resumes where it stopped when it is retried or materialized again.
     """
     from research_pipeline.lib.embed.embeddings import embed_missing
 
+    shards = list(context.partition_keys)
+    engine = database.get_engine()
     model = embedder.get_embedder()
-    shard = context.partition_key
-    context.log.info(f"embedding shard {shard} with {model.model_id} (batch size {embedder.batch_size})")
-    stats = embed_missing(
-        database.get_engine(),
-        model,
-        shard=shard,
-        batch_size=embedder.batch_size,
-        log=context.log.info,
-    )
-    context.log.info(
-        f"shard {shard}: {stats['embedded']} embedded, {stats['cached']} already cached, "
-        f"{float(stats['chunks_per_s']):.1f} chunks/s"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "embedded": dg.MetadataValue.int(int(stats["embedded"])),
-            "cached": dg.MetadataValue.int(int(stats["cached"])),
-            "chunks_per_s": dg.MetadataValue.float(float(stats["chunks_per_s"])),
-            "seconds": dg.MetadataValue.float(float(stats["seconds"])),
-            "model_id": dg.MetadataValue.text(model.model_id),
-        }
-    )
+    context.log.info(f"embedding shards {','.join(shards)} with {model.model_id} (batch size {embedder.batch_size})")
+    embedded = cached = 0
+    seconds = 0.0
+    for shard in shards:
+        stats = embed_missing(engine, model, shard=shard, batch_size=embedder.batch_size)
+        embedded += int(stats["embedded"])
+        cached += int(stats["cached"])
+        seconds += float(stats["seconds"])
+        if stats["embedded"]:
+            context.log.info(f"shard {shard}: {stats['embedded']} embedded, {stats['cached']} already cached")
+    metadata: dict[str, dg.MetadataValue] = {
+        "shards": dg.MetadataValue.text(",".join(shards)),
+        "embedded": dg.MetadataValue.int(embedded),
+        "cached": dg.MetadataValue.int(cached),
+        "dagster/row_count": dg.MetadataValue.int(embedded + cached),
+        "seconds": dg.MetadataValue.float(round(seconds, 3)),
+        "model_id": dg.MetadataValue.text(model.model_id),
+    }
+    # A rate only when something was embedded: 0 chunks/s would plot as a (false) slowdown.
+    if embedded and seconds > 0:
+        metadata["chunks_per_s"] = dg.MetadataValue.float(round(embedded / seconds, 2))
+    context.log.info(f"shards {','.join(shards)}: {embedded} embedded, {cached} already cached")
+    return dg.MaterializeResult(metadata=metadata)
