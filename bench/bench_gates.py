@@ -8,7 +8,7 @@ In one run, on six demo papers ingested, chunked, embedded and published by the 
   layer adds on top of Redis);
 - query log: `QueryLog.log` (buffered, flushed by a background thread) against a synchronous
   INSERT per search;
-- swap: `generations.publish` (checks, pointer flip in one transaction, retention) against
+- swap: `publishing.publish` (checks, pointer flip in one transaction, retention) against
   the bare UPDATE of the pointer row, on SQLite and (when reachable) PostgreSQL.
 
 Run from the repo root:  .venv/bin/python -m bench.bench_gates
@@ -35,7 +35,7 @@ from research_pipeline.lib.embed.model import load_embedder
 from research_pipeline.lib.ingest.chunking import chunk_documents
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
-from research_pipeline.lib.release import gates, generations
+from research_pipeline.lib.release import build, gates, publish as publishing, searchers
 from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
 from research_pipeline.lib.search.querylog import QueryLog
 
@@ -143,11 +143,11 @@ def bench_querylog(engine) -> tuple[str, str, str, str]:  # noqa: ANN001
 def bench_swap(engine, obj, embedder, label: str) -> tuple[str, str, str, str]:  # noqa: ANN001
     candidates = []
     for _ in range(SWAPS):
-        gen = generations.build_generation(engine, obj, embedder)
+        gen = build.build_generation(engine, obj, embedder)
         gates.evaluate_generation(engine, obj, embedder, gen["gen_id"], thresholds=RELAXED, max_probe_queries=1)
         candidates.append(gen["gen_id"])
-    publish = [timed(lambda g=g: generations.publish(engine, g, keep=3, store=obj)) for g in candidates]
-    live = generations.live_generation(engine)["gen_id"]
+    publish = [timed(lambda g=g: publishing.publish(engine, g, keep=3, store=obj)) for g in candidates]
+    live = store.live_generation(engine)["gen_id"]
     p = store.index_pointer
 
     def flip() -> None:
@@ -155,7 +155,7 @@ def bench_swap(engine, obj, embedder, label: str) -> tuple[str, str, str, str]: 
             conn.execute(sa.update(p).where(p.c.name == "live").values(gen_id=live, updated_at=util.utcnow()))
 
     bare = [timed(flip) for _ in range(SWAPS)]
-    rollback = timed(lambda: generations.rollback(engine))
+    rollback = timed(lambda: publishing.rollback(engine))
     return (
         f"swap ({label}): publish (gates check, pointer flip, retention) vs bare pointer UPDATE",
         f"{median_ms(publish):.1f} ms (rollback {ms(rollback):.1f} ms)",
@@ -192,7 +192,7 @@ def main() -> None:
         n_chunks = store.counts(engine)["chunks"]
 
         rows.append(bench_swap(engine, obj, embedder, "SQLite"))
-        searcher = generations.open_searcher(engine, obj, embedder)
+        searcher = searchers.open_searcher(engine, obj, embedder)
         queries = list(gates.load_probe_set().queries.values())[:10]
         searcher.search(queries[0], k=10)  # warm-up outside the timings
         rows.extend(bench_cache(searcher, queries, redis_url))

@@ -7,7 +7,8 @@ from research_pipeline.config import Settings
 from research_pipeline.defs.resources import QueryCacheResource, build_resources
 from research_pipeline.defs.search.jobs import warm_cache_job
 from research_pipeline.defs.search.sensors import published_index_sensor
-from research_pipeline.lib.release import gates, generations
+from research_pipeline.lib.core import store
+from research_pipeline.lib.release import build, gates, publish, searchers
 from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
 from research_pipeline.lib.search.querylog import QueryLog, top_queries
 from research_pipeline_tests.lib.test_generations import (
@@ -57,9 +58,9 @@ def redis_keys():
 
 def publish_new(resources, embedder) -> str:
     engine, obj = resources["database"].get_engine(), resources["object_store"].get_store()
-    gen = generations.build_generation(engine, obj, embedder)
+    gen = build.build_generation(engine, obj, embedder)
     gates.evaluate_generation(engine, obj, embedder, gen["gen_id"], thresholds=RELAXED, max_probe_queries=1)
-    generations.publish(engine, gen["gen_id"], store=obj)
+    publish.publish(engine, gen["gen_id"], store=obj)
     return gen["gen_id"]
 
 
@@ -86,7 +87,7 @@ def test_sensor_fires_once_per_live_generation_and_warms_redis(deployment, embed
         assert isinstance(again, dg.SkipReason) and same_cursor == cursor
 
         # Searches against the live generation are logged; the warm job replays the top ones.
-        searcher = generations.open_searcher(engine, deployment["object_store"].get_store(), embedder)
+        searcher = searchers.open_searcher(engine, deployment["object_store"].get_store(), embedder)
         with QueryLog(engine) as qlog:
             for i, query in enumerate(QUERIES):
                 for _ in range(len(QUERIES) - i):
@@ -123,7 +124,7 @@ def test_sensor_fires_once_per_live_generation_and_warms_redis(deployment, embed
         assert isinstance(tick(instance, deployment, cursor)[0], dg.SkipReason)
 
         # A rollback makes the first generation live again: warmed again, under a new run key.
-        assert generations.rollback(engine) == first
+        assert publish.rollback(engine) == first
         request3, cursor = tick(instance, deployment, cursor)
         assert isinstance(request3, dg.RunRequest) and request3.tags["research_pipeline/gen_id"] == first
         assert request3.run_key not in (request.run_key, request2.run_key)
@@ -135,6 +136,6 @@ def test_sensor_without_redis_only_moves_the_cursor(deployment, embedder):
     with dg.instance_for_test() as instance:
         result, cursor = tick(instance, local, None)
         assert isinstance(result, dg.SkipReason) and "RP_REDIS_URL" in result.skip_message
-        assert cursor and cursor.startswith(generations.live_generation(deployment["database"].get_engine())["gen_id"])
+        assert cursor and cursor.startswith(store.live_generation(deployment["database"].get_engine())["gen_id"])
         again, _ = tick(instance, local, cursor)
         assert isinstance(again, dg.SkipReason) and "already warmed" in again.skip_message

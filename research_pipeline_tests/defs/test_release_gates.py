@@ -13,7 +13,7 @@ from research_pipeline.defs.search.assets import (
 )
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.lib.core import store
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import registry, searchers
 from research_pipeline_tests.lib.test_generations import (
     SAMPLE,
     SEARCH_GROUP,
@@ -93,7 +93,7 @@ def test_passing_run_publishes(deployment):
     assert all(e.passed for e in evals.values())
     assert evals["vector_index_quality"].metadata["ndcg_at_10"].value >= 0.3
     engine = deployment["database"].get_engine()
-    assert generations.live_generation(engine)["gen_id"] == gen_id
+    assert store.live_generation(engine)["gen_id"] == gen_id
     pub = result.asset_materializations_for_node("published_index")[0]
     assert pub.metadata["gen_id"].value == gen_id
     assert pub.metadata["documents"].value == len(SAMPLE)
@@ -122,12 +122,12 @@ def test_failing_gate_keeps_the_live_generation(deployment, embedder, gate, thre
     assert failing.metadata["gen_id"].value == run_gen_id(result)
     assert failing.metadata["live_gen_id"].value == live_id
     engine = deployment["database"].get_engine()
-    candidate = generations.get_generation(engine, run_gen_id(result))
+    candidate = registry.get_generation(engine, run_gen_id(result))
     assert candidate["status"] == "rejected"
     assert candidate["checks"][gate]["passed"] is False
-    live = generations.live_generation(engine)
+    live = store.live_generation(engine)
     assert live["gen_id"] == live_id
-    searcher = generations.open_searcher(engine, deployment["object_store"].get_store(), embedder)
+    searcher = searchers.open_searcher(engine, deployment["object_store"].get_store(), embedder)
     assert searcher.search("multi-class confusion matrix in Python", k=3)
 
 
@@ -153,7 +153,7 @@ def test_gates_hold_across_runs_for_automation(deployment):
         assert not forced.success
         failure = forced.failure_data_for_node("published_index")
         assert "rejected by its release gates" in str(failure.user_failure_data.description)
-        assert generations.live_generation(engine) is None
+        assert store.live_generation(engine) is None
 
         passed = materialize(deployment, instance=instance, selection=build)
         assert passed.success
@@ -163,5 +163,5 @@ def test_gates_hold_across_runs_for_automation(deployment):
         assert tick.get_num_requested(published_index.key) == 1
         published = materialize(deployment, instance=instance, selection=selection, run_config=None)
         assert published.success
-        assert generations.live_generation(engine)["gen_id"] == run_gen_id(passed)
+        assert store.live_generation(engine)["gen_id"] == run_gen_id(passed)
         assert store.counts(engine)["live_generation"] == run_gen_id(passed)

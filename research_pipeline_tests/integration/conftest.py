@@ -39,7 +39,7 @@ def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
     from research_pipeline.lib.ingest.chunking import chunk_documents
     from research_pipeline.lib.ingest.pipeline import ingest
     from research_pipeline.lib.ingest.sources import sources_for
-    from research_pipeline.lib.release import generations
+    from research_pipeline.lib.release import build, publish, registry
 
     files = sorted(p.name for p in DEMO_PAPERS.glob("*.pdf"))
     inbox = home / "inbox"
@@ -54,15 +54,15 @@ def build_demo_source(home: Path, embedder) -> None:  # noqa: ANN001
     assert report.documents_new == len(files), report
     chunk_documents(engine, embedder.count_tokens)
     embed_missing(engine, embedder)
-    gen = generations.build_generation(engine, objects, embedder)
+    gen = build.build_generation(engine, objects, embedder)
     # The release gates are engineer D's subject, not the migration's: record them as passed so
     # this fixture can publish; the migration copies whatever the source recorded.
-    generations.record_gates(
+    registry.record_gates(
         engine,
         gen["gen_id"],
-        {g: {"passed": True, "description": "migration test fixture"} for g in generations.REQUIRED_GATES},
+        {g: {"passed": True, "description": "migration test fixture"} for g in registry.REQUIRED_GATES},
     )
-    generations.publish(engine, gen["gen_id"], store=objects)
+    publish.publish(engine, gen["gen_id"], store=objects)
     engine.dispose()
 
 

@@ -36,7 +36,7 @@ from research_pipeline.defs.resources import (
 from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.objectstore import S3ObjectStore
 from research_pipeline.lib.migration import migrate
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import searchers
 from research_pipeline_tests.conftest import (
     DEMO_PAPERS,
     REPO,
@@ -156,12 +156,12 @@ def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
     assert set(demo_source.store.list("indexes/")) <= keys
 
     republished = migrate.republish(target, s3_store)
-    live = generations.live_generation(demo_source.engine)
+    live = store.live_generation(demo_source.engine)
     assert republished["live_generation"] == live["gen_id"]
     assert republished["vectors"] == live["n_vectors"]
 
-    before = generations.open_searcher(demo_source.engine, demo_source.store, embedder)
-    after = generations.open_searcher(target, s3_store, embedder)
+    before = searchers.open_searcher(demo_source.engine, demo_source.store, embedder)
+    after = searchers.open_searcher(target, s3_store, embedder)
     assert after.gen_id == before.gen_id
     assert demo_source.queries
     # Same vectors and FAISS files; the same analyzed terms and BM25 on FTS5 and PostgreSQL:

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore, fsync_write
-from research_pipeline.lib.release import gates, generations
+from research_pipeline.lib.release import build, gates, publish, registry, searchers
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 #: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
@@ -116,9 +116,9 @@ def doc_id_of(corpus, filename) -> str:
 
 def gated(engine, obj, embedder, thresholds=RELAXED, probes=4) -> dict:
     """A new candidate generation with its gates evaluated and recorded."""
-    gen = generations.build_generation(engine, obj, embedder)
+    gen = build.build_generation(engine, obj, embedder)
     gates.evaluate_generation(engine, obj, embedder, gen["gen_id"], thresholds=thresholds, max_probe_queries=probes)
-    return generations.get_generation(engine, gen["gen_id"])
+    return registry.get_generation(engine, gen["gen_id"])
 
 
 def fts_exists(engine, table) -> bool:
@@ -128,9 +128,9 @@ def fts_exists(engine, table) -> bool:
 def test_publish_rollback_and_retention(env, corpus, embedder):
     engine, obj = env
     pycm = doc_id_of(corpus, SAMPLE[0])
-    assert generations.live_generation(engine) is None
-    with pytest.raises(generations.GenerationError, match="no index generation is live"):
-        generations.open_searcher(engine, obj, embedder)
+    assert store.live_generation(engine) is None
+    with pytest.raises(registry.GenerationError, match="no index generation is live"):
+        searchers.open_searcher(engine, obj, embedder)
 
     first = gated(engine, obj, embedder)
     assert first["status"] == "candidate"
@@ -138,43 +138,43 @@ def test_publish_rollback_and_retention(env, corpus, embedder):
     assert first["n_chunks"] == first["n_fts_rows"] == first["n_vectors"] == n_chunks
     assert first["n_documents"] == len(SAMPLE)
     assert all(c["passed"] for c in first["checks"].values()), first["checks"]
-    generations.publish(engine, first["gen_id"], keep=2, store=obj)
-    searcher = generations.open_searcher(engine, obj, embedder)
+    publish.publish(engine, first["gen_id"], keep=2, store=obj)
+    searcher = searchers.open_searcher(engine, obj, embedder)
     assert searcher.gen_id == first["gen_id"]
     assert searcher.search("multi-class confusion matrix statistics", k=3)[0].doc_id == pycm
     # Publishing the live generation again is a no-op (a retried publish step).
-    assert generations.publish(engine, first["gen_id"], store=obj)["changed"] is False
+    assert publish.publish(engine, first["gen_id"], store=obj).changed is False
 
     # An ungated candidate cannot go live.
-    second = generations.build_generation(engine, obj, embedder)
-    with pytest.raises(generations.GenerationError, match="missing gates: volume, latency, quality"):
-        generations.publish(engine, second["gen_id"], store=obj)
+    second = build.build_generation(engine, obj, embedder)
+    with pytest.raises(registry.GenerationError, match="missing gates: volume, latency, quality"):
+        publish.publish(engine, second["gen_id"], store=obj)
     gates.evaluate_generation(engine, obj, embedder, second["gen_id"], thresholds=RELAXED, max_probe_queries=1)
-    out = generations.publish(engine, second["gen_id"], keep=2, store=obj)
-    assert (out["gen_id"], out["previous_gen_id"], out["retired"]) == (second["gen_id"], first["gen_id"], [])
+    out = publish.publish(engine, second["gen_id"], keep=2, store=obj)
+    assert (out.gen_id, out.previous_gen_id, out.retired) == (second["gen_id"], first["gen_id"], [])
     # The Searcher opened before the swap still answers from its own generation.
     assert searcher.search("multi-class confusion matrix statistics", k=3)[0].doc_id == pycm
 
-    assert generations.rollback(engine) == first["gen_id"]
-    live = generations.live_generation(engine)
+    assert publish.rollback(engine) == first["gen_id"]
+    live = store.live_generation(engine)
     assert (live["gen_id"], live["previous_gen_id"]) == (first["gen_id"], second["gen_id"])
-    assert generations.rollback(engine, second["gen_id"]) == second["gen_id"]
+    assert publish.rollback(engine, second["gen_id"]) == second["gen_id"]
 
     third = gated(engine, obj, embedder, probes=1)
     fourth = gated(engine, obj, embedder, probes=1)
     # keep=2 retains live (third) and previous (second): first is retired, its files are gone.
-    assert generations.publish(engine, third["gen_id"], keep=2, store=obj)["retired"] == [first["gen_id"]]
-    assert generations.publish(engine, fourth["gen_id"], keep=2, store=obj)["retired"] == [second["gen_id"]]
-    statuses = {g["gen_id"]: g["status"] for g in generations.list_generations(engine)}
+    assert publish.publish(engine, third["gen_id"], keep=2, store=obj).retired == [first["gen_id"]]
+    assert publish.publish(engine, fourth["gen_id"], keep=2, store=obj).retired == [second["gen_id"]]
+    statuses = {g["gen_id"]: g["status"] for g in registry.list_generations(engine)}
     assert statuses[first["gen_id"]] == "retired"
     assert statuses[fourth["gen_id"]] == statuses[third["gen_id"]] == "published"
     assert not fts_exists(engine, first["fts_table"])
-    assert list(obj.list(generations.vector_prefix(first["gen_id"]) + "/")) == []
+    assert list(obj.list(registry.vector_prefix(first["gen_id"]) + "/")) == []
     assert fts_exists(engine, third["fts_table"])
-    assert [g["gen_id"] for g in generations.list_generations(engine) if g["live"]] == [fourth["gen_id"]]
-    with pytest.raises(generations.GenerationError, match="retired"):
-        generations.rollback(engine, first["gen_id"])
-    assert generations.rollback(engine) == third["gen_id"]
+    assert [g["gen_id"] for g in registry.list_generations(engine) if g["live"]] == [fourth["gen_id"]]
+    with pytest.raises(registry.GenerationError, match="retired"):
+        publish.rollback(engine, first["gen_id"])
+    assert publish.rollback(engine) == third["gen_id"]
 
 
 def test_failed_gate_rejects_and_keeps_live(env, corpus, embedder):
@@ -182,31 +182,31 @@ def test_failed_gate_rejects_and_keeps_live(env, corpus, embedder):
     # Built before the live one, so it is stale once that is published.
     old = gated(engine, obj, embedder, probes=1)
     live = gated(engine, obj, embedder, probes=1)
-    generations.publish(engine, live["gen_id"], store=obj)
-    broken = generations.build_generation(engine, obj, embedder)
+    publish.publish(engine, live["gen_id"], store=obj)
+    broken = build.build_generation(engine, obj, embedder)
     results = gates.evaluate_generation(
         engine, obj, embedder, broken["gen_id"], thresholds=gates.GateThresholds(ndcg_floor=1.01, latency_p95_ms=600_000.0), max_probe_queries=2
     )
     assert not results["quality"]["passed"]
     assert "below the floor" in results["quality"]["description"]
     assert results["volume"]["passed"] and results["latency"]["passed"]
-    assert generations.get_generation(engine, broken["gen_id"])["status"] == "rejected"
-    with pytest.raises(generations.GenerationError, match="rejected by its release gates .*quality"):
-        generations.publish(engine, broken["gen_id"], store=obj)
-    searcher = generations.open_searcher(engine, obj, embedder)
+    assert registry.get_generation(engine, broken["gen_id"])["status"] == "rejected"
+    with pytest.raises(registry.GenerationError, match="rejected by its release gates .*quality"):
+        publish.publish(engine, broken["gen_id"], store=obj)
+    searcher = searchers.open_searcher(engine, obj, embedder)
     assert searcher.gen_id == live["gen_id"]
     assert searcher.search("AutoML nature-inspired optimisation", k=3)
     # A candidate older than the live generation is stale and refused.
     assert old["status"] == "candidate"
-    with pytest.raises(generations.GenerationError, match="older than the live generation"):
-        generations.publish(engine, old["gen_id"], store=obj)
-    assert generations.live_generation(engine)["gen_id"] == live["gen_id"]
+    with pytest.raises(registry.GenerationError, match="older than the live generation"):
+        publish.publish(engine, old["gen_id"], store=obj)
+    assert store.live_generation(engine)["gen_id"] == live["gen_id"]
 
 
 def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
     engine, obj = env
     first = gated(engine, obj, embedder, probes=1)
-    generations.publish(engine, first["gen_id"], keep=3, store=obj)
+    publish.publish(engine, first["gen_id"], keep=3, store=obj)
     candidates = [gated(engine, obj, embedder, probes=1) for _ in range(5)]
     probe = gates.load_probe_set()
     present = {r["doc_id"] for r in corpus["documents"]}
@@ -221,7 +221,7 @@ def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
         i = offset
         while not stop.is_set():
             try:
-                searcher = generations.open_searcher(engine, obj, embedder)
+                searcher = searchers.open_searcher(engine, obj, embedder)
                 seen.add(searcher.gen_id)
                 query = known[i % len(known)]
                 if not searcher.search(query, k=5):
@@ -238,7 +238,7 @@ def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
             # Swaps are paced apart like real publications: with keep=3 a generation is retired two
             # publications after it stopped being live, far longer than one search takes.
             time.sleep(1.0)
-            generations.publish(engine, cand["gen_id"], keep=3, store=obj)
+            publish.publish(engine, cand["gen_id"], keep=3, store=obj)
         time.sleep(0.3)
     finally:
         stop.set()
@@ -247,14 +247,14 @@ def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
     assert not errors, errors[:3]
     assert not empty
     assert len(seen) >= 2, seen
-    assert generations.live_generation(engine)["gen_id"] == candidates[-1]["gen_id"]
-    statuses = [g["status"] for g in generations.list_generations(engine)]
+    assert store.live_generation(engine)["gen_id"] == candidates[-1]["gen_id"]
+    statuses = [g["status"] for g in registry.list_generations(engine)]
     assert statuses.count("published") == 3 and statuses.count("retired") == 3
 
 
 def test_gate_results_are_recorded_on_the_generation(env, embedder):
     engine, obj = env
-    gen = generations.build_generation(engine, obj, embedder)
+    gen = build.build_generation(engine, obj, embedder)
     gates.evaluate_generation(
         engine, obj, embedder, gen["gen_id"], thresholds=gates.GateThresholds(latency_p95_ms=0.0), max_probe_queries=1
     )
@@ -274,11 +274,11 @@ def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder):
     """fts_index and vector_index run as parallel steps of one run: whichever finishes last promotes it."""
     engine, obj = env
     started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    gen_id = generations.new_generation_id(when=started, salt="run-1234")
+    gen_id = registry.new_generation_id(when=started, salt="run-1234")
     # Every step of a run derives the same id from the run's start time and id.
-    assert gen_id == generations.new_generation_id(when=started, salt="run-1234")
+    assert gen_id == registry.new_generation_id(when=started, salt="run-1234")
     assert gen_id.startswith("20260102T030405-")
-    assert gen_id != generations.new_generation_id(when=started, salt="run-5678")
+    assert gen_id != registry.new_generation_id(when=started, salt="run-5678")
     errors: list[BaseException] = []
 
     def run(fn) -> None:  # noqa: ANN001
@@ -288,18 +288,18 @@ def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder):
             errors.append(exc)
 
     halves = [
-        threading.Thread(target=run, args=(lambda: generations.build_fts_part(engine, gen_id),)),
-        threading.Thread(target=run, args=(lambda: generations.build_vector_part(engine, obj, embedder, gen_id),)),
+        threading.Thread(target=run, args=(lambda: build.build_fts_part(engine, gen_id),)),
+        threading.Thread(target=run, args=(lambda: build.build_vector_part(engine, obj, embedder, gen_id),)),
     ]
     for t in halves:
         t.start()
     for t in halves:
         t.join()
     assert not errors, errors
-    gen = generations.get_generation(engine, gen_id)
-    assert gen["status"] == "candidate"
+    gen = registry.get_generation(engine, gen_id)
+    assert gen["status"] is registry.GenerationStatus.CANDIDATE
     assert gen["model_id"] == embedder.model_id
     assert gen["n_fts_rows"] == gen["n_vectors"] == len(corpus["chunks"])
     # A step retried within the run rebuilds its half of the same candidate.
-    generations.build_fts_part(engine, gen_id)
-    assert generations.get_generation(engine, gen_id)["status"] == "candidate"
+    build.build_fts_part(engine, gen_id)
+    assert registry.get_generation(engine, gen_id)["status"] == "candidate"

@@ -4,8 +4,7 @@ import dagster as dg
 
 from research_pipeline.defs.resources import DatabaseResource, QueryCacheResource
 from research_pipeline.defs.search.jobs import warm_cache_job
-from research_pipeline.lib.core import util
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store, util
 
 
 @dg.sensor(
@@ -27,7 +26,7 @@ def published_index_sensor(
     so that a rollback from the CLI is warmed too. With no Redis (in-process LRU) there is no
     shared cache to warm, so it only moves the cursor.
     """
-    live = generations.live_generation(database.get_engine())
+    live = store.live_generation(database.get_engine())
     if live is None:
         return dg.SkipReason("no index generation is live yet")
     gen_id = live["gen_id"]

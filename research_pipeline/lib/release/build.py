@@ -1,0 +1,138 @@
+"""Building a candidate index generation beside the live one: its full-text table and vector index.
+
+The two halves are built by separate steps (they may run in parallel) from the chunks current
+at build time; `registry.finish_part` makes the generation a candidate once both are recorded.
+Progress goes to this module's logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from research_pipeline.lib.core import store as db
+from research_pipeline.lib.release import registry
+from research_pipeline.lib.release.registry import GenerationStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FtsPart:
+    """The full-text half of a generation, as built."""
+
+    gen_id: str
+    fts_table: str
+    n_fts_rows: int
+    seconds: float
+    status: GenerationStatus
+
+
+@dataclass(frozen=True)
+class VectorPart:
+    """The vector half of a generation, as built (with what was embedded for it first)."""
+
+    gen_id: str
+    vector_key: str
+    n_vectors: int
+    n_chunks: int
+    n_documents: int
+    embedded: int
+    cached: int
+    build_params: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    status: GenerationStatus = GenerationStatus.BUILDING
+
+
+def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None) -> FtsPart:
+    """Build the full-text table of generation `gen_id` from the current chunks."""
+    from research_pipeline.lib.search import fts
+
+    registry.start_generation(engine, gen_id, model_id)
+    table = registry.fts_table_name(gen_id)
+    started = time.perf_counter()
+    n_rows = int(fts.build_fts(engine, table))
+    seconds = time.perf_counter() - started
+    logger.info("generation %s: full-text table %s has %d rows (%.1fs)", gen_id, table, n_rows, seconds)
+    status = registry.finish_part(engine, gen_id, {"fts_table": table, "n_fts_rows": n_rows})
+    return FtsPart(gen_id=gen_id, fts_table=table, n_fts_rows=n_rows, seconds=seconds, status=status)
+
+
+def generation_chunks(engine: Engine) -> tuple[list[str], list[str], int]:
+    """The chunks a new generation's vector index holds: (chunk ids, their content hashes, number of documents).
+
+    Every current chunk, in chunk_id order (the order the full-text build numbers rows in).
+    """
+    c = db.chunks
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(c.c.chunk_id, c.c.content_hash, c.c.doc_id).order_by(c.c.chunk_id)).all()
+    return [r.chunk_id for r in rows], [r.content_hash for r in rows], len({r.doc_id for r in rows})
+
+
+def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: str, batch_size: int = 64) -> VectorPart:
+    """Embed any chunk without a vector, then build and write the FAISS index of generation `gen_id`."""
+    import numpy as np
+
+    from research_pipeline.lib.embed import embeddings, vectors
+
+    registry.start_generation(engine, gen_id, embedder.model_id)
+    started = time.perf_counter()
+    embed_stats = embeddings.embed_missing(engine, embedder, batch_size=batch_size)
+    chunk_ids, hashes, n_documents = generation_chunks(engine)
+    # Chunks that share a text share one vector; the index still holds one row per chunk so a
+    # hit maps straight back to its paper.
+    unique = list(dict.fromkeys(hashes))
+    if unique:
+        table = embeddings.load_embeddings(engine, embedder.model_id, unique)
+        row_of = {h: i for i, h in enumerate(unique)}
+        matrix = table[[row_of[h] for h in hashes]]
+    else:
+        matrix = np.zeros((0, embedder.dim), dtype="float32")
+    index, params = vectors.build_vector_index(matrix)
+    key = vectors.write_vector_index(
+        object_store,
+        registry.vector_prefix(gen_id),
+        index,
+        chunk_ids,
+        {"gen_id": gen_id, "model": embedder.model_id, "n_documents": n_documents, "build_params": params},
+    )
+    seconds = time.perf_counter() - started
+    embedded = int(embed_stats.get("embedded", 0))
+    manifest = {"build_params": params, "embedded": embedded, "seconds": round(seconds, 3)}
+    logger.info(
+        "generation %s: %d vectors of %d documents -> %s (%.1fs)", gen_id, len(chunk_ids), n_documents, key, seconds
+    )
+    values = {
+        "vector_key": key,
+        "model_id": embedder.model_id,
+        "n_vectors": int(index.ntotal),
+        "n_chunks": len(chunk_ids),
+        "n_documents": n_documents,
+        "manifest": db.dumps(manifest),
+    }
+    status = registry.finish_part(engine, gen_id, values)
+    return VectorPart(
+        gen_id=gen_id,
+        vector_key=key,
+        n_vectors=int(index.ntotal),
+        n_chunks=len(chunk_ids),
+        n_documents=n_documents,
+        embedded=embedded,
+        cached=int(embed_stats.get("cached", 0)),
+        build_params=params,
+        seconds=seconds,
+        status=status,
+    )
+
+
+def build_generation(engine: Engine, object_store: Any, embedder: Any, gen_id: str | None = None) -> dict[str, Any]:
+    """Build a complete candidate generation (full-text table + vector index); returns its record."""
+    gen_id = gen_id or registry.new_generation_id()
+    build_fts_part(engine, gen_id, embedder.model_id)
+    build_vector_part(engine, object_store, embedder, gen_id)
+    return registry.get_generation(engine, gen_id)
