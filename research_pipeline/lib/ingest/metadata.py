@@ -1,16 +1,21 @@
-"""Bibliographic metadata of a paper: title, authors, year, abstract, DOI, arXiv id, language.
+"""Bibliographic metadata of a paper, read from the paper itself: title, authors, year, ids, language.
 
-Sources, best first: the PDF info dict when it is plausible, the largest-font lines of the
-first page (pdfium character font sizes), and patterns in the first page's text. Plain
+Page 1 is read as lines with their rendered font sizes and positions (pdfium), the lines
+near the title rebuilt glyph by glyph. Title: the largest-font block that is no banner,
+stamp or affiliation, joined across its lines. Authors: the person names on the lines
+between the title and the abstract, as given and family names. Year: the latest date that
+page 1 prints for the paper (date, venue, copyright line, arXiv stamp), none if it prints
+none. DOI and arXiv id by pattern. The info dict only where page 1 confirms it. Plain
 Python over an open pypdfium2 document; no Dagster.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 # "10." that no letter or digit precedes (a word boundary), written literal first so that the
 # search skips ahead to each "10." instead of trying the pattern at every character.
@@ -19,15 +24,8 @@ ARXIV_RE = re.compile(
     r"arXiv:\s*(\d{4}\.\d{4,5}|[a-z\-]+(?:\.[A-Z]{2})?/\d{7})(v\d+)?", re.IGNORECASE
 )
 YEAR_RE = re.compile(r"(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)")
-_DATED_RE = re.compile(
-    r"(?:published|accepted|received|copyright|©|\(c\)|proceedings|journal|vol\.?|volume|draft"
-    r"|jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:tember)?"
-    r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b"
-    r"[^\n]{0,60}?(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)",
-    re.IGNORECASE,
-)
 _JUNK_TITLES = re.compile(
-    r"^(untitled|title|microsoft word|doi|paper|document|slide|\s*$)|\.(docx?|tex|dvi|pdf|ps|indd)\b|^[\w\-]+$",
+    r"^(untitled|title|microsoft word|doi|paper|document|slide|proceedings template|\s*$)|\.(docx?|tex|dvi|pdf|ps|indd)\b|^[\w\-]+$",
     re.IGNORECASE,
 )
 _ABSTRACT_RE = re.compile(r"(?im)^\s*(abstract|summary|a b s t r a c t|摘\s*要)\s*[:.\-—]?\s*")
@@ -59,7 +57,6 @@ _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HANGUL_RE = re.compile("[\uac00-\ud7af]")
 _HAN_RE = re.compile("[\u4e00-\u9fff]")
 _ASCII_WORD_RE = re.compile(r"[a-z]+")
-_NON_SPACE_RE = re.compile(r"\S")
 _ASCII_LETTER_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ASCII_RUN_RE = re.compile("[\x00-\x7f]+")
 _ENGLISH_COMMON = frozenset(
@@ -121,49 +118,201 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def first_page_lines(textpage: Any) -> list[tuple[float, float, str]]:
-    """(glyph height, top y, text) for each line of page 1, from pdfium's per-character boxes.
+# ---------------------------------------------------------------------------------------------
+# Page 1 as lines with their rendered font sizes and positions
+
+class Glyph(NamedTuple):
+    """One character of a line and its loose box (PDF points, y up)."""
+
+    char: str
+    left: float
+    bottom: float
+    right: float
+    top: float
+    generated: bool = False  # a space pdfium inserted (from a gap), not one the PDF holds
+
+
+class PageLine(NamedTuple):
+    """One line of page 1: rendered font size, position, pdfium's text and the rebuilt text."""
+
+    size: float  # font size x text-matrix scale, median of glyphs spread along the line
+    top: float
+    text: str  # pdfium's text of the line, stripped
+    bottom: float = 0.0
+    left: float = 0.0
+    right: float = 0.0
+    # The line rebuilt from its glyph boxes: superscripts and footnote marks dropped, spaces
+    # that are no gap removed, one part per run of glyphs that a wide gap separates. Empty for
+    # the lines far from the title, which are not rebuilt.
+    parts: tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> str:
+        return " ".join(self.parts) if self.parts else self.text
+
+
+_MARKS = frozenset("*∗†‡§¶⋆★♯♮♭✝✉")
+_SPACING_ACCENTS = frozenset("¨ˇ´`˜^¸˚˙˝¯˘˛")
+_SAMPLES = 3  # glyphs whose size is read per line: three spread along it outvote a small-caps run
+_REBUILD_MAX_LINES = 40
+_REBUILD_MAX_CHARS = 120
+
+
+def first_page_lines(textpage: Any) -> list[PageLine]:
+    """The lines of page 1 with their rendered font sizes and positions, from pdfium.
 
     `textpage` is page 1's open pypdfium2 text page: the parser passes the one it extracts the
-    page's text from, so page 1 is loaded once. The loose character box height (font ascent
-    to descent at the rendered size) is used instead of the nominal font size, which is 1.0
-    for fonts scaled by the text matrix.
+    page's text from, so page 1 is loaded once. A line's size is the nominal font size times
+    the text matrix's vertical scale (nominal sizes are 1.0 for fonts scaled by the matrix),
+    the median of three glyphs spread along the line (one for a long line); where that is not a size (Type 3 fonts
+    scale by their own matrix) the loose glyph box height stands in. The lines of the title
+    and of the block below it are also rebuilt glyph by glyph (`PageLine.parts`).
     """
     import ctypes
 
     import pypdfium2.raw as pdfium_c
 
-    lines: list[tuple[float, float, str]] = []
     n = pdfium_c.FPDFText_CountChars(textpage)
-    top = 0.0
+    text = textpage.get_text_range(0, n) if n else ""
+    if len(text) != n:
+        text = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(n))
     rect = pdfium_c.FS_RECTF()
     rect_ref = ctypes.byref(rect)
-    # The title is near the top: the first 1,000 characters are enough. One call reads
-    # them; per-character calls are the fallback when indexes do not line up (surrogates).
-    limit = min(n, 1000)
-    head = textpage.get_text_range(0, limit)
-    if len(head) != limit:
-        head = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(limit))
-    start = 0  # index of the line's first character in `head`
-    for segment in head.split("\n"):
-        text = segment.replace("\r", "") if "\r" in segment else segment
-        if text:
-            # Six glyphs per line give its size; boxing every glyph costs more than the parse.
-            # A line without a box keeps the top of the line before it.
-            sizes: list[float] = []
-            for m in _NON_SPACE_RE.finditer(segment):
-                if pdfium_c.FPDFText_GetLooseCharBox(textpage, start + m.start(), rect_ref):
-                    if not sizes:
-                        top = rect.top
-                    sizes.append(round(abs(rect.top - rect.bottom), 1))
-                    if len(sizes) == 6:
-                        break
-            lines.append((_median(sizes), top, text.strip()))
+    matrix = pdfium_c.FS_MATRIX()
+    matrix_ref = ctypes.byref(matrix)
+    lines: list[PageLine] = []
+    spans: list[tuple[int, int]] = []
+    boxed_sizes = 0
+    start = 0
+    for segment in text.split("\n"):
+        stripped = segment.strip()
+        if stripped:
+            first = len(segment) - len(segment.lstrip())
+            # Long lines are body text, whose size one glyph tells; short ones may be a title.
+            samples = _SAMPLES if len(stripped) <= 80 else 1
+            sizes = []
+            for k in range(samples):
+                at = first + (2 * k + 1) * len(stripped) // (2 * samples)
+                while segment[at].isspace():
+                    at += 1
+                pdfium_c.FPDFText_GetMatrix(textpage, start + at, matrix_ref)
+                sizes.append(pdfium_c.FPDFText_GetFontSize(textpage, start + at) * math.hypot(matrix.c, matrix.d))
+            pdfium_c.FPDFText_GetLooseCharBox(textpage, start + first, rect_ref)
+            top, bottom, left = rect.top, rect.bottom, rect.left
+            size = _median(sizes)
+            if size < 2.0:
+                size = abs(top - bottom)
+                boxed_sizes += 1
+            # The right edge is estimated (half an em a character): it only tells columns apart.
+            right = left + 0.5 * size * len(stripped)
+            lines.append(PageLine(round(size, 1), round(top, 1), stripped, round(bottom, 1), round(left, 1),
+                                  round(right, 1)))
+            spans.append((start, start + len(segment)))
         start += len(segment) + 1
-    return [line for line in lines if line[2]]
+    if boxed_sizes and boxed_sizes < len(lines):
+        # A page mixing both measures would compare unlike sizes: use the boxes throughout.
+        lines = [_boxed(textpage, ln, span, rect, rect_ref, pdfium_c) for ln, span in zip(lines, spans)]
+    for i in _lines_to_rebuild(lines):
+        a, b = spans[i]
+        glyphs_of_line = []
+        for k in range(a, b):
+            ch = text[k]
+            if ch.isspace():
+                glyphs_of_line.append(Glyph(" ", 0.0, 0.0, 0.0, 0.0, bool(pdfium_c.FPDFText_IsGenerated(textpage, k))))
+            elif pdfium_c.FPDFText_GetLooseCharBox(textpage, k, rect_ref):
+                glyphs_of_line.append(Glyph(ch, rect.left, rect.bottom, rect.right, rect.top))
+        right = max((g.right for g in glyphs_of_line), default=lines[i].right)
+        lines[i] = lines[i]._replace(parts=rebuild_line(glyphs_of_line), right=round(right, 1))
+    return lines
 
 
-def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
+def _boxed(textpage: Any, line: PageLine, span: tuple[int, int], rect: Any, rect_ref: Any, pdfium_c: Any) -> PageLine:
+    heights = []
+    for k in range(span[0], min(span[1], span[0] + 12)):
+        if pdfium_c.FPDFText_GetLooseCharBox(textpage, k, rect_ref) and rect.top > rect.bottom:
+            heights.append(rect.top - rect.bottom)
+    return line._replace(size=round(_median(heights), 1)) if heights else line
+
+
+def _lines_to_rebuild(lines: list[PageLine]) -> list[int]:
+    """The title's lines and the lines below it up to the abstract; the first lines if no title."""
+    block = _title_block(lines)
+    chosen = block + _author_lines(lines, block) if block else list(range(min(len(lines), 12)))
+    return [i for i in chosen if len(lines[i].text) <= _REBUILD_MAX_CHARS][:_REBUILD_MAX_LINES]
+
+
+def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
+    """A line's text from its glyph boxes, split where a wide gap separates two runs.
+
+    Superscripts (smaller glyphs raised off the baseline: affiliation letters, footnote
+    numbers) and footnote marks are dropped; a space that pdfium inserted with no gap behind
+    it inside a capitalised or small-caps word ("CHAR ACTER") is removed; spacing accents that pdfium emits
+    beside their letter are dropped; a letter-spaced run ("R E S C I E N C E") is closed up.
+    """
+    boxed = [g for g in glyphs if g.char != " " and g.top > g.bottom]
+    if not boxed:
+        return ()
+    height = _median([g.top - g.bottom for g in boxed])
+    base = _median([g.bottom for g in boxed])
+    parts: list[list[tuple[str, float]]] = [[]]  # per part: (word, gap before it)
+    word = ""
+    gap_before = 0.0
+    prev: Glyph | None = None
+    pending_space = False  # a space since the last glyph: "real" (in the PDF) or "generated"
+    for g in glyphs:
+        if g.char == " ":
+            pending_space = pending_space or ("generated" if g.generated else "real")
+            continue
+        if g.char in _MARKS or g.char in _SPACING_ACCENTS:
+            continue
+        h = g.top - g.bottom
+        if h > 0 and h < 0.8 * height and g.bottom > base + 0.2 * height:
+            continue  # superscript
+        if prev is not None and h > 0:
+            gap = g.left - prev.right
+            if gap > 1.5 * height:
+                if word:
+                    parts[-1].append((word, gap_before))
+                parts.append([])
+                word, gap_before = "", 0.0
+            elif pending_space == "real" or (pending_space and (gap > 0.08 * height or not _cut(prev, g))):
+                if word:
+                    parts[-1].append((word, gap_before))
+                word, gap_before = "", gap
+        elif prev is not None and pending_space:
+            if word:
+                parts[-1].append((word, gap_before))
+            word, gap_before = "", 0.3 * height
+        word += g.char
+        pending_space = False
+        if h > 0:
+            prev = g
+    if word:
+        parts[-1].append((word, gap_before))
+    return tuple(t for t in (" ".join(_CONTROL_RE.sub(" ", _join_words(p)).split()) for p in parts) if t)
+
+
+def _cut(a: Glyph, b: Glyph) -> bool:
+    """True when a space pdfium inserted between two touching glyphs cuts a word: the glyph size
+    changes (small caps) or both are capitals ("CHAR ACTER", kerned apart). Between lowercase
+    glyphs of one size it is a word break in a font whose boxes fill the gap."""
+    ha, hb = a.top - a.bottom, b.top - b.bottom
+    return abs(ha - hb) > 0.1 * max(ha, hb) or (a.char.isupper() and b.char.isupper())
+
+
+def _join_words(words: list[tuple[str, float]]) -> str:
+    singles = sum(1 for w, _ in words if len(w) == 1)
+    if len(words) >= 4 and singles >= 0.8 * len(words):
+        # Letter-spaced: the gaps between letters are the common ones, words have wider gaps.
+        common = _median([gap for _, gap in words[1:]])
+        out = words[0][0]
+        for w, gap in words[1:]:
+            out += (" " + w) if gap > 1.6 * common else w
+        return out
+    return " ".join(w for w, _ in words)
+
+
+def _first_page_lines(doc: Any) -> list[PageLine]:
     """`first_page_lines` of an open document, loading its page 1 again."""
     page = doc[0]
     try:
@@ -176,39 +325,113 @@ def _first_page_lines(doc: Any) -> list[tuple[float, float, str]]:
         page.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# Title: the largest-font block on page 1 that is no banner, stamp or affiliation
+
+_AUTHOR_WINDOW_PT = 320.0  # how far below the title the author block may reach
+_AUTHOR_MAX_LINES = 32
+_STAMP_RE = re.compile(
+    r"(?i)arxiv\s*:|\bdoi\b|https?:|www\.|@|©|\bcopyright\b|\bissn\b|\bisbn\b|\bproceedings\b|\bjournal\b"
+    r"|\bjl\.|\bconference\b|\bsymposium\b|\bworkshop\b|\btransactions on\b|\bvol\.|\bvolume\b|\bmagazine\b"
+    r"|\bsubmitted\b|\bsubmission\b|\bpreprint\b|\bdraft\b|\bto appear\b|\bpublished\b|\bpage \d+ of\b"
+    r"|\bsee discussions\b|\bdownloaded\b|\bopen access\b|\bsponsored\b|\breport series\b|\btechnical report\b"
+    r"|\buniversit|\bdepartment\b|\bdept\.|\binstitut|\blaborator|\bschool of\b|\bcollege\b"
+    r"|\bgeneral rights\b|\bhal-\d|\bmanuscript\b|\bextended abstract\b|^abstract\b|^\d+(\.\d+)*\s*$"
+    r"|^(?:\d+\.?\s+)?introduction\b"
+)
+_HAL_PREFIX_RE = re.compile(r"(?i)^\s*\[?\s*hal-\d+\s*,?\s*v\d+\s*\]?\s*")
+_PREFIX_STAMP_RE = re.compile(r"(?i)^\s*(?:\[?\s*hal-\d+\s*,?\s*v\d+\s*\]?|arxiv:\S+(?:\s+\[[^\]]*\])?)\s*")
+_TRAILING_MARKS_RE = re.compile(r"[\s*∗†‡§¶⋆]+$")
+
+
+def _letters(text: str) -> int:
+    return len(_LETTER_RE.findall(text))
+
+
+def _same_size(a: float, b: float) -> bool:
+    return abs(a - b) <= max(0.3, 0.05 * max(a, b))
+
+
+def body_size(lines: list[PageLine]) -> float:
+    """The font size that most of page 1's characters are set in."""
+    weight: Counter[float] = Counter()
+    for ln in lines:
+        weight[round(ln.size * 2) / 2] += len(ln.text)
+    return weight.most_common(1)[0][0] if weight else 0.0
+
+
+def _title_block(lines: list[PageLine]) -> list[int]:
+    """Indexes of the title's lines: the largest-font run of adjacent lines that can be a title.
+
+    Runs of adjacent lines in one size are tried largest first (the first in reading order
+    among equal sizes); stamp, banner and affiliation lines split a run and are left out.
+    """
+    runs: list[list[int]] = []
+    for i, ln in enumerate(lines):
+        if runs:
+            last = lines[runs[-1][-1]]
+            if _same_size(last.size, ln.size) and 0 < last.top - ln.top <= 1.9 * max(last.size, ln.size):
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    for run in sorted(runs, key=lambda r: (-max(lines[i].size for i in r), r[0])):
+        # The lines before a stamp in the run can be the title; those after it belong to the
+        # banner ("This paper is included in the Proceedings of the / 11th USENIX Symposium on").
+        block: list[int] = []
+        for i in run:
+            # A HAL id before the title is a stamp on the title's line, not a line of its own.
+            if _STAMP_RE.search(_HAL_PREFIX_RE.sub("", lines[i].text)):
+                break
+            if _letters(lines[i].text) >= 2:
+                block.append(i)
+        text = " ".join(lines[k].text for k in block)
+        if block and _letters(text) >= 8 and " " in text.strip() and len(text) <= 350 and len(block) <= 6:
+            return block
+    return []
+
+
+def _title_from_lines(lines: list[PageLine], block: list[int]) -> str | None:
+    if not block:
+        return None
+    parts = [lines[i].clean for i in block]
+    # Names set in the title's font on its last line ("... Image Recognition Karen Simonyan").
+    last = lines[block[-1]]
+    if len(last.parts) > 1 and _only_names(last.parts[-1]) and not _only_names(last.parts[0]):
+        parts[-1] = " ".join(last.parts[:-1])
+    title = ""
+    for part in parts:
+        title = title + part if title.endswith("-") else f"{title} {part}"
+    title = _TRAILING_MARKS_RE.sub("", _PREFIX_STAMP_RE.sub("", " ".join(title.split())))
+    subtitle = _subtitle(lines, block)
+    if subtitle:
+        title = f"{title}{'' if title[-1:] in ':?.!—-' else ':'} {subtitle}"
+    return title or None
+
+
+def _subtitle(lines: list[PageLine], block: list[int]) -> str | None:
+    """The line right under the title in a smaller, still distinct size ("You Want it When?")."""
+    j = block[-1] + 1
+    if j >= len(lines):
+        return None
+    title, sub = lines[block[-1]], lines[j]
+    after = lines[j + 1] if j + 1 < len(lines) else None
+    if not (0.7 * title.size <= sub.size < 0.95 * title.size and 0 < title.top - sub.top <= 2.2 * title.size):
+        return None
+    if _STAMP_RE.search(sub.text) or _letters(sub.text) < 6 or _person_names([sub.clean]):
+        return None
+    if after is None or after.size >= sub.size - 0.3:
+        return None
+    if not (sub.clean.endswith("?") or lines[block[-1]].clean.rstrip().endswith(":")):
+        return None
+    return _TRAILING_MARKS_RE.sub("", sub.clean)
+
+
 def _plausible_title(t: str | None) -> bool:
     if not t:
         return False
     t = t.strip()
     letters = sum(1 for c in t if c.isalpha())
     return 8 <= len(t) <= 300 and letters >= 6 and " " in t and not _JUNK_TITLES.search(t)
-
-
-def _title_from_fonts(lines: list[tuple[float, float, str]]) -> str | None:
-    """The run of consecutive largest-font lines in the top part of page 1."""
-    candidates = [
-        ln for ln in lines[:40]
-        if len(_LETTER_RE.findall(ln[2])) >= 3 and not re.match(r"(?i)(arxiv|doi|http|www\.)", ln[2])
-    ]
-    if not candidates:
-        return None
-    biggest = max(ln[0] for ln in candidates)
-    if biggest <= 0:
-        return None
-    parts: list[str] = []
-    for i, ln in enumerate(lines[:40]):
-        if ln in candidates and abs(ln[0] - biggest) < 0.6:
-            parts.append(ln[2])
-            j = i + 1
-            while j < len(lines) and abs(lines[j][0] - biggest) < 0.6 and len(parts) < 4:
-                parts.append(lines[j][2])
-                j += 1
-            break
-    title = " ".join(" ".join(parts).split())
-    # Letter-spaced small caps ("R E S C I E N C E") are banners, not titles.
-    if re.fullmatch(r"(?:\w )+\w", title):
-        return None
-    return title or None
 
 
 def _title_from_text(first_page: str) -> str | None:
@@ -219,55 +442,265 @@ def _title_from_text(first_page: str) -> str | None:
     return None
 
 
-def _years_and_their_lines(text: str) -> tuple[list[str], str]:
-    """`YEAR_RE.findall(text)`, and the lines of `text` that hold those years, in order.
+# ---------------------------------------------------------------------------------------------
+# Authors: the name lines between the title and the abstract
 
-    `_DATED_RE` matches within one line and ends in a year, so it finds the same matches in
-    those lines as in `text`, with far less to scan.
+_PARTICLES = frozenset("van von de der den da di du la le del della dos das bin ibn al el ten ter zu y st.".split())
+_ORG_RE = re.compile(
+    r"(?i)\b(?:universit\w*|univ\.?|college|institut\w*|department|dept\.?|school|laborator\w*|labs?|research"
+    r"|cent(?:er|re)|inc\.?|corp\.?|corporation|company|ltd\.?|gmbh|group|division|project|foundation|academy"
+    r"|society|national|technolog\w*|systems|sciences?|engineering|computing|computer|faculty|program+e?"
+    r"|google|microsoft|ibm|intel|yahoo!?|facebook|akamai|nokia|xerox|amazon|apple|oracle|sun microsystems"
+    r"|microsystems|bell|at&t|mit|cmu|epfl|inria|cnrs|csiro|nasa|berkeley|stanford|cornell|princeton|usa|u\.s\.a\."
+    r"|uk|street|avenue|road|box|square|polytechni\w*|ecole|école|telecom|télécom|paristech|lab\.?|hospital"
+    r"|ministry|agency|council|conference|paper|profile|publications?|citations?|reads|abstract|introduction"
+    r"|keywords?|draft|report|supervised|advisers?|editor|chair|email|e-mail|www|http"
+    r"|departament\w*|departement|dipartimento|informati\w+|h[oö]gskola|universidad|universit[aàäé]\w*"
+    r"|building|entertainment|intelligence|germany|france|italy|spain|portugal|china|japan|canada|australia"
+    r"|india|israel|switzerland|netherlands|sweden|denmark|norway|finland|korea|brazil|austria|belgium)\b"
+)
+_STOP_RE = re.compile(
+    r"(?i)^\s*(?:abstract|a b s t r a c t|summary|keywords?|key words|index terms|cr categor|categories and subject"
+    r"|general terms|(?:\d+\.?|[ivx]+\.)?\s*introduction)\b"
+)
+_INITIALS_RE = re.compile(r"^(?:[A-Z]\.?-?){1,3}\.?$|^[A-Z]\.(?:-?[A-Z]\.)+$")
+_NAME_WORD_RE = re.compile(r"^[^\W\d_][^\W\d_'’\-]*(?:['’\-][^\W\d_]+)*\.?$")
+_FOOTNOTE_DIGITS_RE = re.compile(r"(?<=[^\W\d_])\d+(?:,\d+)*\b")
+_NOT_NAME_WORDS = frozenset("and by with of the for in on at to from".split())
+_BY_RE = re.compile(r"^(?:by|BY|By|Prof\.|Professor|Dr\.|Mr\.|Mrs\.|Ms\.)\s+")
+_NAME_SPLIT_RE = re.compile(r"\s*[,;]\s*|\s+(?:and|AND|And)\s+|\s*&\s*")
+
+
+def _name_word(token: str) -> str | None:
+    """'initial', 'particle', 'word' (a capitalised or all-caps name word) or None."""
+    if _INITIALS_RE.match(token):
+        return "initial"
+    if token.lower() in _PARTICLES and token.islower():
+        return "particle"
+    if token.lower() in _NOT_NAME_WORDS:
+        return None
+    if _NAME_WORD_RE.match(token) and token[0].isupper() and _letters(token) >= 2:
+        return "word"
+    return None
+
+
+def _split_run(tokens: list[str]) -> list[list[str]]:
+    """Names in a run that no comma separates ("Sage A. Weil Andrew W. Leung", "S E Robertson S Walker").
+
+    A name ends after a full word when the next token starts another name; three full words,
+    or four without initials, are one name ("Angela Demke Brown", "Ana Candida Cruz Natali").
     """
-    years: list[str] = []
-    lines: list[str] = []
-    line_start = -1
-    for m in YEAR_RE.finditer(text):
-        years.append(m.group(1))
-        start = text.rfind("\n", 0, m.start()) + 1
-        if start == line_start:
-            continue
-        end = text.find("\n", m.end())
-        lines.append(text[start:] if end < 0 else text[start:end])
-        line_start = start
-    return years, "\n".join(lines)
+    kinds = [_name_word(t) for t in tokens]
+    words = sum(1 for k in kinds if k == "word")
+    if words < 4 or (words == 4 and "initial" not in kinds):
+        return [tokens]
+    names: list[list[str]] = [[]]
+    for token, kind in zip(tokens, kinds):
+        current = names[-1]
+        if current and len(current) >= 2 and _name_word(current[-1]) == "word" and kind in ("word", "initial"):
+            names.append([])
+        names[-1].append(token)
+    return names
 
 
-def _year(first_page: str, info: dict[str, str], arxiv: str | None) -> int | None:
-    head = first_page[:6000]
-    printed, lines = _years_and_their_lines(head)
-    dated = [int(y) for y in _DATED_RE.findall(lines)]
-    creation = None
-    m = re.match(r"D?:?(\d{4})", info.get("CreationDate") or "")
-    if m and 1900 < int(m.group(1)) < 2100:
-        creation = int(m.group(1))
-    limit = creation or 2100
-    if dated:
-        plausible = [y for y in dated if y <= limit]
-        if plausible:
-            return max(plausible)
-    if arxiv and re.match(r"\d{4}\.", arxiv):
-        return 2000 + int(arxiv[:2])
-    years = [int(y) for y in printed if int(y) <= limit]
-    if years and (creation is None or max(years) < creation - 2):
-        # An old paper scanned or re-typeset later: trust the years printed on it.
-        counts = Counter(years)
-        return max(counts, key=lambda y: (counts[y], y))
-    return creation or (max(years) if years else None)
+def _person(tokens: list[str]) -> dict[str, str] | None:
+    """{'given', 'family'} for a name's tokens, or None if they do not read as a person's name."""
+    if not 2 <= len(tokens) <= 5:
+        return None
+    kinds = [_name_word(t) for t in tokens]
+    if None in kinds or kinds[-1] != "word" or kinds[0] == "particle":
+        return None
+    k = len(tokens) - 1
+    while k > 0 and kinds[k - 1] == "particle":
+        k -= 1
+    given = " ".join(_name_case(t) for t in tokens[:k])
+    family = " ".join(_name_case(t) for t in tokens[k:])
+    return {"given": given, "family": family} if given else None
 
 
-def _authors(info: dict[str, str]) -> list[str]:
+def _name_case(token: str) -> str:
+    # "HOARE" -> "Hoare"; initials and mixed-case names ("McKenney") stay as printed.
+    if token.isupper() and _letters(token) >= 3:
+        return "-".join(p.capitalize() for p in token.split("-"))
+    return token
+
+
+def _names_in(text: str) -> list[dict[str, str]]:
+    """The person names in one run of author text ("A. Fox, E. Brewer and J. Doe")."""
+    text = _FOOTNOTE_DIGITS_RE.sub("", text.strip())
+    if not text or re.search(r"\d|@|\{|\}|\(|\)|:", text):
+        return []
+    if ";" in text and "," in text:
+        # "Bonnichsen, Lars Frydendal; Karlsson, Sven": family name first.
+        out = []
+        for piece in text.split(";"):
+            if _ORG_RE.search(piece):
+                break
+            family, _, given = piece.partition(",")
+            person = _person(given.split() + family.split()) if given.strip() else None
+            if person:
+                person = {"given": " ".join(given.split()), "family": " ".join(family.split())}
+                out.append(person)
+        return out
+    out = []
+    for piece in _NAME_SPLIT_RE.split(text):
+        if _ORG_RE.search(piece):
+            break  # an affiliation; what follows it is its place ("University of California, Santa Cruz")
+        tokens = _tokens(_BY_RE.sub("", re.sub(r"^(?:and|AND|And|&)\s+", "", piece)))
+        for run in _split_run(tokens):
+            person = _person(run)
+            if person:
+                out.append(person)
+    return out
+
+
+def _tokens(text: str) -> list[str]:
+    return text.replace("\u00a0", " ").split()
+
+
+def _person_names(parts: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
+    """The names in a line's parts, or in the parts joined when that finds more ("CYNTHIA DWORK AND ...")."""
+    def names_in(pieces: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
+        names = []
+        for piece in pieces:
+            for sub in re.split(r"\s+[–—|·•]\s+|\s{2,}", piece):
+                names.extend(_names_in(sub))
+        return names
+
+    separate = names_in(parts)
+    if len(parts) > 1:
+        joined = names_in([" ".join(parts)])
+        if len(joined) > len(separate):
+            return joined
+    return separate
+
+
+def _only_names(text: str) -> list[dict[str, str]]:
+    """The names in `text` when they are all it says ("Ken Birman"), else []."""
+    names = _person_names([text])
+    words = sum(len(n["given"].split()) + len(n["family"].split()) for n in names)
+    return names if names and words == len(re.findall(r"[^\W\d_][^\s,;&]*", _BY_RE.sub("", text))) - len(
+        re.findall(r"\b(?:and|AND|And)\b", text)) else []
+
+
+def _running_text(line: PageLine, body: float) -> bool:
+    """A line of a paragraph: body size (when sizes are known), eight words or more, many lowercase."""
+    words = line.text.split()
+    if len(words) < 8 or (line.size and body and not _same_size(line.size, body)):
+        return False
+    return sum(1 for w in words if w[:1].islower()) >= 0.4 * len(words)
+
+
+def _author_lines(lines: list[PageLine], block: list[int]) -> list[int]:
+    """Indexes of the lines below the title in reading order, up to the abstract or body text."""
+    if not block:
+        return []
+    bottom = min(lines[i].bottom for i in block)
+    body = body_size(lines)
+    below = sorted(
+        (i for i, ln in enumerate(lines) if i not in block and bottom - _AUTHOR_WINDOW_PT <= ln.top <= bottom + 2),
+        key=lambda i: (-round(lines[i].top / 3), lines[i].left),
+    )
+    left = min(lines[i].left for i in block)
+    right = max(lines[i].right for i in block)
+    out = []
+    for i in below[:_AUTHOR_MAX_LINES]:
+        ln = lines[i]
+        if _STOP_RE.match(ln.text):
+            break
+        if _running_text(ln, body):
+            if ln.left < right and ln.right > left:
+                break
+            continue  # the other column's text, level with the author block
+        out.append(i)
+    return out
+
+
+def _authors_from_lines(lines: list[PageLine], block: list[int]) -> list[dict[str, str]]:
+    """Person names on the lines between the title and the abstract (or the body text)."""
+    names: list[dict[str, str]] = []
+    seen: set[str] = set()
+    size = 0.0  # the authors' font size, from the first line with names
+    for i in _author_lines(lines, block):
+        ln = lines[i]
+        if size and not _same_size(ln.size, size):
+            continue  # affiliation and address lines are set smaller ("Santa Clara", "Palo Alto")
+        found = _person_names(ln.parts or (ln.text,))
+        if found and not size:
+            size = ln.size
+        for person in found:
+            key = f"{person['given']} {person['family']}".casefold()
+            if key not in seen:
+                seen.add(key)
+                names.append(person)
+    return names
+
+
+def _authors_from_info(info: dict[str, str], first_page: str) -> list[dict[str, str]]:
+    """The info dict's authors, when each of them is printed on page 1 (else it is an account name)."""
     raw = (info.get("Author") or "").strip()
     if not raw or len(raw) > 500:
         return []
-    names = re.split(r"\s*(?:;|,|\band\b|&)\s*", raw)
-    return [clean_str(n) for n in names if sum(1 for c in n if c.isalpha()) >= 2]
+    page = " ".join(first_page.split()).casefold()
+    names = []
+    for person in _names_in(raw) if not _ORG_RE.search(raw) else []:
+        if person["family"].casefold() not in page:
+            return []
+        names.append(person)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Year: printed on page 1 (a date line, a venue line, a copyright line, the arXiv stamp)
+
+_MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?"
+          r"|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
+_Y = r"(?<![\d/])(19\d\d|20[0-4]\d)(?![\d/])"
+_ARXIV_STAMP_RE = re.compile(r"arXiv:\s*\S+\s*(?:\[[^\]]*\])?\s*\d{1,2}\s+" + _MONTH + r"\s+" + _Y)
+_COPYRIGHT_RE = re.compile(r"(?i)(?:©|\(c\)|copyright\b)[^\n]{0,40}?" + _Y + r"|(?<![\w.])[cq]\s?" + _Y + r"(?=\s+[A-Z])")
+_DATE_RE = re.compile(
+    r"(?<![A-Za-z])" + _MONTH + r"(?:\s*\d{1,2}(?:st|nd|rd|th)?(?:\s*[-–]\s*\d{1,2})?)?,?\s+" + _Y
+    + r"|(?<!\d)\d{1,2}(?:\s*[-–]\s*\d{1,2})?\s+" + _MONTH + r",?\s+" + _Y
+)
+_VENUE_RE = re.compile(
+    r"(?i)\b(?:proceedings|conference|symposium|workshop|journal|jl\.|transactions|magazine|communications"
+    r"|surveys|review|letters|vol\.?|volume|issue|published in|publication date|report)\b[^\n]{0,80}?" + _Y
+)
+_PAREN_YEAR_RE = re.compile(r"\(" + _Y + r"\)")
+_LONE_YEAR_RE = re.compile(r"^\s*" + _Y + r"\s*$")
+_NOT_THE_PAPERS_DATE_RE = re.compile(
+    r"(?i)\b(?:downloaded|uploaded|retrieved|accessed|printed|last modified|generated)\b|\d{1,2}:\d{2}")
+
+
+def printed_year(lines: list[PageLine] | list[str], info: dict[str, str] | None = None) -> int | None:
+    """The year page 1 dates the paper by, or None when it prints none.
+
+    Candidates: the arXiv stamp's date and copyright lines anywhere; dates, venue lines
+    ("Journal of Hydrology 310 (2005)", "Published in the Proceedings of OSDI 2012"), a year
+    alone on a line and a citation header ("Lee, J. & Hammer, J. (2011).") outside running
+    text. The latest wins (a revision, the published version); years in sentences, download
+    and print stamps, and years after the file's creation date do not count.
+    """
+    info = info or {}
+    page_lines = [ln if isinstance(ln, PageLine) else PageLine(0.0, 0.0, ln) for ln in lines]
+    body = body_size(page_lines) if any(ln.size for ln in page_lines) else 0.0
+    m = re.match(r"D?:?(\d{4})", info.get("CreationDate") or "")
+    # PDF is from 1993: an earlier creation year is a broken clock ("D:19102..." for 2002).
+    limit = int(m.group(1)) + 1 if m and 1993 <= int(m.group(1)) < 2100 else 2100
+    years: list[int] = []
+    for ln in page_lines:
+        text = ln.text
+        if not YEAR_RE.search(text) or _NOT_THE_PAPERS_DATE_RE.search(text):
+            continue
+        found = _ARXIV_STAMP_RE.findall(text) + _COPYRIGHT_RE.findall(text)
+        if not _running_text(ln, body):
+            found += _DATE_RE.findall(text) + _VENUE_RE.findall(text) + _PAREN_YEAR_RE.findall(text)
+            found += _LONE_YEAR_RE.findall(text)
+        for y in found:
+            for value in (y if isinstance(y, tuple) else (y,)):
+                if value and int(value) <= limit:
+                    years.append(int(value))
+    return max(years) if years else None
 
 
 def _abstract(text: str) -> str | None:
@@ -282,16 +715,26 @@ def _abstract(text: str) -> str | None:
     return rest[:2000] or None
 
 
+def _info_title(info: dict[str, str], filename: str, first_page: str) -> str | None:
+    """The info dict's title when it is plausible, not the file's name, and printed on page 1."""
+    title = " ".join((info.get("Title") or "").split())
+    stem = normalize_title(re.sub(r"\.pdf$", "", filename, flags=re.IGNORECASE))
+    if not _plausible_title(title) or normalize_title(title) == stem:
+        return None
+    return title if normalize_title(title) in normalize_title(first_page) else None
+
+
 def pdf_metadata(
     doc: Any,
     pages: list[str],
     filename: str = "",
-    first_lines: list[tuple[float, float, str]] | None = None,
+    first_lines: list[PageLine] | None = None,
 ) -> dict[str, Any]:
     """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF.
 
     `first_lines` is `first_page_lines` of page 1 when the caller has read it already;
-    otherwise page 1 is loaded again to read it.
+    otherwise page 1 is loaded again to read it. `authors` are display names ("Given
+    Family"); `author_names` the same people as {"given", "family"}.
     """
     try:
         info = {k: clean_str(v) for k, v in doc.get_metadata_dict().items() if v and clean_str(v)}
@@ -306,20 +749,30 @@ def pdf_metadata(
             lines = _first_page_lines(doc) if len(doc) else []
         except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
             lines = []
-    font_title = _title_from_fonts(lines)
-    info_title = (info.get("Title") or "").strip()
-    stem = normalize_title(re.sub(r"\.pdf$", "", filename, flags=re.IGNORECASE))
-    title = None
-    if _plausible_title(info_title) and normalize_title(info_title) != stem:
-        title = " ".join(info_title.split())
-    elif font_title and _plausible_title(font_title):
+    block = _title_block(lines)
+    people = _authors_from_lines(lines, block)
+    if not people and len(block) > 1:
+        # No names under the title: its last line, set in the title's font, may be the author.
+        names = _only_names(lines[block[-1]].clean)
+        if names:
+            block, people = block[:-1], names
+    font_title = _title_from_lines(lines, block)
+    info_title = _info_title(info, filename, first)
+    if info_title and (not font_title or normalize_title(font_title) in normalize_title(info_title)):
+        # The info title is printed on the page and holds the font title: it is the whole title.
+        title = info_title
+    elif font_title and _letters(font_title) >= 6:
         title = font_title
     else:
-        title = _title_from_text(first)
+        title = info_title or _title_from_text(first)
+    people = people or _authors_from_info(info, first)
     doi_m = DOI_RE.search(head)
     doi = doi_m.group(1).rstrip(".,;)]}") if doi_m else None
     arxiv_m = ARXIV_RE.search(head)
     arxiv = arxiv_m.group(1) if arxiv_m else None
+    year = printed_year(lines or first.splitlines(), info)
+    if year is None and arxiv and re.match(r"\d{4}\.", arxiv):
+        year = 2000 + int(arxiv[:2])
     text_sample = " ".join(p for p in pages[:3])
     # Further pages for the English check when the first three are short (title, contents).
     more: list[str] = []
@@ -332,8 +785,9 @@ def pdf_metadata(
     title = clean_str(title) if title else None
     return {
         "title": title or None,
-        "authors": _authors(info),
-        "year": _year(first, info, arxiv),
+        "authors": [clean_str(f"{p['given']} {p['family']}") for p in people],
+        "author_names": [{"given": clean_str(p["given"]), "family": clean_str(p["family"])} for p in people],
+        "year": year,
         "abstract": _abstract(head),
         "doi": doi,
         "arxiv_id": arxiv,
