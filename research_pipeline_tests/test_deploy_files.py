@@ -166,3 +166,78 @@ def test_no_secrets_in_files(path):
             for key, value in (service.get("environment") or {}).items():
                 if "PASSWORD" in key:
                     assert str(value).startswith("${"), f"{name}.{key} must come from the environment"
+
+
+def _env_refs(obj) -> set[str]:  # noqa: ANN001
+    """Every `env: NAME` that a Dagster instance file reads."""
+    if isinstance(obj, dict):
+        found = {obj["env"]} if isinstance(obj.get("env"), str) and len(obj) == 1 else set()
+        return found.union(*(_env_refs(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(*(_env_refs(v) for v in obj))
+    return set()
+
+
+def _compose_env(service: str) -> set[str]:
+    compose = yaml.safe_load((DOCKER / "docker-compose.yaml").read_text())
+    env = compose["services"][service].get("environment") or {}
+    return set(env)
+
+
+def _k8s_env(deployment: str) -> set[str]:
+    """Variables a Deployment's containers get: its env entries plus the ConfigMaps it mounts."""
+    objects = _k8s_objects()
+    configmaps = {o["metadata"]["name"]: set(o.get("data") or {}) for o in objects if o.get("kind") == "ConfigMap"}
+    dep = next(o for o in objects if o.get("kind") == "Deployment" and o["metadata"]["name"] == deployment)
+    names: set[str] = set()
+    for container in dep["spec"]["template"]["spec"]["containers"]:
+        names |= {e["name"] for e in container.get("env") or []}
+        for source in container.get("envFrom") or []:
+            if "configMapRef" in source:
+                names |= configmaps[source["configMapRef"]["name"]]
+    return names
+
+
+@pytest.mark.parametrize(
+    "instance_file, environments",
+    [
+        ("docker/dagster.yaml", {"compose webserver": lambda: _compose_env("webserver"),
+                                 "compose daemon": lambda: _compose_env("daemon"),
+                                 "compose user_code": lambda: _compose_env("user_code")}),
+        ("deploy/dagster.prod.yaml", {f"k8s {name}": (lambda n=name: _k8s_env(n))
+                                      for name in ("research-pipeline-webserver", "research-pipeline-daemon",
+                                                   "research-pipeline-user-code")}),
+    ],
+)
+def test_instance_file_loads_with_exactly_the_deploy_environment(instance_file, environments, pg_url, tmp_path,
+                                                                 monkeypatch):
+    """Each shipped instance file reads only variables its deployment sets, and then loads for real.
+
+    The variables are bound to the machine's PostgreSQL (a fresh database) and the instance is
+    built by Dagster itself, storage, run coordinator, launcher and python_logs handlers included.
+    """
+    import dagster as dg
+    import sqlalchemy as sa
+
+    config = yaml.safe_load((REPO / instance_file).read_text())
+    needed = _env_refs(config)
+    assert needed, f"{instance_file} reads no variables?"
+    for where, provided in environments.items():
+        missing = needed - provided()
+        assert not missing, f"{instance_file} reads {sorted(missing)}, which {where} does not set"
+    url = sa.engine.make_url(pg_url)
+    values = {"DAGSTER_PG_HOST": url.host, "DAGSTER_PG_DB": url.database, "DAGSTER_PG_USERNAME": url.username,
+              "DAGSTER_PG_PASSWORD": url.password or ""}
+    for name in needed:
+        assert name in values, f"no test value for {name}"
+        monkeypatch.setenv(name, values[name])
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / instance_file).read_text())
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs() == []
+        handlers = instance.get_handlers()
+        assert instance.managed_python_loggers == ["research_pipeline"]
+        assert any(h.formatter is not None and "ProcessorFormatter" in type(h.formatter).__name__ for h in handlers), (
+            "production run logs are JSON"
+        )

@@ -1,0 +1,82 @@
+"""The one configuration reader: every variable parsed in one place, bad values named."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from research_pipeline.config import VARIABLES, ConfigError, Settings, gate_variable
+from research_pipeline.lib.release.gates import GateThresholds
+
+PACKAGE = Path(__file__).resolve().parents[1] / "research_pipeline"
+
+BAD_VALUES = {
+    "RP_DATABASE_URL": "mysql://u@h/db",
+    "RP_TARGET_DATABASE_URL": "not a url at all",
+    "RP_S3_ENDPOINT_URL": "localhost:9000",
+    "RP_DEVICE": "tpu",
+    "RP_EMBED_PRECISION": "int4",
+    "RP_REDIS_URL": "127.0.0.1:6379",
+    "RP_KEEP_GENERATIONS": "1",
+    "RP_NIGHTLY_CRON": "every night",
+    "RP_LOG_FORMAT": "xml",
+    "RP_LOG_LEVEL": "LOUD",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_a_bad_value_fails_naming_the_variable(name):
+    with pytest.raises(ConfigError, match=re.escape(name)):
+        Settings.from_env({name: BAD_VALUES[name]})
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GateThresholds)])
+def test_every_gate_threshold_is_read_from_its_variable(field):
+    f = next(f for f in dataclasses.fields(GateThresholds) if f.name == field)
+    value = f.default * 2 + 1
+    s = Settings.from_env({gate_variable(f): str(value)})
+    assert getattr(s.gates, field) == pytest.approx(value)
+    with pytest.raises(ConfigError, match=gate_variable(f)):
+        Settings.from_env({gate_variable(f): "plenty"})
+
+
+def test_gate_thresholds_reach_the_dagster_resource():
+    from research_pipeline.defs.resources import build_resources
+
+    f = next(f for f in dataclasses.fields(GateThresholds) if f.name == "latency_p95_ms")
+    resources = build_resources(Settings.from_env({gate_variable(f): "777"}))
+    assert resources["release_gates"].thresholds().latency_p95_ms == 777.0
+    assert resources["release_gates"].thresholds() == dataclasses.replace(GateThresholds(), latency_p95_ms=777.0)
+
+
+def test_set_variables_become_env_vars_in_the_code_location(tmp_path):
+    """In the loaded code location a set variable is an EnvVar (the UI shows its source)."""
+    code = (
+        "from research_pipeline.definitions import defs\n"
+        "r = defs.resources['database']\n"
+        "print(getattr(r.url, 'env_var_name', 'plain value'))\n"
+    )
+    env = {"RP_HOME": str(tmp_path), "RP_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["RP_DATABASE_URL"], out.stdout
+
+
+def test_every_variable_is_documented_in_the_readme_or_docs():
+    docs = "".join(p.read_text() for p in [PACKAGE.parent / "README.md", *(PACKAGE.parent / "docs").glob("*.md")])
+    missing = [v.name for v in VARIABLES if v.name not in docs]
+    assert not missing, f"undocumented settings: {missing}"
+
+
+def test_only_config_reads_the_environment():
+    readers = sorted(
+        str(p.relative_to(PACKAGE.parent))
+        for p in PACKAGE.rglob("*.py")
+        if re.search(r"os\.environ|getenv", p.read_text())
+    )
+    assert readers == ["research_pipeline/config.py"], readers
