@@ -5,13 +5,18 @@ set -euo pipefail
 PYTHON="${1:-python3}"
 VENV="${2:-.venv}"
 
-if ! command -v tesseract >/dev/null 2>&1; then
+# Debian packages the pipeline and its tests use: Tesseract (OCR for image-only pages) and
+# promtool (Prometheus' rule checker, package prometheus). Installed when we may (root + apt).
+need=()
+command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing tesseract-ocr (OCR for image-only pages)"
+    echo "setup: installing ${need[*]}"
     apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   else
-    echo "setup: tesseract not found and cannot install it here; image-only pages will be quarantined as needs_ocr" >&2
+    echo "setup: missing ${need[*]} and cannot install here; image-only pages will be quarantined as needs_ocr and the alert-rule tests skipped" >&2
   fi
 fi
 
