@@ -241,6 +241,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from research_pipeline.ops import exporter
+
+    exporter.serve(_settings(), host=args.host, port=args.port)
+    return 0
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 
@@ -397,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("exporter", help="Prometheus /metrics of the pipeline: failed runs, gate verdicts, replica lag")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9108)
+    p.set_defaults(func=cmd_exporter)
     return parser
 
 
