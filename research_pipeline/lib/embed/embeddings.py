@@ -38,13 +38,17 @@ def bytes_to_vector(b: bytes, dim: int) -> np.ndarray:
     return np.frombuffer(b, dtype=_DTYPE, count=dim).astype(np.float32)
 
 
+def _no_vector(model_id: str) -> sa.ColumnElement[bool]:
+    c, e = store.chunks, store.embeddings
+    return ~sa.exists().where(e.c.content_hash == c.c.content_hash, e.c.model_id == model_id)
+
+
 def _missing(engine: Engine, model_id: str, shard: str | None) -> list[tuple[str, int]]:
     """(content_hash, text length) of every distinct chunk text with no embedding for model_id."""
-    c, e = store.chunks, store.embeddings
-    has_vector = sa.exists().where(e.c.content_hash == c.c.content_hash, e.c.model_id == model_id)
+    c = store.chunks
     query = (
         sa.select(c.c.content_hash, sa.func.max(sa.func.length(c.c.text)))
-        .where(~has_vector)
+        .where(_no_vector(model_id))
         .group_by(c.c.content_hash)
     )
     if shard is not None:
@@ -53,13 +57,32 @@ def _missing(engine: Engine, model_id: str, shard: str | None) -> list[tuple[str
         return [(h, int(n)) for h, n in conn.execute(query)]
 
 
+def backlog(engine: Engine, model_id: str) -> dict[str, int]:
+    """Distinct chunk texts not yet embedded for `model_id`, per document shard ('0'..'f', all 16).
+
+    The backfill's progress metric: the sum is what a full backfill still has to embed, and a
+    shard at 0 is done. A text that occurs in two shards counts in both (each shard's run would
+    find it missing until one of them embeds it).
+    """
+    c = store.chunks
+    query = (
+        sa.select(c.c.shard, sa.func.count(sa.distinct(c.c.content_hash)))
+        .where(_no_vector(model_id))
+        .group_by(c.c.shard)
+    )
+    out = dict.fromkeys(store.SHARDS, 0)
+    with engine.connect() as conn:
+        out.update({shard: int(n) for shard, n in conn.execute(query)})
+    return out
+
+
 def embed_missing(
     engine: Engine,
     embedder: Any,
     shard: str | None = None,
     batch_size: int = 64,
     log: Any = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Embed every chunk text that has no vector for `embedder.model_id`; returns stats.
 
     `shard` restricts the work to chunks whose document shard (chunks.shard) equals it. The
@@ -67,7 +90,14 @@ def embed_missing(
     similar length (little padding); each batch is committed on its own with insert-or-ignore,
     so concurrent runs on overlapping shards and re-runs after a crash are safe.
     Stats: embedded (vectors written now), cached (chunk texts of the scope that already had a
-    vector), seconds, chunks_per_s. `log` is a logger (with .info) or a callable.
+    vector), backlog (texts of the scope still without a vector when the run ended: 0 unless
+    chunks arrived meanwhile), seconds, chunks_per_s, model_id, and numeric_path (which forward
+    pass ran, e.g. ``cpu/bf16-autocast``; ``unknown`` for an embedder that does not say).
+    `log` is a logger (with .info) or a callable.
+
+    Scaling out: each process embeds the shards it is given, so a backfill of the 16 shards
+    spreads over as many processes (pods) as the run queue allows; inside a process the model
+    uses every core the process may run on (`Embedder(threads=None)`).
     """
     if shard is not None and shard not in store.SHARDS:
         raise ValueError(f"shard must be one of {''.join(store.SHARDS)} (a hex digit), got {shard!r}")
@@ -83,7 +113,8 @@ def embed_missing(
     # Longest first: the costliest batch runs (and fails on memory, if it must) right away.
     todo.sort(key=lambda t: (-t[1], t[0]))
     total = len(todo)
-    emit(log, f"embedding {total} chunk texts with {model_id} ({in_scope - total} cached)")
+    path = getattr(embedder, "numeric_path", "unknown")
+    emit(log, f"embedding {total} chunk texts with {model_id} on {path} ({in_scope - total} cached)")
     done = 0
     for i in range(0, total, batch_size):
         hashes = [h for h, _ in todo[i : i + batch_size]]
@@ -109,11 +140,15 @@ def embed_missing(
         elapsed = time.perf_counter() - started
         emit(log, f"embedded {done}/{total} chunk texts, {done / max(elapsed, 1e-9):.1f} chunks/s")
     seconds = time.perf_counter() - started
+    remaining = len(_missing(engine, model_id, shard))
     return {
         "embedded": done,
         "cached": in_scope - total,
+        "backlog": remaining,
         "seconds": round(seconds, 3),
         "chunks_per_s": round(done / seconds, 2) if done and seconds > 0 else 0.0,
+        "model_id": model_id,
+        "numeric_path": path,
     }
 
 

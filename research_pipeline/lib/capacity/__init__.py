@@ -1,0 +1,1 @@
+"""Capacity planning from the project's measured benchmark results."""

@@ -1,0 +1,344 @@
+"""A capacity plan computed from the project's own benchmark results (docs/bench/*.json).
+
+Every figure is a measured rate or size scaled by a stated formula; `Figure.formula` carries
+it. The inputs are the bench_embed results (`embed-<corpus>-<device>.json`: a reindex profile of
+a real corpus with the machine it ran on) and the bench_search points (`search.json`: hybrid
+latency, build times and database size at 10k, 100k and 1M chunks). Assumptions the plan makes,
+and which the benchmarks do not prove: throughput scales linearly with cores (ingest and
+embedding run one worker or thread per core; the measured 2-worker ingest reached 1.80x of one);
+a new corpus has the reference corpus's chunks, pages and PDF bytes per paper unless told;
+search latency between two measured sizes is a straight line on log-log axes and beyond the
+largest grows linearly with chunks (full-text scoring dominates there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Where `make bench` writes its JSON results, relative to the repository root.
+BENCH_DIR = Path(__file__).resolve().parents[3] / "docs" / "bench"
+#: Generations kept by retention (publish keep=3): the storage figure counts their indexes.
+KEEP_GENERATIONS = 3
+#: HNSW graph bytes per vector above the flat threshold: M=32 links x 2 (level 0) x 4 bytes.
+HNSW_LINK_BYTES = 32 * 2 * 4
+#: Below this many vectors the index is exact (lib/embed/vectors.py EXACT_THRESHOLD).
+EXACT_THRESHOLD = 20_000
+#: Plan each search replica and database server to this share of its cores (headroom for bursts).
+UTILISATION = 0.5
+#: A replica keeps this share of memory for its indexes; the rest is headroom and the OS.
+MEMORY_SHARE = 0.8
+#: The embedding partitions (document shards '0'..'f'): at most this many workers in parallel.
+SHARDS = 16
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number of the plan, its unit, and how it was computed (with the inputs filled in)."""
+
+    value: float | int | str | None
+    unit: str
+    formula: str
+
+
+@dataclass
+class Measurements:
+    """The benchmark results a plan is computed from."""
+
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench_embed results
+    search_points: list[dict[str, Any]] = field(default_factory=list)  # bench_search points
+    sources: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dir(cls, path: Path | str = BENCH_DIR, exclude_corpora: Iterable[str] = ()) -> Measurements:
+        """Read every bench JSON under `path` (skipping the profiles of `exclude_corpora`)."""
+        path = Path(path)
+        out = cls()
+        skip = set(exclude_corpora)
+        for f in sorted(path.glob("*.json")):
+            data = json.loads(f.read_text())
+            if data.get("bench") == "embed" and "reindex" in data:
+                if data["reindex"]["corpus"] in skip:
+                    continue
+                out.profiles.append(data)
+            elif data.get("bench") == "search":
+                out.search_points.extend(data["points"])
+            else:
+                continue
+            out.sources.append(f.name)
+        if not any(p["machine"]["device"] == "cpu" for p in out.profiles):
+            raise FileNotFoundError(
+                f"no CPU bench_embed result under {path}: run `make bench BENCH=embed` "
+                "(or .venv/bin/python -m bench.bench_embed) to measure this machine first"
+            )
+        return out
+
+    def reference(self, device: str = "cpu") -> dict[str, Any]:
+        """The profile rates come from: the largest corpus measured on `device`."""
+        runs = [p for p in self.profiles if p["machine"]["device"].startswith(device)]
+        if not runs:
+            raise LookupError(f"no bench_embed result for device {device!r}")
+        return max(runs, key=lambda p: p["reindex"]["chunks"])
+
+    def latency_points(self, backend: str) -> list[tuple[int, float, float, str]]:
+        """(chunks, p50 ms, p95 ms, source) of every measured hybrid search on `backend`, by size."""
+        pts = [(int(p["chunks"]), float(p["p50_ms"]), float(p["p95_ms"]), "bench_search") for p in self.search_points if p["backend"] == backend]
+        if backend == "sqlite":
+            for prof in self.profiles:
+                r = prof["reindex"]
+                pts.append((int(r["chunks"]), float(r["search_p50_ms"]), float(r["search_p95_ms"]), f"bench_embed {r['corpus']}"))
+        return sorted(pts)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one paper of the corpus amounts to."""
+
+    chunks_per_paper: float
+    pages_per_paper: float
+    pdf_bytes_per_paper: float
+    source: str
+
+    @classmethod
+    def of(cls, profile: Mapping[str, Any]) -> Shape:
+        r = profile["reindex"]
+        n = r["papers"]
+        return cls(r["chunks"] / n, r["pages"] / n, r["pdf_bytes"] / n, f"{r['corpus']} corpus ({n} papers)")
+
+
+def _interp(points: list[tuple[int, float, float, str]], chunks: float, col: int) -> tuple[float, str]:
+    """Log-log interpolation between measured sizes; linear in chunks beyond the largest."""
+    xs = [p[0] for p in points]
+    if chunks <= xs[0]:
+        return points[0][col], f"measured at {xs[0]:,} chunks ({points[0][3]}); smaller corpora taken as equal"
+    for lo, hi in zip(points, points[1:], strict=False):
+        if lo[0] <= chunks <= hi[0]:
+            if hi[0] == lo[0]:
+                return hi[col], f"measured at {hi[0]:,} chunks"
+            t = (math.log(chunks) - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))
+            v = math.exp(math.log(lo[col]) + t * (math.log(hi[col]) - math.log(lo[col])))
+            return v, f"log-log between {lo[col]:.1f} ms at {lo[0]:,} ({lo[3]}) and {hi[col]:.1f} ms at {hi[0]:,} chunks ({hi[3]})"
+    last = points[-1]
+    return last[col] * chunks / last[0], f"{last[col]:.1f} ms x chunks / {last[0]:,} (linear beyond the largest measured size)"
+
+
+def _gib(b: float) -> float:
+    return round(b / 2**30, 3)
+
+
+def plan(
+    documents: int,
+    qps: float,
+    gpus: int = 0,
+    measurements: Measurements | None = None,
+    shape: Shape | None = None,
+    cores: int | None = None,
+    memory_gib: float | None = None,
+    reindex_window_h: float = 8.0,
+    daily_papers: int | None = None,
+) -> dict[str, Any]:
+    """The capacity plan for `documents` papers searched at `qps` queries per second.
+
+    `cores`/`memory_gib` describe one machine of the deployment (default: the measured one);
+    `shape` the corpus (default: the reference corpus's per-paper figures); `daily_papers` the
+    daily increment (default 1% of `documents`). Returns {inputs, figures: {name: Figure}, limits}.
+    """
+    if documents <= 0 or qps < 0 or gpus < 0:
+        raise ValueError(f"documents must be > 0 and qps, gpus >= 0; got {documents}, {qps}, {gpus}")
+    m = measurements or Measurements.from_dir()
+    ref = m.reference("cpu")
+    r, host = ref["reindex"], ref["machine"]
+    shape = shape or Shape.of(ref)
+    ref_cores = int(host["cores"])
+    cores = int(cores or ref_cores)
+    mem_bytes = (memory_gib * 2**30) if memory_gib else float(host["memory_bytes"])
+    daily = int(daily_papers if daily_papers is not None else max(1, round(documents / 100)))
+    fig: dict[str, Figure] = {}
+
+    # Rates of the reference run, per core where the work runs a worker or thread per core.
+    pages_per_core_s = r["pages"] / r["ingest_s"] / ref_cores
+    chunk_rate = r["chunks"] / r["chunk_s"]  # one process
+    embed_per_core = ref["pipeline_chunks_per_s"] / ref_cores
+    embed_cpu = embed_per_core * cores
+    gpu_runs = [p for p in m.profiles if p["machine"]["device"].startswith("cuda")]
+    gpu_rate = max((p["pipeline_chunks_per_s"] for p in gpu_runs), default=None)
+
+    def chunks_of(n: float) -> float:
+        return n * shape.chunks_per_paper
+
+    def fts_build_s(chunks: float) -> tuple[float, str]:
+        pts = [(p["chunks"], p["fts_build_s"], "bench_search") for p in m.search_points if p["backend"] == "sqlite"]
+        pts.append((r["chunks"], r["fts_build_s"], f"bench_embed {r['corpus']}"))
+        near = min(pts, key=lambda p: abs(math.log(max(chunks, 1)) - math.log(p[0])))
+        return chunks * near[1] / near[0], f"chunks x {near[1]:.1f} s / {near[0]:,} chunks ({near[2]}, the nearest measured size)"
+
+    def vector_build_s(chunks: float) -> tuple[float, str]:
+        if chunks <= EXACT_THRESHOLD:
+            return chunks * r["vector_build_s"] / r["chunks"], f"flat index: chunks x {r['vector_build_s']} s / {r['chunks']:,} chunks"
+        pts = [p for p in m.search_points if p.get("vector_index") == "hnsw_flat"]
+        near = min(pts, key=lambda p: abs(math.log(chunks) - math.log(p["chunks"])))
+        v = chunks * near["vector_build_s"] / near["chunks"] * ref_cores / cores
+        return v, f"HNSW: chunks x {near['vector_build_s']} s / {near['chunks']:,} chunks x {ref_cores}/{cores} cores"
+
+    def embed_rate() -> tuple[float, str]:
+        if gpus and gpu_rate:
+            return gpus * gpu_rate, f"{gpus} GPU x {gpu_rate:.0f} chunks/s (measured GPU run)"
+        return embed_cpu, f"{cores} cores x {embed_per_core:.2f} chunks/s per core ({ref['numeric_path']}, {ref['machine']['cpu_model']})"
+
+    def reindex(n: float) -> tuple[float, dict[str, tuple[float, str]]]:
+        ch = chunks_of(n)
+        rate, rate_f = embed_rate()
+        parts = {
+            "ingest": (n * shape.pages_per_paper / (pages_per_core_s * cores),
+                       f"papers x {shape.pages_per_paper:.1f} pages / ({pages_per_core_s:.1f} pages/s per core x {cores} cores)"),
+            "chunk": (ch / chunk_rate, f"chunks / {chunk_rate:.0f} chunks/s (one process)"),
+            "embed": (ch / rate, f"chunks / ({rate_f})"),
+            "fts": fts_build_s(ch),
+            "vectors": vector_build_s(ch),
+        }
+        return sum(v for v, _ in parts.values()), parts
+
+    chunks = chunks_of(documents)
+    fig["chunks"] = Figure(round(chunks), "chunks", f"{documents:,} papers x {shape.chunks_per_paper:.1f} chunks per paper ({shape.source})")
+    total_s, parts = reindex(documents)
+    for name, (v, f) in parts.items():
+        fig[f"reindex_{name}_s"] = Figure(round(v, 1), "s", f)
+    fig["reindex_s"] = Figure(round(total_s, 1), "s", "ingest + chunk + embed + full-text build + vector build")
+    if gpus and not gpu_rate:
+        fig["reindex_embed_gpu_s"] = Figure(None, "s", "no measured GPU run under docs/bench: run `RP_DEVICE=cuda make bench BENCH=embed` on the GPU machine")
+    new_chunks = chunks_of(daily)
+    rate, rate_f = embed_rate()
+    inc_ingest = daily * shape.pages_per_paper / (pages_per_core_s * cores)
+    inc = inc_ingest + new_chunks / chunk_rate + new_chunks / rate + parts["fts"][0] + parts["vectors"][0]
+    fig["daily_increment_s"] = Figure(
+        round(inc, 1), "s",
+        f"{daily:,} new papers: ingest + chunk + embed {round(new_chunks):,} chunks at {rate:.1f} chunks/s, "
+        "then the generation's full-text and vector indexes rebuilt over all chunks (cached vectors reused)",
+    )
+
+    # Storage.
+    db_per_chunk = r["db_bytes_before_embeddings"] / r["chunks"]
+    emb_per_text = r["embedding_rows_bytes"] / r["distinct_texts"]
+    fts_per_chunk = r["fts_bytes"] / r["chunks"]
+    vec_per_chunk = r["vector_bytes"] / r["chunks"] + (HNSW_LINK_BYTES if chunks > EXACT_THRESHOLD else 0)
+    pdf = documents * shape.pdf_bytes_per_paper
+    db = chunks * (db_per_chunk + emb_per_text)
+    fts = chunks * fts_per_chunk
+    vec = chunks * vec_per_chunk
+    fig["storage_pdfs_gib"] = Figure(_gib(pdf), "GiB", f"papers x {shape.pdf_bytes_per_paper / 2**20:.2f} MiB per paper")
+    fig["storage_database_gib"] = Figure(
+        _gib(db), "GiB", f"chunks x ({db_per_chunk:.0f} B documents+chunks + {emb_per_text:.0f} B embedding row) per chunk ({r['corpus']} run)"
+    )
+    fig["storage_fts_gib"] = Figure(_gib(fts), "GiB", f"chunks x {fts_per_chunk:.0f} B per chunk per generation ({r['corpus']} run)")
+    fig["storage_vectors_gib"] = Figure(
+        _gib(vec), "GiB",
+        f"chunks x {vec_per_chunk:.0f} B per chunk per generation (flat index files"
+        + (f" + {HNSW_LINK_BYTES} B HNSW links)" if chunks > EXACT_THRESHOLD else ")"),
+    )
+    fig["storage_one_generation_gib"] = Figure(_gib(db + fts + vec), "GiB", "database + full-text + vectors of one live generation")
+    fig["storage_total_gib"] = Figure(
+        _gib(pdf + db + KEEP_GENERATIONS * (fts + vec)), "GiB", f"PDFs + database + {KEEP_GENERATIONS} kept generations x (full-text + vectors)"
+    )
+
+    # Search.
+    pts = m.latency_points("sqlite")
+    p50, p50_f = _interp(pts, chunks, 1)
+    p95, p95_f = _interp(pts, chunks, 2)
+    fig["search_p50_ms"] = Figure(round(p50, 1), "ms", p50_f)
+    fig["search_p95_ms"] = Figure(round(p95, 1), "ms", p95_f)
+    per_replica = cores * 1000.0 / p50 * UTILISATION
+    replicas = max(1, math.ceil(qps / per_replica)) if qps else 1
+    fig["search_qps_per_replica"] = Figure(round(per_replica, 1), "queries/s", f"{cores} cores x 1000 / p50 {p50:.1f} ms x {UTILISATION} utilisation")
+    fig["search_replicas"] = Figure(replicas, "replicas", f"ceil({qps:g} qps / {per_replica:.1f} qps per replica)")
+    base = min(p.get("reindex", {}).get("peak_rss_bytes", 0) or 0 for p in m.profiles) or 0
+    mem = base + vec + fts + chunks * db_per_chunk
+    fig["memory_per_replica_gib"] = Figure(
+        _gib(mem), "GiB",
+        f"{_gib(base)} GiB process (model, runtime; peak RSS of the smallest bench run) + vectors + full-text index "
+        "+ chunk rows, all resident so latency stays as measured",
+    )
+
+    # Database.
+    workers = max(1, math.ceil(parts["embed"][0] / (reindex_window_h * 3600)))
+    if replicas == 1 and workers == 1:
+        db_choice, db_formula = "sqlite", "one machine runs ingest, embedding and search: SQLite file + local object store"
+        read_replicas = 0
+    else:
+        db_choice = "postgresql"
+        pg = [p for p in m.search_points if p["backend"] == "postgresql"]
+        if pg:
+            fts_ms = pg[0]["fts_p50_ms"] * max(chunks, pg[0]["chunks"]) / pg[0]["chunks"]
+            db_cores = qps * fts_ms / 1000 / UTILISATION
+            read_replicas = max(0, math.ceil(db_cores / cores) - 1)
+            db_formula = (
+                f"{replicas} search replicas and {workers} embedding workers share one database; PostgreSQL full-text "
+                f"p50 {pg[0]['fts_p50_ms']} ms at {pg[0]['chunks']:,} chunks (linear in chunks: {fts_ms:.0f} ms) x {qps:g} qps "
+                f"/ {UTILISATION} = {db_cores:.1f} database cores -> primary + {read_replicas} read replicas of {cores} cores"
+            )
+        else:
+            read_replicas, db_formula = 0, "several machines share one database; no PostgreSQL search measurement to size replicas"
+    fig["database"] = Figure(db_choice, "", db_formula)
+    fig["database_read_replicas"] = Figure(read_replicas, "replicas", db_formula if db_choice == "postgresql" else "SQLite: none")
+    fig["embedding_workers"] = Figure(
+        min(workers, SHARDS), "workers",
+        f"ceil(embed {parts['embed'][0]:.0f} s / {reindex_window_h:g} h window), at most {SHARDS} (one document shard each)",
+    )
+
+    # Where one machine stops.
+    per_paper_mem = shape.chunks_per_paper * (vec_per_chunk + fts_per_chunk + db_per_chunk)
+    mem_limit = max(0, int((mem_bytes * MEMORY_SHARE - base) / per_paper_mem))
+    window = reindex_window_h * 3600
+    lo, hi = 1, 10**9
+    while lo < hi:  # the most papers whose full reindex fits the window on one machine (monotone)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if reindex(mid)[0] <= window else (lo, mid - 1)
+    limits = {
+        "memory": {
+            "papers": mem_limit,
+            "formula": f"({_gib(mem_bytes)} GiB x {MEMORY_SHARE} - {_gib(base)} GiB process) / {per_paper_mem / 2**20:.3f} MiB resident per paper",
+            "exceeded": documents > mem_limit,
+            "path": "shard the published index across replicas (each holds a range of document shards, the API fans out "
+            "and merges), or a machine with more memory; vector compression (IVF-PQ) is not implemented",
+        },
+        "reindex_window": {
+            "papers": lo,
+            "formula": f"largest N with reindex_s(N) <= {reindex_window_h:g} h on one machine of {cores} cores",
+            "exceeded": total_s > window,
+            "path": f"embed as a backfill over up to {SHARDS} shard partitions on separate pods (embedding_workers above), "
+            "or GPUs; the full-text build (one process) then bounds the rest",
+        },
+    }
+    return {
+        "inputs": {
+            "documents": documents, "qps": qps, "gpus": gpus, "cores": cores, "memory_gib": _gib(mem_bytes),
+            "reindex_window_h": reindex_window_h, "daily_papers": daily, "shape": asdict(shape),
+            "reference_run": f"{r['corpus']} corpus, {ref['when']}, {ref['numeric_path']}, load {host['load_average'][0]}",
+            "sources": m.sources,
+        },
+        "figures": {k: asdict(v) for k, v in fig.items()},
+        "limits": limits,
+    }
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """The plan as text: one line per figure with its formula, then the limits."""
+    i = result["inputs"]
+    lines = [
+        f"Capacity plan: {i['documents']:,} papers, {i['qps']:g} qps, {i['gpus']} GPUs; machine {i['cores']} cores, "
+        f"{i['memory_gib']} GiB; reindex window {i['reindex_window_h']:g} h; daily +{i['daily_papers']:,} papers",
+        f"From: {i['reference_run']} ({', '.join(i['sources'])})",
+        "",
+    ]
+    for name, f in result["figures"].items():
+        value = "n/a" if f["value"] is None else (f"{f['value']:,}" if isinstance(f["value"], (int, float)) else f["value"])
+        lines.append(f"{name:28} {value} {f['unit']}".rstrip() + f"   = {f['formula']}")
+    lines.append("")
+    for name, lim in result["limits"].items():
+        state = "EXCEEDED" if lim["exceeded"] else "ok"
+        lines.append(f"one machine stops at ({name}): {lim['papers']:,} papers [{state}]   = {lim['formula']}")
+        lines.append(f"  past it: {lim['path']}")
+    return "\n".join(lines)
