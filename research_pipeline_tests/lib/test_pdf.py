@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline.lib.ingest import pdf
+from research_pipeline.lib.ingest import cleanup, pdf, sandbox
 from research_pipeline_tests.conftest import (
     DEMO_PAPERS,
     HOSTILE,
@@ -54,11 +54,11 @@ def _group_members(pgid: int) -> list[int]:
 
 def test_ligatures_soft_hyphens_and_controls_are_cleaned():
     raw = "e\ufb03cient \ufb02ow of \ufb01les\r\nexam\ufffe\r\nple\x00 and\x07 \ue000tab\tok"
-    assert pdf.clean_text(raw) == "efficient flow of files\nexample and tab\tok"
+    assert cleanup.clean_text(raw) == "efficient flow of files\nexample and tab\tok"
 
 
 def test_one_scan_reading_matches_page_stats_and_clean_text():
-    # `_read_page` skips the passes its scan shows to change nothing; `clean_text` folds its
+    # `read_page` skips the passes its scan shows to change nothing; `clean_text` folds its
     # passes together. Both must equal the step-by-step definition, tricky orders included.
     pages = [
         "",
@@ -72,36 +72,36 @@ def test_one_scan_reading_matches_page_stats_and_clean_text():
         "a b c d e f g h i j " * 30,
     ]
     for raw in pages:
-        stats, text = pdf._read_page(raw)
-        assert stats == pdf.page_stats(raw), raw
-        assert text == pdf.clean_text(raw) == pdf._clean_text_stepwise(raw), raw
+        stats, text = cleanup.read_page(raw)
+        assert stats == cleanup.page_stats(raw), raw
+        assert text == cleanup.clean_text(raw) == cleanup._clean_text_stepwise(raw), raw
 
 
 def test_dehyphenation_joins_broken_words_and_keeps_real_hyphens():
     pages = ["an exam-\nple of a well-\nknown effect", "this well-known effect is an example"]
-    out = pdf.dehyphenate(pages)
+    out = cleanup.dehyphenate(pages)
     assert out[0] == "an example of a well-known effect"
     assert out[1] == pages[1]
     # Capitalised continuations are not line-break hyphenation (e.g. "Navier-\nStokes").
-    assert pdf.dehyphenate(["Navier-\nStokes"]) == ["Navier-\nStokes"]
+    assert cleanup.dehyphenate(["Navier-\nStokes"]) == ["Navier-\nStokes"]
 
 
 def test_hyphenated_words_are_those_of_the_full_word_scan_of_the_lower_cased_text():
     for text in ["well-known a-b-c x--y -lead trail- (state-of-the-art)\u2003co-op\nnon-\nlinear",
                  "caf\xe9-cr\xe8me 9-5 _-_ a- -b \xa0ab-cd\xa0",
                  "Well-Known \u03a3-\u03a3 \u0391\u03a3-b \u0130-x \u212a-K", ""]:
-        expected = {w for w in pdf._WORD_RE.findall(text.lower()) if "-" in w}
-        assert pdf._hyphenated_words(text) == expected
+        expected = {w for w in cleanup._WORD_RE.findall(text.lower()) if "-" in w}
+        assert cleanup._hyphenated_words(text) == expected
 
 
 def test_page_stats_separates_clean_and_junk_text():
     clean = "The present LISP free storage control program, the garbage collector, has a limitation. " * 5
     junk = "a³`¹\x95·3½&´3¹\"¹\x86¾T·&¿£À\x8eÀ\x15Á&ÂÄÃ\x9fÅ'Æ\x88Ç?È&¶º\x88¼\x8cÉËÊÌÈÍº\x8e³=Î" * 5
-    assert not pdf.page_stats(clean).garbled
-    assert pdf.page_stats(junk).garbled
+    assert not cleanup.page_stats(clean).garbled
+    assert cleanup.page_stats(junk).garbled
     spaced = " ".join("O ^ r c W O R Z T b W Q c N Q a W T Q W d Q c W s W P S Z W T O R Z T Q R S O".split()) * 20
-    assert pdf.page_stats(spaced).garbled
-    assert pdf.page_stats("").chars == 0
+    assert cleanup.page_stats(spaced).garbled
+    assert cleanup.page_stats("").chars == 0
 
 
 def test_quality_score_bounds():
@@ -162,7 +162,7 @@ def test_pool_kills_a_file_past_its_timeout_and_leaves_no_process():
     bomb = require_shared(HOSTILE) / "synthetic" / "text-bomb-64mib.pdf"
     good = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
     before = _children()
-    with pdf.ParsePool(workers=2, timeout_s=0.5, file_timeout_s=0.5, ocr=False) as pool:
+    with sandbox.ParsePool(workers=2, timeout_s=0.5, file_timeout_s=0.5, ocr=False) as pool:
         results = {}
         seen_pids: set[int] = set()
         for key, res in pool.imap_unordered([("bomb", str(bomb))]):
@@ -187,7 +187,7 @@ def test_timeout_during_ocr_kills_tesseract_too():
     good = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
     seen: set[int] = set()
     stop = threading.Event()
-    with pdf.ParsePool(workers=1, timeout_s=60, ocr=True) as pool:
+    with sandbox.ParsePool(workers=1, timeout_s=60, ocr=True) as pool:
         list(pool.imap_unordered([("warm", str(good))]))  # the worker is started and imported
 
         def watch() -> None:
@@ -214,14 +214,14 @@ def test_timeout_during_ocr_kills_tesseract_too():
 
 def test_memory_cap_turns_a_flate_bomb_into_memory():
     bomb = require_shared(HOSTILE) / "synthetic" / "flate-bomb-1gib.pdf"
-    with pdf.ParsePool(workers=1, timeout_s=120, memory_mb=1024, ocr=False) as pool:
+    with sandbox.ParsePool(workers=1, timeout_s=120, memory_mb=1024, ocr=False) as pool:
         [(_, res)] = list(pool.imap_unordered([("bomb", str(bomb))]))
     assert res.reason == "memory", res.message
 
 
 def test_pool_closes_idle_workers_on_exit():
     path = sorted(DEMO_PAPERS.glob("*.pdf"))[0]
-    with pdf.ParsePool(workers=2, ocr=False) as pool:
+    with sandbox.ParsePool(workers=2, ocr=False) as pool:
         list(pool.imap_unordered([(1, str(path)), (2, str(path))]))
         pids = pool.pids()
         assert pids and all(_alive(p) for p in pids)
@@ -232,8 +232,8 @@ def test_pool_closes_idle_workers_on_exit():
 
 
 def test_progress_record_is_shared_and_ignores_a_torn_write():
-    fd, parent_side = pdf._ProgressRecord.create()
-    worker_side = pdf._ProgressRecord(fd)
+    fd, parent_side = sandbox._ProgressRecord.create()
+    worker_side = sandbox._ProgressRecord(fd)
     os.close(fd)
     try:
         assert parent_side.read() is None
@@ -264,7 +264,7 @@ def test_pool_starts_the_next_file_before_the_caller_sees_a_result():
         waits += 1
         return 0.01
 
-    with pdf.ParsePool(workers=1, ocr=False) as pool:
+    with sandbox.ParsePool(workers=1, ocr=False) as pool:
         for key, res in pool.imap_unordered(jobs(), before_wait=before_wait):
             assert res.ok
             at_result.append((key, [w.job for w in pool._workers]))
