@@ -241,3 +241,34 @@ def test_instance_file_loads_with_exactly_the_deploy_environment(instance_file, 
         assert any(h.formatter is not None and "ProcessorFormatter" in type(h.formatter).__name__ for h in handlers), (
             "production run logs are JSON"
         )
+
+
+def _constraints() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
+def test_the_lock_holds_every_direct_pin_at_the_same_version():
+    locked = _constraints()
+    for name, version in _pins().items():
+        key = name.replace("_", "-")
+        assert key in locked, f"{name} is pinned in pyproject.toml but missing from constraints.txt"
+        assert locked[key].split("+")[0] == version, f"{name}: pyproject {version}, constraints {locked[key]}"
+
+
+def test_images_build_from_pinned_bases_with_the_lock_and_a_small_context():
+    for dockerfile in (DOCKER / "Dockerfile", DOCKER / "Dockerfile.dagster"):
+        text = dockerfile.read_text()
+        bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+        assert bases, dockerfile
+        for base in bases:
+            assert "@sha256:" in base or re.search(r":\d+\.\d+\.\d+", base), f"{dockerfile.name}: floating base {base}"
+        assert "-c " in text and "constraints.txt" in text, f"{dockerfile.name} does not install with the lock"
+        assert re.search(r"^USER\s+(?!root)\S+", text, flags=re.M), f"{dockerfile.name} runs as root"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".venv", ".git", ".rp"):
+        assert path in ignored, f".dockerignore must keep {path} out of the build context"

@@ -24,4 +24,4 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 # torch==2.13.0 (CPU build) comes from the machine's wheel store; pinned in pyproject.toml.
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
