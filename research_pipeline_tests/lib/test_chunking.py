@@ -57,11 +57,13 @@ def docs(tmp_path_factory) -> dict[str, dict]:
 
 def check_chunk(doc: dict, row: dict, count_tokens, budget: int = BUDGET) -> None:
     text = doc["text"]
-    assert row["text"] == text[row["char_start"] : row["char_end"]]
+    # Exact, up to what no database stores (NUL, lone surrogates: U+FFFD one for one).
+    assert row["text"] == util.pg_safe_text(text[row["char_start"] : row["char_end"]])
     assert row["text"].strip() == row["text"], "chunks start and end on a token"
     assert 0 < count_tokens(row["text"]) == row["n_tokens"] <= budget
     assert row["content_hash"] == util.sha256_hex(row["text"])
-    assert row["chunk_id"] == util.sha256_hex(f"{doc['doc_id']}|{row['ordinal']}|{row['content_hash']}")
+    assert row["chunk_id"] == util.sha256_hex(
+        f"{doc['doc_id']}|{row['ordinal']}|{row['content_hash']}|{row['chunking_id']}")
     assert row["shard"] == doc["doc_id"][0]
     offsets = json.loads(doc["page_offsets"])
     # 1-based pages: the page holding the first and the last character of the chunk.
@@ -248,12 +250,13 @@ def test_chunk_documents_is_idempotent(engine, docs, embedder):
         store.upsert(conn, store.documents, [docs[JOSS], docs[RESCIENCE]], ["doc_id"])
     stats = chunk_documents(engine, embedder.count_tokens)
     expected = chunk_document(docs[JOSS], embedder.count_tokens) + chunk_document(docs[RESCIENCE], embedder.count_tokens)
-    assert stats == {"documents_chunked": 2, "chunks": len(expected), "chunks_removed": 0}
+    assert stats == {"documents_chunked": 2, "documents_rechunked": 0, "chunks": len(expected), "chunks_removed": 0}
     c = store.chunks
     with engine.connect() as conn:
         stored = {r["chunk_id"]: dict(r) for r in conn.execute(sa.select(c)).mappings()}
     assert stored == {r["chunk_id"]: r for r in expected}
-    assert chunk_documents(engine, embedder.count_tokens) == {"documents_chunked": 0, "chunks": 0, "chunks_removed": 0}
+    assert chunk_documents(engine, embedder.count_tokens) == {
+        "documents_chunked": 0, "documents_rechunked": 0, "chunks": 0, "chunks_removed": 0}
     # A document that is gone takes its chunks with it.
     with engine.begin() as conn:
         conn.execute(sa.delete(store.documents).where(store.documents.c.doc_id == docs[JOSS]["doc_id"]))
@@ -261,3 +264,66 @@ def test_chunk_documents_is_idempotent(engine, docs, embedder):
     assert chunk_documents(engine, embedder.count_tokens)["chunks_removed"] == n_joss
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one() == len(expected) - n_joss
+
+
+def _chunk_rows(engine) -> dict[str, dict]:
+    with engine.connect() as conn:
+        return {r["chunk_id"]: dict(r) for r in conn.execute(sa.select(store.chunks)).mappings()}
+
+
+def test_changed_chunking_rechunks_and_reembeds_only_new_text(engine, docs, embedder, monkeypatch):
+    from research_pipeline.lib.embed.embeddings import embed_missing
+    from research_pipeline.lib.ingest import chunking
+
+    short = {**docs[JOSS], "doc_id": "e" * 64, "shard": "e", "source_kind": "record",
+             "text": "A short record: shorter than any window, so every chunking keeps it whole.",
+             "page_offsets": "[0]"}
+    with engine.begin() as conn:
+        store.upsert(conn, store.documents, [docs[JOSS], short], ["doc_id"])
+    chunk_documents(engine, embedder.count_tokens)
+    first = _chunk_rows(engine)
+    assert {r["chunking_id"] for r in first.values()} == {chunking.chunking_id(embedder.count_tokens)}
+    assert embed_missing(engine, embedder)["embedded"] == len({r["content_hash"] for r in first.values()})
+
+    # Smaller windows: both documents are re-chunked, the old chunks are replaced.
+    stats = chunk_documents(engine, embedder.count_tokens, max_tokens=128, overlap_tokens=16)
+    assert stats["documents_chunked"] == stats["documents_rechunked"] == 2
+    second = _chunk_rows(engine)
+    assert not set(first) & set(second)
+    assert {r["chunking_id"] for r in second.values()} == {chunking.chunking_id(embedder.count_tokens, 128, 16)}
+    for row in second.values():
+        doc = docs[JOSS] if row["doc_id"] == docs[JOSS]["doc_id"] else short
+        check_chunk(doc, row, embedder.count_tokens, budget=126)
+    # Only texts no earlier chunk had are embedded; the short record's text is reused.
+    old_hashes = {r["content_hash"] for r in first.values()}
+    new_hashes = {r["content_hash"] for r in second.values()}
+    [short_row] = [r for r in second.values() if r["doc_id"] == short["doc_id"]]
+    assert short_row["content_hash"] in old_hashes
+    again = embed_missing(engine, embedder)
+    assert again["embedded"] == len(new_hashes - old_hashes) > 0
+
+    # A new chunker version with the same parameters re-chunks everything; the texts are the
+    # same, so nothing is embedded again.
+    monkeypatch.setattr(chunking, "CHUNKER_VERSION", chunking.CHUNKER_VERSION + "-next")
+    stats = chunk_documents(engine, embedder.count_tokens, max_tokens=128, overlap_tokens=16)
+    assert stats["documents_rechunked"] == 2
+    third = _chunk_rows(engine)
+    assert not set(third) & set(second)
+    assert {r["content_hash"] for r in third.values()} == new_hashes
+    assert embed_missing(engine, embedder)["embedded"] == 0
+    assert chunk_documents(engine, embedder.count_tokens, max_tokens=128, overlap_tokens=16)["documents_chunked"] == 0
+
+
+def test_chunks_of_unstorable_text_are_storable(engine, embedder):
+    """Text holding NUL or a lone surrogate (a store written before entry normalisation) is chunked
+    into text both backends store, offsets unchanged."""
+    text = "Results\nThe value\x00 was high \ud800 in every run. " * 3
+    doc = {"doc_id": "a" * 64, "text": text, "page_offsets": "[0]", "source_kind": "record"}
+    rows = chunk_document(doc, embedder.count_tokens)
+    assert rows
+    for row in rows:
+        assert "\x00" not in row["text"] and "\ud800" not in row["text"]
+        assert row["text"] == util.pg_safe_text(text[row["char_start"] : row["char_end"]])
+    with engine.begin() as conn:
+        conn.execute(sa.insert(store.chunks), rows)
+    assert {r["text"] for r in _chunk_rows(engine).values()} == {r["text"] for r in rows}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
 
 from research_pipeline.defs.resources import InboxResource
 from research_pipeline.defs.search.jobs import reindex_job
+from research_pipeline.lib.ingest.sources import inbox_files
 
 #: Run states in which a reindex is still going to ingest what is in the inbox now or soon.
 _ACTIVE = [
@@ -21,25 +21,22 @@ _ACTIVE = [
 ]
 
 
-def _watched(name: str) -> bool:
-    """What the ingest reads from an inbox folder: PDFs at any depth and BEIR `corpus.jsonl` files."""
-    return not name.startswith(".") and (name.lower().endswith(".pdf") or name == "corpus.jsonl")
-
-
 def inbox_listing(root: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every watched file under `root`, sorted; hidden folders skipped."""
+    """(relative path, size, mtime_ns) of every entry of the inbox listing (`sources.inbox_files`), sorted.
+
+    A link that leads nowhere is listed by its own size and time, so it triggers the run that
+    quarantines it.
+    """
     out: list[tuple[str, int, int]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not _watched(name):
-                continue
-            path = Path(dirpath) / name
+    for entry in inbox_files(root):
+        try:
+            st = entry.path.stat()
+        except OSError:
             try:
-                st = path.stat()
+                st = entry.path.lstat()
             except OSError:  # removed between listing and stat: it is simply not there
                 continue
-            out.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+        out.append((entry.rel(root), st.st_size, st.st_mtime_ns))
     out.sort()
     return out
 

@@ -18,7 +18,8 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core.util import as_utc, utcnow
 
-SCHEMA_VERSION = 1
+#: 2: documents.retired_reason/retired_at/removed_at, document_sources.gone_at, chunks.chunking_id.
+SCHEMA_VERSION = 2
 
 #: Static shards of the content-hash space: the first hex digit of a sha256.
 #: The same keys partition embeddings and migration, so backfills, resumption and
@@ -70,6 +71,11 @@ documents = sa.Table(
     sa.Column("ocr_pages", sa.Integer, nullable=False, default=0),
     sa.Column("extra", sa.Text),  # JSON: record metadata, PDF info dict
     sa.Column("ingested_at", UtcDateTime(), nullable=False),
+    # Set while the document is out of every new generation: gone (no live source in the
+    # inbox), removed (`research-pipeline remove`) or retracted (listed in the retracted file).
+    sa.Column("retired_reason", sa.String(16)),
+    sa.Column("retired_at", UtcDateTime()),
+    sa.Column("removed_at", UtcDateTime()),  # explicit removal; it stays until restored
 )
 
 document_sources = sa.Table(
@@ -80,6 +86,7 @@ document_sources = sa.Table(
     sa.Column("size", sa.BigInteger),
     sa.Column("mtime", sa.Float),
     sa.Column("seen_at", UtcDateTime(), nullable=False),
+    sa.Column("gone_at", UtcDateTime()),  # the file left the inbox (a full listing did not see it)
 )
 
 chunks = sa.Table(
@@ -98,6 +105,7 @@ chunks = sa.Table(
     sa.Column("n_tokens", sa.Integer, nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False, index=True),  # sha256 of text
     sa.Column("text", sa.Text, nullable=False),
+    sa.Column("chunking_id", sa.String(16)),  # chunker version + parameters (chunking.chunking_id)
 )
 
 quarantine = sa.Table(
@@ -246,10 +254,28 @@ def create_schema(engine: Engine) -> int:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     metadata.create_all(engine, checkfirst=True)
     with engine.begin() as conn:
+        _add_missing_columns(conn)
         current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
         if current is None or current < SCHEMA_VERSION:
             upsert(conn, schema_version, [{"version": SCHEMA_VERSION, "applied_at": utcnow()}], ["version"])
     return SCHEMA_VERSION
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Forward migration: add the nullable columns of later schema versions to existing tables."""
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            if not col.nullable:
+                raise RuntimeError(
+                    f"table {table.name} lacks the NOT NULL column {col.name}; this store predates a "
+                    "schema change that needs a data migration"
+                )
+            kind = col.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {kind}'))
 
 
 def upsert(

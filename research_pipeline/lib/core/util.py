@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +22,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# NUL and the UTF-16 surrogate code points: PostgreSQL text cannot hold NUL, and neither
+# backend's driver can encode a lone surrogate as UTF-8.
+_NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def pg_safe_text(s: str) -> str:
+    """`s` with every character a database cannot store (NUL, lone surrogates) as U+FFFD.
+
+    One character for one, so offsets into the text stay valid; text without them is returned
+    as it is.
+    """
+    if s.isascii() and "\x00" not in s:
+        return s
+    return _NOT_STORABLE.sub("\ufffd", s)
 
 
 def utcnow() -> datetime:

@@ -7,12 +7,18 @@ sentence ends, with `overlap_tokens` of overlap that starts on a sentence where 
 Every chunk's text is exactly `documents.text[char_start:char_end]`, so offsets, page spans
 and snippets always point at the source. Chunk identities are content hashes, so re-chunking
 the same text gives the same ids.
+
+Chunking is versioned: `chunking_id` hashes `CHUNKER_VERSION`, the window parameters and the
+tokenizer into an id stored on every chunk and part of its identity. `chunk_documents`
+re-chunks every live document whose chunks have another id; unchanged passages keep their
+content hash, so their embeddings (keyed by content hash and model) are reused, not recomputed.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +30,13 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.progress import emit
+from research_pipeline.lib.ingest.lifecycle import LIVE
+
+logger = logging.getLogger(__name__)
+
+#: Bump when a change to this module cuts any document differently (headings, windows, fitting):
+#: every document is then re-chunked on the next run.
+CHUNKER_VERSION = "2"
 
 #: Word pieces the model adds around every input ([CLS] and [SEP] for BERT-style models).
 SPECIAL_TOKENS = 2
@@ -296,9 +309,25 @@ def _page_of(page_offsets: Sequence[int], char: int) -> int:
     return max(1, bisect.bisect_right(page_offsets, char))
 
 
-def chunk_id_of(doc_id: str, ordinal: int, content_hash: str) -> str:
-    """The identity of a chunk: sha256 of doc_id|ordinal|content_hash."""
-    return util.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}")
+def _tokenizer_name(count_tokens: Callable[[str], int]) -> str:
+    """What counts the tokens, independent of where the model is installed."""
+    tok = getattr(getattr(count_tokens, "__self__", None), "tokenizer", None)
+    if tok is not None:
+        name = str(getattr(tok, "name_or_path", "") or type(tok).__name__).rstrip("/").rsplit("/", 1)[-1]
+        return f"{name}:{len(tok) if hasattr(tok, '__len__') else ''}"
+    return f"{getattr(count_tokens, '__module__', '')}.{getattr(count_tokens, '__qualname__', type(count_tokens).__name__)}"
+
+
+def chunking_id(count_tokens: Callable[[str], int], max_tokens: int = 256, overlap_tokens: int = 32) -> str:
+    """The id of one way of chunking: 16 hex digits of sha256 over the version, parameters and tokenizer."""
+    spec = {"version": CHUNKER_VERSION, "max_tokens": int(max_tokens), "overlap_tokens": int(overlap_tokens),
+            "tokenizer": _tokenizer_name(count_tokens)}
+    return util.sha256_hex(json.dumps(spec, sort_keys=True))[:16]
+
+
+def chunk_id_of(doc_id: str, ordinal: int, content_hash: str, chunking: str) -> str:
+    """The identity of a chunk: sha256 of doc_id|ordinal|content_hash|chunking id."""
+    return util.sha256_hex(f"{doc_id}|{ordinal}|{content_hash}|{chunking}")
 
 
 def chunk_document(
@@ -312,7 +341,8 @@ def chunk_document(
     `count_tokens` counts word pieces without special tokens (`Embedder.count_tokens`); when it
     is bound to an Embedder, its fast tokenizer cuts sections by token offsets. Every chunk has
     at most `max_tokens - 2` content word pieces (checked with `count_tokens`), page numbers are
-    1-based, and `text == documents.text[char_start:char_end]`.
+    1-based, and `text == documents.text[char_start:char_end]` (up to characters no database
+    stores, NUL and lone surrogates, which a chunk holds as U+FFFD, one for one).
     """
     budget = max_tokens - SPECIAL_TOKENS
     if budget < 8:
@@ -320,7 +350,8 @@ def chunk_document(
     if not 0 <= overlap_tokens < budget // 2:
         raise ValueError(f"overlap_tokens={overlap_tokens} must be >= 0 and below half of max_tokens - 2")
     doc_id = doc["doc_id"]
-    text: str = doc.get("text") or ""
+    text: str = util.pg_safe_text(doc.get("text") or "")
+    chunking = chunking_id(count_tokens, max_tokens, overlap_tokens)
     page_offsets = doc.get("page_offsets") or "[]"
     if isinstance(page_offsets, str):
         page_offsets = json.loads(page_offsets)
@@ -344,7 +375,7 @@ def chunk_document(
         ordinal = len(rows)
         rows.append(
             {
-                "chunk_id": chunk_id_of(doc_id, ordinal, content_hash),
+                "chunk_id": chunk_id_of(doc_id, ordinal, content_hash, chunking),
                 "doc_id": doc_id,
                 "shard": store.shard_of(doc_id),
                 "ordinal": ordinal,
@@ -357,6 +388,7 @@ def chunk_document(
                 "n_tokens": n_tok,
                 "content_hash": content_hash,
                 "text": chunk_text,
+                "chunking_id": chunking,
             }
         )
     return rows
@@ -403,9 +435,11 @@ def chunk_documents(
     overlap_tokens: int = 32,
     log: Any = None,
 ) -> dict[str, int]:
-    """Chunk every document that has no chunks yet; returns documents_chunked, chunks, chunks_removed.
+    """Chunk every live document without chunks of this chunking; returns the counts.
 
-    `documents_chunked` counts the documents that got chunks in this call.
+    `documents_chunked` counts the documents that got chunks in this call, of which
+    `documents_rechunked` had chunks of another chunking id (another version, parameters or
+    tokenizer), which were replaced. Retired documents keep the chunks they have.
 
     Idempotent: a document's chunks are replaced in one transaction, so a crash leaves each
     document fully chunked or not at all, and a re-run picks up the rest. Chunks whose document
@@ -413,16 +447,23 @@ def chunk_documents(
     """
     d, c = store.documents, store.chunks
     started = time.perf_counter()
+    current = chunking_id(count_tokens, max_tokens, overlap_tokens)
     with engine.begin() as conn:
         orphans = conn.execute(
             sa.delete(c).where(~sa.exists().where(d.c.doc_id == c.c.doc_id))
         ).rowcount or 0
         todo = conn.execute(
             sa.select(d.c.doc_id)
-            .where(~sa.exists().where(c.c.doc_id == d.c.doc_id))
+            .where(LIVE, ~sa.exists().where(c.c.doc_id == d.c.doc_id, c.c.chunking_id == current))
             .order_by(d.c.doc_id)
         ).scalars().all()
-    documents_chunked = n_chunks = 0
+        rechunk = set(conn.execute(
+            sa.select(c.c.doc_id).distinct().where(sa.or_(c.c.chunking_id.is_(None), c.c.chunking_id != current))
+        ).scalars())
+    if rechunk & set(todo):
+        logger.info("chunking %s: %d documents have chunks of another chunking and are re-chunked",
+                 current, len(rechunk & set(todo)))
+    documents_chunked = n_chunks = rechunked = 0
     cols = [d.c.doc_id, d.c.text, d.c.page_offsets, d.c.source_kind, d.c.title]
     group = 32
     for g in range(0, len(todo), group):
@@ -435,6 +476,7 @@ def chunk_documents(
             # A document with no text has no chunks and is looked at again next time; it is
             # not counted, so an unchanged corpus reports zero work.
             documents_chunked += bool(mine)
+            rechunked += doc["doc_id"] in rechunk
             rows += mine
         # One transaction per group of documents (thousands of one-page records would otherwise
         # cost a commit each); each document's chunks are still replaced all at once.
@@ -443,6 +485,7 @@ def chunk_documents(
             store.upsert(conn, c, rows, ["chunk_id"])
         n_chunks += len(rows)
         emit(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
-    stats = {"documents_chunked": documents_chunked, "chunks": n_chunks, "chunks_removed": int(orphans)}
+    stats = {"documents_chunked": documents_chunked, "documents_rechunked": rechunked, "chunks": n_chunks,
+             "chunks_removed": int(orphans)}
     emit(log, f"chunking done in {time.perf_counter() - started:.1f}s: {stats}")
     return stats

@@ -6,10 +6,16 @@ documents, at most `DOC_BATCH_S` after their workers finish, so a killed ingest 
 in-flight files and the results of that last moment, and a re-run picks up where it stopped.
 Inputs whose (uri, size, mtime) match a recorded source, and quarantined files whose bytes
 have not changed, are skipped without parsing.
+
+Text from the inputs (document text, metadata, uris, messages) is stored through
+`pg_safe_text`, so no file or record can hold a character that stops a write or a migration.
+After a complete listing of an inbox, what it no longer holds is marked gone and every
+document's retirement is recomputed (`lifecycle`), so new generations follow the inbox.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,16 +25,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.core.util import sha256_file
+from research_pipeline.lib.core.util import pg_safe_text, sha256_file
+from research_pipeline.lib.ingest import lifecycle
 from research_pipeline.lib.ingest.metadata import record_metadata
 from research_pipeline.lib.ingest.pdf import (
     PARSER,
     PARSER_VERSION,
     REASONS,
-    ParsePool,
     ParseResult,
 )
-from research_pipeline.lib.ingest.sources import SourceItem, canonical_json, iter_items
+from research_pipeline.lib.ingest.sandbox import ParsePool
+from research_pipeline.lib.ingest.sources import SourceItem, iter_items, record_bytes
 
 Log = Callable[[str], None]
 
@@ -54,6 +61,10 @@ class IngestReport:
     pages_per_s: float = 0.0
     quarantined: dict[str, int] = field(default_factory=dict)  # reason -> files quarantined by this run
     released: int = 0  # files that left quarantine because their new bytes became a document
+    sources_gone: int = 0  # recorded files a complete listing no longer found
+    retired: int = 0  # documents this run took out of new generations (gone, removed, retracted)
+    restored: int = 0  # retired documents that are live again (a file put back)
+    live_documents: int = 0  # documents new generations hold after this run
 
     def as_metadata(self) -> dict[str, int | float]:
         """Plain numbers for Dagster metadata and `status --json`."""
@@ -67,10 +78,25 @@ class IngestReport:
             "pages_per_s": round(self.pages_per_s, 2),
             "quarantined": sum(self.quarantined.values()),
             "released": self.released,
+            "sources_gone": self.sources_gone,
+            "retired": self.retired,
+            "restored": self.restored,
+            "live_documents": self.live_documents,
         }
         for reason in REASONS:
             out[f"quarantined_{reason}"] = self.quarantined.get(reason, 0)
         return out
+
+
+def _safe(value: Any) -> Any:
+    return pg_safe_text(value) if isinstance(value, str) else value
+
+
+def _year(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _document_row(doc_id: str, kind: str, result: ParseResult | None, meta: dict[str, Any],
@@ -80,15 +106,16 @@ def _document_row(doc_id: str, kind: str, result: ParseResult | None, meta: dict
         "doc_id": doc_id,
         "shard": store.shard_of(doc_id),
         "source_kind": kind,
-        "title": meta.get("title"),
-        "authors": store.dumps(meta.get("authors") or []),
-        "year": meta.get("year"),
-        "abstract": meta.get("abstract"),
-        "doi": meta.get("doi"),
-        "arxiv_id": meta.get("arxiv_id"),
-        "language": meta.get("language"),
+        "title": _safe(meta.get("title")),
+        "authors": pg_safe_text(store.dumps(meta.get("authors") or [])),
+        "year": _year(meta.get("year")),
+        "abstract": _safe(meta.get("abstract")),
+        "doi": _safe(meta.get("doi")),
+        "arxiv_id": _safe(meta.get("arxiv_id")),
+        "language": _safe(meta.get("language")),
         "page_count": result.page_count if result else 1,
-        "text": text,
+        # One character for one: page offsets stay valid.
+        "text": pg_safe_text(text),
         "page_offsets": store.dumps(offsets),
         "parser": parser,
         "parser_version": parser_version,
@@ -96,7 +123,7 @@ def _document_row(doc_id: str, kind: str, result: ParseResult | None, meta: dict
         "garbled_ratio": result.garbled_ratio if result else 0.0,
         "empty_pages": result.empty_pages if result else 0,
         "ocr_pages": result.ocr_pages if result else 0,
-        "extra": store.dumps(extra),
+        "extra": pg_safe_text(store.dumps(extra)),
         "ingested_at": util.utcnow(),
     }
 
@@ -116,7 +143,8 @@ class _Writer:
         self.report = report
 
     def source_row(self, item: SourceItem, doc_id: str) -> dict[str, Any]:
-        return {"uri": item.uri, "doc_id": doc_id, "size": item.size, "mtime": item.mtime, "seen_at": util.utcnow()}
+        return {"uri": item.uri, "doc_id": doc_id, "size": item.size, "mtime": item.mtime,
+                "seen_at": util.utcnow(), "gone_at": None}
 
     def document(self, conn: sa.Connection, row: dict[str, Any] | None, items: list[SourceItem]) -> None:
         """Insert a document (if new) and its sources; a source leaving quarantine is released."""
@@ -156,7 +184,7 @@ class _Writer:
                    content_hash: str | None) -> None:
         assert reason in REASONS, reason
         store.upsert(conn, store.quarantine, [{
-            "uri": item.uri, "content_hash": content_hash, "reason": reason, "message": message,
+            "uri": item.uri, "content_hash": content_hash, "reason": reason, "message": pg_safe_text(message),
             "size": item.size, "quarantined_at": util.utcnow(),
         }], ["uri"])
         # The uri no longer holds that document; the document itself stays (other sources, history).
@@ -164,13 +192,13 @@ class _Writer:
         self.report.quarantined[reason] = self.report.quarantined.get(reason, 0) + 1
 
 
-def _known(engine: Engine) -> tuple[dict[str, tuple[Any, Any, str]], dict[str, tuple[Any, str | None, str]]]:
-    """(uri -> (size, mtime, doc_id)) of sources and (uri -> (size, content_hash, reason)) of quarantine."""
+def _known(engine: Engine) -> tuple[dict[str, tuple[Any, Any, str, bool]], dict[str, tuple[Any, str | None, str]]]:
+    """(uri -> (size, mtime, doc_id, gone)) of sources and (uri -> (size, content_hash, reason)) of quarantine."""
+    s = store.document_sources
     with engine.connect() as conn:
         sources = {
-            r.uri: (r.size, r.mtime, r.doc_id)
-            for r in conn.execute(sa.select(store.document_sources.c.uri, store.document_sources.c.size,
-                                            store.document_sources.c.mtime, store.document_sources.c.doc_id))
+            r.uri: (r.size, r.mtime, r.doc_id, r.gone_at is not None)
+            for r in conn.execute(sa.select(s.c.uri, s.c.size, s.c.mtime, s.c.doc_id, s.c.gone_at))
         }
         quarantined = {
             r.uri: (r.size, r.content_hash, r.reason)
@@ -193,13 +221,20 @@ def ingest(
     ocr: bool = True,
     log: Log | Any = None,
     log_every: int = 25,
+    retracted_file: str | os.PathLike | None = None,
 ) -> IngestReport:
     """Ingest every item of `sources` into `engine`'s store and report what happened.
 
     PDFs are parsed by `workers` child processes (each file bounded by `timeout_s` without
     progress and `memory_mb` of address space); records are written directly. Safe to re-run
     and to resume after a crash: a re-run with no changed inputs writes nothing new.
+
+    Then the lifecycle: sources a complete listing (FolderSource without `paths`, JsonlSource)
+    no longer holds are marked gone, and documents are retired or restored
+    (`lifecycle.refresh`, with `retracted_file` the list of retracted DOIs/arXiv ids/doc_ids;
+    None keeps the retractions recorded before).
     """
+    sources = list(sources)
     started = time.monotonic()
     report = IngestReport()
     writer = _Writer(engine, report)
@@ -207,6 +242,10 @@ def ingest(
     # A callable, or a logger with .info (Dagster's context.log, logging.Logger).
     say: Log = getattr(log, "info", None) or log or (lambda _msg: None)
     seen = 0
+    # Every uri the sources listed (a complete listing marks the rest gone), and the unchanged
+    # ones that had been marked gone (a file put back as it was).
+    listed: set[str] = set()
+    back: list[str] = []
 
     # Parsed-PDF bookkeeping: doc_id -> the items (names) waiting on that parse, so the same
     # bytes under two names are parsed once.
@@ -271,6 +310,7 @@ def ingest(
         nonlocal seen
         for item in iter_items(sources):
             seen += 1
+            listed.add(item.uri)
             if seen % log_every == 0:
                 say(f"ingest: {seen} inputs seen, {report.documents_new} new documents, "
                     f"{sum(report.quarantined.values())} quarantined, {report.pages} pages")
@@ -286,12 +326,16 @@ def ingest(
             if (item.kind == "pdf" and prev_src and prev_src[0] == item.size
                     and _same_mtime(prev_src[1], item.mtime)):
                 report.documents_unchanged += 1
+                if prev_src[3]:
+                    back.append(item.uri)
                 continue
             if item.kind == "record":
                 assert item.record is not None
-                doc_id = util.sha256_hex(canonical_json(item.record))
+                doc_id = util.sha256_hex(record_bytes(item.record))
                 if prev_src and prev_src[2] == doc_id:
                     report.documents_unchanged += 1
+                    if prev_src[3]:
+                        back.append(item.uri)
                     continue
                 rec = item.record
                 if not str(rec.get("text") or "").strip() and not str(rec.get("title") or "").strip():
@@ -302,9 +346,19 @@ def ingest(
                             writer.quarantine(conn, item, "empty", f"{item.uri}: the record has no title and "
                                               "no text; fill one in or drop the line", doc_id)
                     continue
-                meta = record_metadata(rec)
-                # PostgreSQL text cannot hold NUL; nothing else in a record is rewritten.
-                text = str(rec.get("text") or "").replace("\x00", "")
+                try:
+                    meta = record_metadata(rec)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    # Fields of unexpected types ("title": 5, "metadata": {"authors": {}}).
+                    flush_documents()
+                    with engine.begin() as conn:
+                        writer.quarantine(conn, item, "corrupt", f"{item.uri}: the record's fields cannot be "
+                                          f"read ({type(exc).__name__}: {exc}); title, text and metadata "
+                                          "values must be strings", doc_id)
+                    continue
+                # What a database cannot store becomes U+FFFD (in _document_row); nothing else
+                # in a record is rewritten.
+                text = str(rec.get("text") or "")
                 extra = {"record_id": rec.get("_id"), "metadata": rec.get("metadata")}
                 row = _document_row(doc_id, "record", None, meta, text, [0], "jsonl", "1", extra)
                 record_rows.append((row, item))
@@ -317,7 +371,8 @@ def ingest(
             except OSError as exc:
                 flush_documents()
                 with engine.begin() as conn:
-                    writer.quarantine(conn, item, "corrupt", f"{item.uri} cannot be read: {exc}", None)
+                    writer.quarantine(conn, item, "unreadable", f"{item.uri} cannot be read ({exc.strerror or exc}); "
+                                      "check its permissions and the disk", None)
                 continue
             item.doc_id = doc_id
             prev_q = known_quarantine.get(item.uri)
@@ -362,10 +417,18 @@ def ingest(
                         for it in items:
                             writer.quarantine(conn, it, result.reason or "corrupt", result.message, doc_id)
             flush_records()
+        if back:
+            lifecycle.revive(engine, back)
+        gone = lifecycle.mark_gone(engine, sources, listed)
+        report.sources_gone = gone["sources_gone"]
+        states = lifecycle.refresh(engine, retracted_file)
+        report.retired, report.restored, report.live_documents = (
+            states["retired_now"], states["restored_now"], states["live"])
     finally:
         report.seconds = time.monotonic() - started
         report.pages_per_s = report.pages / report.seconds if report.seconds > 0 else 0.0
     say(f"ingest done: {seen} inputs, {report.documents_new} new, {report.documents_unchanged} unchanged, "
         f"{report.pages} pages in {report.seconds:.1f} s, quarantined {report.quarantined}, "
-        f"released {report.released}")
+        f"released {report.released}; {report.sources_gone} files left the inbox, {report.retired} documents "
+        f"retired, {report.restored} restored, {report.live_documents} live")
     return report

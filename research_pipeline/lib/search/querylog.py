@@ -4,6 +4,10 @@ Logging must not slow a search down, so `QueryLog.log` only appends to an in-mem
 a background thread inserts the buffer in batches every `flush_interval_s` (and when it
 grows past `max_buffer`), and `close()` flushes what is left. The log feeds the
 cache-warming job (`top_queries`) and latency figures.
+
+Queries come from anyone who can reach the search API, so what is logged is made storable
+first (`pg_safe_text`: NUL and lone surrogates become U+FFFD): no query can fail the flush,
+or later a migration of the log to PostgreSQL.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class QueryLog:
         """Buffer one search; returns at once (the row is written by the flush thread)."""
         row = {
             "ts": util.utcnow(),
-            "query": (query or "")[:MAX_QUERY_CHARS],
-            "filters": store.dumps(dict(filters)) if filters else None,
+            "query": util.pg_safe_text(str(query or "")[:MAX_QUERY_CHARS]),
+            "filters": util.pg_safe_text(store.dumps(dict(filters))) if filters else None,
             "gen_id": gen_id,
             "latency_ms": float(latency_ms),
             "n_results": int(n_results),
@@ -147,7 +151,7 @@ def latency_summary(engine: Engine, gen_id: str | None = None) -> dict[str, floa
         stmt = stmt.where(ql.c.gen_id == gen_id)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
-    from research_pipeline.lib.release.gates import percentiles
+    from research_pipeline.lib.release.ir_metrics import percentiles
 
     lat = [float(r.latency_ms) for r in rows]
     out: dict[str, float | int] = {"searches": len(rows), "cache_hits": sum(1 for r in rows if r.cache_hit)}
