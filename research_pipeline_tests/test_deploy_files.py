@@ -272,3 +272,72 @@ def test_images_build_from_pinned_bases_with_the_lock_and_a_small_context():
     ignored = (REPO / ".dockerignore").read_text().split()
     for path in (".venv", ".git", ".rp"):
         assert path in ignored, f".dockerignore must keep {path} out of the build context"
+
+
+def _tool(name: str) -> str:
+    import shutil
+    import sys
+
+    path = Path(sys.executable).with_name(name)
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed (pip test extra)"
+    return found
+
+
+def test_every_manifest_validates_against_the_kubernetes_schemas():
+    import subprocess
+
+    manifests = sorted(str(p) for p in K8S.glob("*.yaml"))
+    out = subprocess.run([_tool("kubernetes-validate"), "--strict", *manifests], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    kinds = {o["kind"] for o in _k8s_objects()}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"} <= kinds
+
+
+def test_dockerfiles_pass_hadolint():
+    import subprocess
+
+    out = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKER / "Dockerfile"), str(DOCKER / "Dockerfile.dagster")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+def test_search_tier_scales_and_survives_drains():
+    objects = _k8s_objects()
+    hpa = next(o for o in objects if o["kind"] == "HorizontalPodAutoscaler")
+    pdb = next(o for o in objects if o["kind"] == "PodDisruptionBudget")
+    search = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"])
+    labels = search["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be able to evict a replica"
+    container = search["spec"]["template"]["spec"]["containers"][0]
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{svc['metadata']['name']} faces outside"
+
+
+def test_helm_values_for_the_official_chart():
+    values = yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text())
+    pins = _pins()
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    coordinator = values["dagsterDaemon"]["runCoordinator"]
+    assert coordinator["type"] == "QueuedRunCoordinator"
+    queued = coordinator["config"]["queuedRunCoordinator"]
+    migration = next(t for t in queued["tagConcurrencyLimits"] if t["key"] == "research_pipeline/migration")
+    assert migration["limit"] < queued["maxConcurrentRuns"]
+    assert values["postgresql"]["enabled"] is False and values["generatePostgresqlPasswordSecret"] is False
+    assert values["computeLogManager"]["type"] == "S3ComputeLogManager"
+    assert values["pythonLogs"]["managedPythonLoggers"] == ["research_pipeline"]
+    assert values["dagsterWebserver"]["service"]["type"] == "ClusterIP"
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "research_pipeline.definitions"]
+    configmaps = {o["metadata"]["name"] for o in _k8s_objects() if o["kind"] == "ConfigMap"}
+    assert {c["name"] for c in deployment["envConfigMaps"]} <= configmaps
+    for image in (values["dagsterWebserver"]["image"], values["dagsterDaemon"]["image"]):
+        assert image["tag"] == pins["dagster"], "the chart's images run the pinned Dagster release"
+    assert "dagster-k8s" in pins and "dagster-docker" in pins, "run workers load the instance's run launcher"
+    launch_tags = {t["key"] for t in queued["tagConcurrencyLimits"]}
+    code = "".join(p.read_text() for p in (REPO / "research_pipeline" / "defs").rglob("*.py"))
+    for key in launch_tags - {"dagster/backfill"}:
+        assert key in code, f"the chart limits runs tagged {key}, which no job sets"
