@@ -51,7 +51,7 @@ def _rss_mb() -> float:
 
 def base_corpus(work_dir: Path, embedder) -> tuple[list[dict], list[dict], np.ndarray]:  # noqa: ANN001
     """SciFact documents and chunks as the pipeline made them, with their real vectors."""
-    index = evaluate.prepare(SCIFACT, work_dir, embedder, need_vectors=True, log=print)
+    index = evaluate.prepare(SCIFACT, work_dir, embedder, need_vectors=True)
     with index.engine.connect() as conn:
         docs = [dict(r) for r in conn.execute(sa.select(store.documents)).mappings()]
         chunks = [dict(r) for r in conn.execute(sa.select(store.chunks).order_by(store.chunks.c.chunk_id)).mappings()]

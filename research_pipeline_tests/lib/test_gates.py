@@ -2,7 +2,6 @@
 
 import csv
 import json
-import math
 from datetime import timedelta
 
 import numpy as np
@@ -10,26 +9,47 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.release import gates
+from research_pipeline.lib.release import gates, probes
+from research_pipeline.lib.release.ir_metrics import (
+    percentile,
+    percentiles,
+    rank_biased_overlap,
+)
 from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
 
 
-def test_percentiles_nearest_rank():
+def test_percentiles_interpolate_between_ranks():
     values = [float(v) for v in range(1, 101)]  # 1..100
-    pct = gates.percentiles(values[::-1])
-    assert (pct["p50"], pct["p95"], pct["p99"], pct["max"]) == (50.0, 95.0, 99.0, 100.0)
-    assert gates.percentiles([]) == {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
-    assert gates.percentiles([7.0])["p95"] == 7.0
+    pct = percentiles(values[::-1])
+    # Position (n - 1) * q: p95 sits 5% of the way from the 95th value to the 96th.
+    assert (pct["p50"], pct["p95"], pct["p99"], pct["max"]) == pytest.approx((50.5, 95.05, 99.01, 100.0))
+    assert percentiles([]) == {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    assert percentiles([7.0])["p95"] == 7.0
 
 
-def test_ndcg_at_k():
-    rel = {"a": 1, "b": 1}
-    assert gates.ndcg_at_k(["a", "b", "c"], rel) == pytest.approx(1.0)
-    # One relevant paper at rank 2 of two judged: (1/log2 3) / (1 + 1/log2 3).
-    assert gates.ndcg_at_k(["c", "a"], rel) == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
-    assert gates.ndcg_at_k(["c", "d"], rel) == 0.0
-    assert gates.ndcg_at_k(["a"], {}) == 0.0
-    assert gates.ndcg_at_k(["x"] * 10 + ["a"], {"a": 1}, k=10) == 0.0
+def test_latency_gate_and_evaluation_share_one_percentile():
+    """The latency gate's p95 is the evaluation's p95: the same figure for the same latencies."""
+    from research_pipeline.lib.release import evaluate
+
+    latencies = [3.0, 40.0, 7.0, 12.0, 90.0, 5.0, 8.0]
+    assert gates.latency_gate(latencies, 1e9).metadata["latency_ms_p95"] == round(percentile(latencies, 95), 3)
+    assert evaluate.percentile is percentile
+
+
+def test_rank_biased_overlap():
+    a = ["a", "b", "c", "d", "e"]
+    assert rank_biased_overlap(a, a) == pytest.approx(1.0)
+    assert rank_biased_overlap(a, ["v", "w", "x", "y", "z"]) == 0.0
+    assert rank_biased_overlap([], []) == 1.0 and rank_biased_overlap(a, []) == 0.0
+    top_swapped = ["b", "a", "c", "d", "e"]
+    bottom_swapped = ["a", "b", "c", "e", "d"]
+    # Top-weighted: disagreeing at the top costs more than at the bottom; symmetric.
+    assert rank_biased_overlap(a, top_swapped) < rank_biased_overlap(a, bottom_swapped) < 1.0
+    assert rank_biased_overlap(a, top_swapped) == pytest.approx(rank_biased_overlap(top_swapped, a))
+    # Webber et al.'s RBO_ext at depth 2 for (a, b) vs (b, a): X1 = 0, X2 = 2 -> p^2 + (1 - p) p.
+    assert rank_biased_overlap(["a", "b"], ["b", "a"], p=0.9) == pytest.approx(0.81 + 0.1 * 0.9)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        rank_biased_overlap(a, a, p=1.0)
 
 
 def test_bundled_probe_set_matches_the_demo_queries():
@@ -50,7 +70,7 @@ def test_bundled_probe_set_matches_the_demo_queries():
 
 def test_probe_set_limited_prefers_answerable_queries():
     probe = gates.load_probe_set()
-    q, rel = sorted(probe.qrels.items())[-1]
+    q, rel = max(probe.qrels.items())
     small = probe.limited(1, set(rel))
     assert list(small.queries) == [q]
     assert probe.limited(0, set()) is probe
@@ -65,24 +85,65 @@ def test_probe_set_errors_name_the_missing_files(tmp_path):
 
 
 def test_latency_gate():
-    ok = gates.latency_gate([10.0, 20.0, 30.0], 30.0)
-    assert ok.passed and ok.metadata["latency_ms_p95"] == 30.0 and ok.metadata["probe_queries"] == 3
-    bad = gates.latency_gate([10.0, 20.0, 31.0], 30.0)
+    # p95 of 10, 20, 30 interpolates to 29.0; of 10, 20, 32 to 30.8.
+    ok = gates.latency_gate([10.0, 20.0, 30.0], 29.0)
+    assert ok.passed and ok.metadata["latency_ms_p95"] == 29.0 and ok.metadata["probe_queries"] == 3
+    bad = gates.latency_gate([10.0, 20.0, 32.0], 30.0)
     assert not bad.passed and "exceeds the SLA" in bad.description and "RP_GATE_LATENCY_P95_MS" in bad.description
 
 
-def test_quality_gate_floor_regression_and_not_applicable():
+def _probe_run(found: dict[str, int], live: dict[str, list[str]] | None = None) -> probes.ProbeRun:
+    """Ten title probes of papers p0..p9; `found[mode]` of them ranked first in that mode, the rest missed."""
+    items = [probes.KnownItemProbe(f"title:p{i}", "title", f"paper {i}", f"p{i}") for i in range(10)]
+    rankings = {
+        mode: {p.qid: ([p.target] if i < found.get(mode, 10) else ["other"]) for i, p in enumerate(items)}
+        for mode in probes.PROBE_MODES
+    }
+    run = probes.ProbeRun(items, rankings, live_rankings=live, live_status="compared" if live is not None else "no live generation")
+    return run
+
+
+def test_quality_gate_on_known_item_probes():
+    th = gates.GateThresholds()
+    ok = gates.quality_gate(_probe_run({}), th)
+    assert ok.passed, ok.description
+    assert (ok.metadata["n_probes"], ok.metadata["success_at_10"], ok.metadata["mrr_at_10"]) == (10, 1.0, 1.0)
+    # No bundled paper, no live generation: neither is scored, neither passes as a 0.
+    assert "ndcg_at_10" not in ok.metadata and "live_ndcg_at_10" not in ok.metadata and "rbo_vs_live" not in ok.metadata
+
+    broken_dense = gates.quality_gate(_probe_run({"dense": 2}), th)
+    assert not broken_dense.passed and broken_dense.metadata["dense_success_at_10"] == 0.2
+    assert "dense search finds 20.0%" in broken_dense.description and "vector index" in broken_dense.description
+
+    empty = gates.quality_gate(probes.ProbeRun([]), th)
+    assert not empty.passed and "no known-item probe could be drawn" in empty.description
+
+
+def test_quality_gate_against_live():
+    th = gates.GateThresholds()
+    same = {f"title:p{i}": [f"p{i}"] for i in range(10)}
+    agreed = gates.quality_gate(_probe_run({}, live=same), th)
+    assert agreed.passed and agreed.metadata["rbo_vs_live"] == 1.0 and agreed.metadata["live_success_at_10"] == 1.0
+    # The candidate misses 3 papers live found: success dropped by 0.3 and the rankings disagree.
+    worse = gates.quality_gate(_probe_run({"hybrid": 7}, live=same), th)
+    assert not worse.passed and worse.metadata["success_at_10_drop_vs_live"] == pytest.approx(0.3)
+    assert "fell from 100.0% on the live generation to 70.0%" in worse.description
+    assert worse.metadata["rbo_vs_live"] == pytest.approx(0.7) and "rank-biased overlap" not in worse.description
+    strict = gates.quality_gate(_probe_run({"hybrid": 7}, live=same), gates.GateThresholds(probe_min_rbo=0.75))
+    assert "rank-biased overlap 0.700" in strict.description and "RP_GATE_PROBE_MIN_RBO" in strict.description
+
+
+def test_quality_gate_bundled_probe_set():
+    th = gates.GateThresholds(ndcg_floor=0.9)
     qrels = {"q1": {"a": 1}, "q2": {"b": 1}}
     perfect = {"q1": ["a"], "q2": ["b"]}
     half = {"q1": ["a"], "q2": ["x"]}
-    assert gates.quality_gate(perfect, qrels, 0.3, 0.05).passed
-    low = gates.quality_gate(half, qrels, 0.9, 0.05)
+    assert gates.quality_gate(_probe_run({}), th, perfect, qrels).passed
+    low = gates.quality_gate(_probe_run({}), th, half, qrels)
     assert not low.passed and low.metadata["ndcg_at_10"] == 0.5 and "below the floor" in low.description
-    regressed = gates.quality_gate(half, qrels, 0.3, 0.05, live_rankings=perfect)
+    regressed = gates.quality_gate(_probe_run({}), gates.GateThresholds(), half, qrels, live_rankings=perfect)
     assert not regressed.passed and "regressed" in regressed.description
     assert regressed.metadata["live_ndcg_at_10"] == 1.0
-    na = gates.quality_gate({}, {}, 0.3, 0.05)
-    assert na.passed and "not applicable" in na.description and na.metadata["probe_queries"] == 0
 
 
 def _doc(doc_id: str, quality: float = 1.0, hours_ago: float = 0.0) -> dict:

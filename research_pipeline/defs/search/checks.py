@@ -27,7 +27,10 @@ from research_pipeline.lib.release import gates, generations
 _DESCRIPTIONS = {
     "volume": "Blocking: enough documents, document drop vs live within bounds, chunks == fts rows == vectors == embeddings.",
     "latency": "Blocking: p95 latency of the bundled probe queries on the candidate is within the SLA.",
-    "quality": "Blocking: nDCG@10 on the bundled probe eval set >= floor and >= live - max regression.",
+    "quality": (
+        "Blocking: known-item probes drawn from the candidate corpus found in every search mode (success@10, "
+        "MRR@10) and agreeing with live (rank-biased overlap); nDCG@10 on the bundled probe set where its papers are."
+    ),
     "parse_quality": "Advisory: quarantine share and parse-quality distribution of the corpus.",
     "freshness": "Advisory: age of the newest document and of the live generation.",
 }
@@ -96,7 +99,10 @@ def release_gates_check(
             "live_gen_id": dg.MetadataValue.text(live["gen_id"] if live else ""),
         }
         for key, value in res["metadata"].items():
-            metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(float(value))
+            if isinstance(value, str):  # e.g. live_status: "compared", "unreadable: <reason>"
+                metadata[key] = dg.MetadataValue.text(value)
+            else:
+                metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(float(value))
         if not res["passed"]:
             context.log.warning(f"{check_name(gate)} on generation {gen_id}: {res['description']}")
         yield dg.AssetCheckResult(

@@ -12,6 +12,7 @@ Results are per paper: each hit's doc_id maps back to the collection's ``_id``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
 from research_pipeline.lib.core.objectstore import LocalObjectStore
-from research_pipeline.lib.core.progress import emit
 from research_pipeline.lib.core.util import sha256_file
 from research_pipeline.lib.embed.vectors import (
     VectorIndex,
@@ -41,8 +41,7 @@ from research_pipeline.lib.release.ir_metrics import (
 from research_pipeline.lib.search.fts import INDEX_FORMAT, build_fts
 from research_pipeline.lib.search.searcher import MODES, Searcher
 
-#: A logger with .info, or a callable taking one message, or None.
-Log = Any
+logger = logging.getLogger(__name__)
 
 FTS_TABLE = "fts_eval"
 #: Papers retrieved per query: enough for recall@100.
@@ -70,7 +69,7 @@ def load_queries(beir_dir: Path, split: str) -> tuple[dict[str, str], dict[str, 
                     queries[str(rec["_id"])] = rec["text"]
     missing = set(qrels) - set(queries)
     if missing:
-        raise ValueError(f"{len(missing)} judged queries of {qrels_path} are not in queries.jsonl, e.g. {sorted(missing)[0]}")
+        raise ValueError(f"{len(missing)} judged queries of {qrels_path} are not in queries.jsonl, e.g. {min(missing)}")
     return queries, qrels
 
 
@@ -86,23 +85,23 @@ class EvalIndex:
     chunks: int
 
 
-def _ingest_corpus(engine: Engine, beir_dir: Path, log: Log) -> None:
+def _ingest_corpus(engine: Engine, beir_dir: Path) -> None:
     from research_pipeline.lib.ingest.pipeline import ingest
     from research_pipeline.lib.ingest.sources import sources_for
 
-    ingest(engine, sources_for(beir_dir), log=log)
+    ingest(engine, sources_for(beir_dir))
 
 
-def _chunk(engine: Engine, embedder: Any, log: Log) -> None:
+def _chunk(engine: Engine, embedder: Any) -> None:
     from research_pipeline.lib.ingest.chunking import chunk_documents
 
-    chunk_documents(engine, embedder.count_tokens, max_tokens=embedder.max_seq_length, log=log)
+    chunk_documents(engine, embedder.count_tokens, max_tokens=embedder.max_seq_length)
 
 
-def _embed(engine: Engine, embedder: Any, log: Log) -> None:
+def _embed(engine: Engine, embedder: Any) -> None:
     from research_pipeline.lib.embed.embeddings import embed_missing
 
-    embed_missing(engine, embedder, log=log)
+    embed_missing(engine, embedder)
 
 
 def _load_embeddings(engine: Engine, model_id: str, hashes: list[str]) -> np.ndarray:
@@ -140,7 +139,6 @@ def prepare(
     work_dir: Path | str | None = None,
     embedder: Any = None,
     need_vectors: bool = True,
-    log: Log = None,
 ) -> EvalIndex:
     """Ingest, chunk, embed (when `need_vectors`) and index a BEIR collection under `work_dir`."""
     beir_dir = Path(beir_dir)
@@ -168,11 +166,11 @@ def prepare(
     corpus_sha = sha256_file(corpus)
     if state.get("corpus_sha256") != corpus_sha:
         started = time.perf_counter()
-        _ingest_corpus(engine, beir_dir, log)
+        _ingest_corpus(engine, beir_dir)
         state["corpus_sha256"] = corpus_sha
         save_state()
-        emit(log, f"{beir_dir.name}: ingested in {time.perf_counter() - started:.1f}s")
-    _chunk(engine, embedder, log)
+        logger.info("%s: ingested in %.1fs", beir_dir.name, time.perf_counter() - started)
+    _chunk(engine, embedder)
 
     with engine.connect() as conn:
         rows = conn.execute(
@@ -195,7 +193,7 @@ def prepare(
         prefix = f"vectors/{vec_fp[:16]}"
         key = f"{prefix}/manifest.json"
         if not objects.exists(key):
-            _embed(engine, embedder, log)
+            _embed(engine, embedder)
             unique = list(dict.fromkeys(hashes))
             table = _load_embeddings(engine, embedder.model_id, unique) if unique else np.zeros((0, embedder.dim), np.float32)
             row_of = {h: i for i, h in enumerate(unique)}
@@ -255,7 +253,6 @@ def evaluate(
     mode: str = "hybrid",
     work_dir: Path | str | None = None,
     embedder: Any = None,
-    log: Log = None,
     **tuning: Any,
 ) -> dict[str, Any]:
     """nDCG@10, recall@100, MRR@10 and latency p50/p95 of `mode` on one split of a BEIR folder.
@@ -269,7 +266,7 @@ def evaluate(
     need_vectors = mode != "bm25"
     if embedder is None:
         embedder = _default_embedder()
-    index = prepare(beir_dir, work_dir, embedder, need_vectors, log)
+    index = prepare(beir_dir, work_dir, embedder, need_vectors)
     searcher = Searcher(index.engine, index.fts_table, index.vectors, embedder if need_vectors else None, **tuning)
     result = run_queries(index, searcher, queries, qrels, mode)
     result.update(
@@ -309,7 +306,6 @@ def tune(
     split: str = "train",
     work_dir: Path | str | None = None,
     embedder: Any = None,
-    log: Log = None,
 ) -> list[dict[str, Any]]:
     """Evaluate hybrid search for every tuning dict of `grid` on `split` (never tune on test).
 
@@ -323,7 +319,7 @@ def tune(
     queries, qrels = load_queries(beir_dir, split)
     embedder = embedder or _default_embedder()
     need_vectors = any(p.get("mode", "hybrid") != "bm25" for p in grid)
-    index = prepare(beir_dir, work_dir, embedder, need_vectors, log)
+    index = prepare(beir_dir, work_dir, embedder, need_vectors)
     candidates: dict = {}
     results = []
     for params in grid:
@@ -332,7 +328,7 @@ def tune(
         searcher = _SweepSearcher(index.engine, index.fts_table, index.vectors, embedder, candidates=candidates, **tuning)
         metrics = run_queries(index, searcher, queries, qrels, mode)
         row = {"params": params, **{k: metrics[k] for k in ("ndcg@10", "recall@100", "mrr@10")}}
-        emit(log, json.dumps(row, sort_keys=True))
+        logger.info("%s", json.dumps(row, sort_keys=True))
         results.append(row)
     index.engine.dispose()
     return sorted(results, key=lambda r: -r["ndcg@10"])

@@ -4,7 +4,10 @@ Blocking gates (a failure keeps the live generation):
 - volume: enough documents, not too many lost against the live generation, and every chunk
   is in the full-text table, the vector index and the embedding cache;
 - latency: p95 of the bundled probe queries within the SLA;
-- quality: nDCG@10 on the bundled probe eval set above a floor and not regressed against live.
+- quality: on every corpus, known-item probes drawn from the candidate itself (lib/release/probes.py)
+  found in every search mode (success@10, MRR@10) and agreeing with the live generation (rank-biased
+  overlap, success@10 not dropped); where the demo papers are present, also nDCG@10 on the bundled
+  probe eval set above a floor and not regressed against live.
 Advisory gates (warnings): quarantine share, parse-quality distribution, freshness.
 
 Each gate returns a GateResult (passed, metadata of plain numbers, description): the
@@ -15,10 +18,10 @@ from __future__ import annotations
 
 import csv
 import json
-import math
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +29,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import probes, registry, searchers
+from research_pipeline.lib.release.ir_metrics import mean_ndcg, percentiles
+
+logger = logging.getLogger(__name__)
 
 BLOCKING_GATES: tuple[str, ...] = ("volume", "latency", "quality")
 ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
@@ -40,10 +46,17 @@ class GateThresholds:
     """Thresholds of every gate (ReleaseGatesResource carries the blocking ones from the environment)."""
 
     min_documents: int = 1
-    max_document_drop_share: float = 0.10
+    max_document_drop_share: float = field(default=0.10, metadata={"env": "RP_GATE_MAX_DOCUMENT_DROP"})
     latency_p95_ms: float = 250.0
     ndcg_floor: float = 0.30
     ndcg_max_regression: float = 0.05
+    # Known-item probes drawn from the candidate corpus (the quality gate on every corpus).
+    probe_documents: int = 50
+    probe_seed: int = 0
+    probe_min_success_at_10: float = 0.60  # in each of hybrid, bm25 and dense
+    probe_min_mrr_at_10: float = 0.40  # hybrid
+    probe_min_rbo: float = 0.60  # hybrid rankings vs the live generation's
+    probe_max_success_drop: float = 0.05  # hybrid success@10 vs the live generation's
     # Advisory only.
     max_quarantine_share: float = 0.25
     min_median_quality: float = 0.80
@@ -54,7 +67,7 @@ class GateResult(NamedTuple):
     """The outcome of one gate: passed, figures (plain numbers) and a description for operators."""
 
     passed: bool
-    metadata: dict[str, float | int]
+    metadata: dict[str, float | int | str]
     description: str
 
 
@@ -98,26 +111,6 @@ def load_probe_set(path: str | Path | None = None) -> ProbeSet:
             if int(row["score"]) > 0:
                 qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
     return ProbeSet(queries={q: t for q, t in queries.items() if q in qrels}, qrels=qrels)
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99/max of `values` (nearest-rank; zeros for an empty list)."""
-    if not values:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        return float(ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100.0 * len(ordered)) - 1))])
-
-    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "max": float(ordered[-1])}
-
-
-def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int = 10) -> float:
-    """Binary/graded nDCG@k of a ranked list of ids against judgements."""
-    dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
-    ideal = sorted(relevant.values(), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
 
 
 def _count(conn: sa.Connection, stmt: Any) -> int:
@@ -258,13 +251,6 @@ def latency_gate(latencies_ms: Sequence[float], sla_p95_ms: float) -> GateResult
     return GateResult(True, meta, f"p95 {pct['p95']:.1f} ms <= {sla_p95_ms:g} ms over {len(lat)} probe queries")
 
 
-def mean_ndcg(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> float:
-    """Mean nDCG@k over the queries of `qrels` (paper-level rankings by query id)."""
-    if not qrels:
-        return 0.0
-    return sum(ndcg_at_k(rankings.get(q, []), rel, k) for q, rel in qrels.items()) / len(qrels)
-
-
 def answerable_qrels(probe: ProbeSet, present_doc_ids: set[str]) -> dict[str, dict[str, int]]:
     """The probe judgements restricted to papers in the corpus, for queries with at least one left."""
     out = {}
@@ -287,52 +273,139 @@ def indexed_doc_ids(engine: Engine, doc_ids: Iterable[str]) -> set[str]:
     return found
 
 
+def _known_item_figures(run: probes.ProbeRun, th: GateThresholds) -> tuple[dict[str, float | int | str], list[str]]:
+    """The known-item probes' figures and the problems they show (empty when they pass)."""
+    meta: dict[str, float | int | str] = {
+        "n_probes": len(run.probes),
+        "n_probe_documents": len({p.target for p in run.probes}),
+        "n_title_probes": sum(1 for p in run.probes if p.kind == "title"),
+        "n_sentence_probes": sum(1 for p in run.probes if p.kind == "sentence"),
+        "probe_min_success_at_10": th.probe_min_success_at_10,
+        "probe_min_mrr_at_10": th.probe_min_mrr_at_10,
+        "probe_min_rbo": th.probe_min_rbo,
+        "probe_max_success_drop": th.probe_max_success_drop,
+        "live_status": run.live_status,
+    }
+    if not run.probes:
+        problem = (
+            "no known-item probe could be drawn: no searchable paper has a title of "
+            f"{probes.MIN_TITLE_WORDS}+ words that no other paper shares; check documents.title (metadata "
+            "extraction) and that the corpus was chunked"
+        )
+        return meta, [problem]
+    problems = []
+    for mode in probes.PROBE_MODES:
+        figures = probes.scores(run.rankings.get(mode, {}), run.probes)
+        prefix = "" if mode == "hybrid" else f"{mode}_"
+        meta[f"{prefix}success_at_10"] = round(figures["success"], 4)
+        meta[f"{prefix}mrr_at_10"] = round(figures["mrr"], 4)
+        if figures["success"] < th.probe_min_success_at_10:
+            problems.append(
+                f"{mode} search finds {figures['success']:.1%} of {len(run.probes)} known-item probes in its top 10, "
+                f"below {th.probe_min_success_at_10:.0%}: the {_MODE_PART[mode]} of this generation is broken"
+            )
+    sentences = [p for p in run.probes if p.kind == "sentence"]
+    meta["sentence_success_at_10"] = round(probes.scores(run.rankings.get("hybrid", {}), sentences)["success"], 4)
+    if meta["mrr_at_10"] < th.probe_min_mrr_at_10:
+        problems.append(
+            f"hybrid MRR@10 {meta['mrr_at_10']:.3f} on the known-item probes is below {th.probe_min_mrr_at_10:.3f}: "
+            "papers are found but ranked low (fusion tuning, chunking or model change?)"
+        )
+    if run.live_rankings is not None:
+        shared = [p for p in run.probes if p.qid in run.live_rankings]
+        cand = probes.scores(run.rankings.get("hybrid", {}), shared)
+        live = probes.scores(run.live_rankings, shared)
+        rbo = probes.mean_rbo(run.rankings.get("hybrid", {}), run.live_rankings, [p.qid for p in shared])
+        drop = live["success"] - cand["success"]
+        meta.update(
+            {
+                "n_live_probes": len(shared),
+                "live_success_at_10": round(live["success"], 4),
+                "live_mrr_at_10": round(live["mrr"], 4),
+                "success_at_10_drop_vs_live": round(drop, 4),
+                "rbo_vs_live": round(rbo, 4),
+            }
+        )
+        if shared and drop > th.probe_max_success_drop:
+            problems.append(
+                f"hybrid success@10 fell from {live['success']:.1%} on the live generation to {cand['success']:.1%} "
+                f"on the same {len(shared)} known-item probes, more than {th.probe_max_success_drop:.0%}"
+            )
+        if shared and rbo < th.probe_min_rbo:
+            problems.append(
+                f"the candidate's rankings agree with the live generation's by rank-biased overlap {rbo:.3f} on "
+                f"{len(shared)} known-item probes, below {th.probe_min_rbo:.3f}: find out what changed the rankings, "
+                "or lower RP_GATE_PROBE_MIN_RBO for a deliberate change"
+            )
+    return meta, problems
+
+
+_MODE_PART = {
+    "hybrid": "search as a whole",
+    "bm25": "full-text index",
+    "dense": "vector index (or its alignment with the chunks)",
+}
+
+
 def quality_gate(
-    rankings: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, Mapping[str, int]],
-    floor: float,
-    max_regression: float,
+    run: probes.ProbeRun,
+    thresholds: GateThresholds,
+    rankings: Mapping[str, Sequence[str]] | None = None,
+    qrels: Mapping[str, Mapping[str, int]] | None = None,
     live_rankings: Mapping[str, Sequence[str]] | None = None,
     probe_queries_total: int = 0,
 ) -> GateResult:
-    """nDCG@10 of the candidate on the probe queries it can answer, vs a floor and vs the live generation.
+    """Known-item probes of the candidate corpus (every corpus), and nDCG@10 on the bundled probe set
+    where its papers are present, each vs thresholds and vs the live generation.
 
-    `qrels` holds only the answerable queries, each judged against the papers present (see
-    `answerable_qrels`): a corpus without the probe papers cannot be judged by this set.
+    `qrels` holds only the answerable bundled queries, each judged against the papers present
+    (see `answerable_qrels`); `live_rankings` (bundled queries on live) is given only when the
+    live generation was compared, so no live score is reported for one that was not.
     """
-    meta: dict[str, float | int] = {
-        "probe_queries": len(qrels),
-        "probe_queries_total": int(probe_queries_total),
-        "ndcg_floor": float(floor),
-        "ndcg_max_regression": float(max_regression),
-    }
-    if not qrels:
-        meta.update({"ndcg_at_10": 0.0, "live_ndcg_at_10": 0.0})
-        return GateResult(
-            True,
-            meta,
-            "quality gate not applicable: none of the probe papers is in this corpus, so nDCG could not be "
-            "measured; add a probe set for this corpus (see docs/RELEASE_GATES.md)",
-        )
-    ndcg = mean_ndcg(rankings, qrels)
-    live = mean_ndcg(live_rankings, qrels) if live_rankings is not None else None
-    meta["ndcg_at_10"] = round(ndcg, 4)
-    meta["live_ndcg_at_10"] = round(live, 4) if live is not None else 0.0
-    problems = []
-    if ndcg < floor:
-        problems.append(
-            f"nDCG@10 {ndcg:.3f} on {len(qrels)} probe queries is below the floor {floor:.3f}: search quality "
-            "broke (parser, chunking, model or index change?); compare with `research-pipeline eval`"
-        )
-    if live is not None and ndcg < live - max_regression:
-        problems.append(
-            f"nDCG@10 {ndcg:.3f} regressed by {live - ndcg:.3f} against the live generation ({live:.3f}), more "
-            f"than the allowed {max_regression:.3f}"
-        )
+    th = thresholds
+    meta, problems = _known_item_figures(run, th)
+    qrels = qrels or {}
+    meta.update(
+        {
+            "probe_queries": len(qrels),
+            "probe_queries_total": int(probe_queries_total),
+            "ndcg_floor": float(th.ndcg_floor),
+            "ndcg_max_regression": float(th.ndcg_max_regression),
+        }
+    )
+    ndcg = live = None
+    if qrels:
+        ndcg = mean_ndcg(rankings or {}, qrels)
+        meta["ndcg_at_10"] = round(ndcg, 4)
+        if ndcg < th.ndcg_floor:
+            problems.append(
+                f"nDCG@10 {ndcg:.3f} on {len(qrels)} bundled probe queries is below the floor {th.ndcg_floor:.3f}: "
+                "search quality broke (parser, chunking, model or index change?); compare with `research-pipeline eval`"
+            )
+        if live_rankings is not None:
+            live = mean_ndcg(live_rankings, qrels)
+            meta["live_ndcg_at_10"] = round(live, 4)
+            if ndcg < live - th.ndcg_max_regression:
+                problems.append(
+                    f"nDCG@10 {ndcg:.3f} regressed by {live - ndcg:.3f} against the live generation ({live:.3f}), "
+                    f"more than the allowed {th.ndcg_max_regression:.3f}"
+                )
     if problems:
         return GateResult(False, meta, "quality gate failed: " + "; ".join(problems))
-    vs = f", live {live:.3f}" if live is not None else ""
-    return GateResult(True, meta, f"nDCG@10 {ndcg:.3f} on {len(qrels)} probe queries (floor {floor:.3f}{vs})")
+    parts = [
+        (
+            f"known-item probes: success@10 {meta['success_at_10']:.1%} (bm25 {meta['bm25_success_at_10']:.1%}, "
+            f"dense {meta['dense_success_at_10']:.1%}), MRR@10 {meta['mrr_at_10']:.3f} on {len(run.probes)} probes"
+        )
+    ]
+    if "rbo_vs_live" in meta:
+        parts.append(f"rank-biased overlap with live {meta['rbo_vs_live']:.3f}")
+    else:
+        parts.append(f"live generation {run.live_status}")
+    if ndcg is not None:
+        vs = f", live {live:.3f}" if live is not None else ""
+        parts.append(f"bundled nDCG@10 {ndcg:.3f} on {len(qrels)} queries (floor {th.ndcg_floor:.3f}{vs})")
+    return GateResult(True, meta, "; ".join(parts))
 
 
 def parse_quality_gate(engine: Engine, thresholds: GateThresholds) -> GateResult:
@@ -400,6 +473,37 @@ def freshness_gate(engine: Engine, live: Mapping[str, Any] | None, thresholds: G
     return GateResult(True, meta, f"newest document {newest_h:.1f} h old")
 
 
+def _live_comparison(
+    engine: Engine, object_store: Any, embedder: Any, live: Mapping[str, Any] | None, run: probes.ProbeRun,
+    bundled: Mapping[str, str],
+) -> dict[str, list[str]] | None:
+    """Search the probes on the live generation: sets `run.live_rankings` and `run.live_status`;
+    returns the bundled queries' rankings on live (None when live was not compared)."""
+    if live is None:
+        run.live_status = "no live generation"
+        return None
+    if live["model_id"] != embedder.model_id:
+        run.live_status = (
+            f"not compared: live generation {live['gen_id']} was built with {live['model_id']}, "
+            f"the candidate with {embedder.model_id}"
+        )
+        return None
+    try:
+        searcher = searchers.open_searcher(engine, object_store, embedder, gen_id=live["gen_id"])
+        held = probes.doc_ids_in_index(engine, searcher.vector_index, (p.target for p in run.probes))
+        shared = [p for p in run.probes if p.target in held]
+        run.live_rankings = probes.search_probes(searcher, shared, modes=("hybrid",))["hybrid"]
+        _, live_bundled = run_probes(searcher, bundled, warm_up=False)
+    except Exception as exc:  # noqa: BLE001 - a broken live generation must not block its replacement
+        run.live_rankings = None
+        run.live_status = f"unreadable: {type(exc).__name__}: {exc}"
+        logger.warning("live generation %s could not be searched; the candidate is judged without it: %s",
+                       live["gen_id"], run.live_status)
+        return None
+    run.live_status = "compared"
+    return live_bundled
+
+
 def evaluate_generation(
     engine: Engine,
     object_store: Any,
@@ -413,13 +517,13 @@ def evaluate_generation(
     """Run every gate on candidate `gen_id` (against the live generation) and record the results on it.
 
     Returns gate name -> {"passed", "blocking", "metadata", "description"}. A blocking failure
-    marks the generation rejected (see generations.record_gates). `max_probe_queries` > 0
+    marks the generation rejected (see registry.record_gates). `max_probe_queries` > 0
     limits the probe set (answerable queries first) to keep small test runs fast.
     """
     thresholds = thresholds or GateThresholds()
     probe = probe or load_probe_set()
-    gen = generations.get_generation(engine, gen_id)
-    live = generations.live_generation(engine)
+    gen = registry.get_generation(engine, gen_id)
+    live = store.live_generation(engine)
     if live is not None and live["gen_id"] == gen_id:
         live = None
     results: dict[str, dict[str, Any]] = {}
@@ -427,7 +531,7 @@ def evaluate_generation(
     def put(name: str, res: GateResult, blocking: bool) -> None:
         results[name] = {"passed": res.passed, "blocking": blocking, **res._asdict()}
 
-    if gen["status"] != "candidate" or not gen["vector_key"] or not gen["fts_table"]:
+    if gen["status"] != registry.GenerationStatus.CANDIDATE or not gen["vector_key"] or not gen["fts_table"]:
         reason = (
             f"generation {gen_id} is {gen['status']}, not a complete candidate (full-text table "
             f"{gen['fts_table'] or 'missing'}, vectors {gen['vector_key'] or 'missing'}): rerun reindex_job"
@@ -436,34 +540,23 @@ def evaluate_generation(
             put(name, GateResult(False, {}, reason), True)
     else:
         recorder = RecordingEmbedder(embedder)
-        searcher = generations.open_searcher(engine, object_store, recorder, gen_id=gen_id)
+        searcher = searchers.open_searcher(engine, object_store, recorder, gen_id=gen_id)
         put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
         present = indexed_doc_ids(engine, probe.doc_ids)
         probe = probe.limited(max_probe_queries, present)
         latencies, rankings = run_probes(searcher, probe.queries)
         put("latency", latency_gate(list(latencies.values()), thresholds.latency_p95_ms), True)
         qrels = answerable_qrels(probe, present)
-        live_rankings = None
-        if live is not None and live["model_id"] == embedder.model_id and qrels:
-            try:
-                live_searcher = generations.open_searcher(engine, object_store, recorder, gen_id=live["gen_id"])
-                _, live_rankings = run_probes(live_searcher, {q: probe.queries[q] for q in qrels}, warm_up=False)
-            except Exception:  # noqa: BLE001 - a broken live generation must not block its replacement
-                live_rankings = None
-        put(
-            "quality",
-            quality_gate(
-                rankings,
-                qrels,
-                thresholds.ndcg_floor,
-                thresholds.ndcg_max_regression,
-                live_rankings,
-                probe_queries_total=len(probe.queries),
-            ),
-            True,
+        run = probes.ProbeRun(probes.draw_probes(engine, thresholds.probe_documents, thresholds.probe_seed))
+        run.rankings = probes.search_probes(searcher, run.probes)
+        live_rankings = _live_comparison(
+            engine, object_store, recorder, live, run, {q: probe.queries[q] for q in qrels}
         )
+        quality = quality_gate(run, thresholds, rankings, qrels, live_rankings, probe_queries_total=len(probe.queries))
+        logger.info("generation %s quality gate: %s", gen_id, quality.description)
+        put("quality", quality, True)
     put("parse_quality", parse_quality_gate(engine, thresholds), False)
     put("freshness", freshness_gate(engine, live, thresholds), False)
     if record:
-        generations.record_gates(engine, gen_id, results)
+        registry.record_gates(engine, gen_id, results)
     return results
