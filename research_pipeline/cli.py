@@ -231,13 +231,38 @@ def cmd_index(args: argparse.Namespace) -> int:
         engine.dispose()
 
 
+# --- remove ------------------------------------------------------------------------------------
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    lifecycle = _require("research_pipeline.lib.ingest.lifecycle", "remove")
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        change = lifecycle.restore if args.undo else lifecycle.remove
+        try:
+            docs = change(engine, args.target, inbox=settings.inbox)
+        except LookupError as exc:
+            raise CliError(str(exc).strip("'\"")) from None
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json(docs)
+        return 0
+    for doc in docs:
+        state = doc["retired_reason"] or "live"
+        print(f"{doc['doc_id'][:12]}  {state:<9}  {doc['title'] or '(no title)'}")
+    print(f"{len(docs)} document(s) {'restored' if args.undo else 'removed'}; the next reindex publishes the change")
+    return 0
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from research_pipeline.api import service
+    from research_pipeline.api import app
 
-    service.serve(_settings(), host=args.host, port=args.port)
+    app.serve(_settings(), host=args.host, port=args.port, workers=args.workers)
     return 0
 
 
@@ -400,9 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("gen_id", nargs="?", metavar="GEN")
     q.set_defaults(func=cmd_index)
 
+    p = sub.add_parser("remove", help="keep papers out of new generations: PATH (a file or folder), DOC_ID or DOI")
+    p.add_argument("target", metavar="PATH|DOC_ID|DOI")
+    p.add_argument("--undo", action="store_true", help="restore papers removed before")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_remove)
+
     p = sub.add_parser("serve", help="HTTP: /healthz, /readyz, /metrics and /search?q=...")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes on the port (default: one per core, at most 4)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("exporter", help="Prometheus /metrics of the pipeline: failed runs, gate verdicts, replica lag")

@@ -254,3 +254,80 @@ def test_schema_forward_migration_adds_the_lifecycle_columns(engine):
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.max(store.schema_version.c.version))).scalar() == 2
     store.create_schema(engine)  # idempotent
+
+
+def _probe(engine, doc_id: str) -> str:
+    """A query only this document answers well: the words of one of its chunks."""
+    c = store.chunks
+    with engine.connect() as conn:
+        texts = conn.execute(sa.select(c.c.text).where(c.c.doc_id == doc_id).order_by(c.c.ordinal)).scalars().all()
+    return max(texts[:4], key=len)[:300]
+
+
+def _found(searcher, query: str) -> set[str]:
+    return {h.doc_id for mode in ("hybrid", "bm25", "dense") for h in searcher.search(query, k=10, mode=mode)}
+
+
+def test_removed_replaced_and_quarantined_papers_never_answer_searches(engine, tmp_path, embedder):
+    from research_pipeline.lib.core.objectstore import LocalObjectStore
+    from research_pipeline.lib.ingest.chunking import chunk_documents
+    from research_pipeline.lib.release import build, searchers
+
+    obj = LocalObjectStore(tmp_path / "objects")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for p in (A, B, C):
+        shutil.copy2(p, inbox / p.name)
+    ids = {p: util.sha256_file(p) for p in PAPERS}
+
+    def reindex(gen_id: str):
+        _run(engine, inbox)
+        chunk_documents(engine, embedder.count_tokens)
+        gen = build.build_generation(engine, obj, embedder, gen_id=gen_id)
+        return gen, searchers.open_searcher(engine, obj, embedder, gen_id=gen_id)
+
+    gen1, first = reindex("20260101T000000-aaaaaa")
+    probes = {p: _probe(engine, ids[p]) for p in (A, B, C)}
+    for p in (A, B, C):
+        assert ids[p] in _found(first, probes[p])
+
+    (inbox / A.name).unlink()
+    shutil.copyfile(D, inbox / C.name)
+    (inbox / B.name).write_text("not a PDF any more\n")  # quarantined (not_pdf)
+    gen2, second = reindex("20260101T000001-bbbbbb")
+    assert gen2["n_documents"] == 1
+    probes[D] = _probe(engine, ids[D])
+    assert ids[D] in _found(second, probes[D])
+    for p in (A, B, C):
+        found = _found(second, probes[p])
+        assert not found & {ids[A], ids[B], ids[C]}, p.name
+    # The store still holds them, marked; the older generation still answers with them.
+    docs = _docs(engine)
+    assert {docs[ids[p]]["retired_reason"] for p in (A, B, C)} == {"gone"}
+    assert ids[A] in _found(first, probes[A])
+
+
+def test_remove_command(monkeypatch, tmp_path, sqlite_url, capsys):
+    from research_pipeline import cli
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy2(A, inbox / A.name)
+    shutil.copy2(B, inbox / B.name)
+    monkeypatch.setenv("RP_HOME", str(tmp_path / "rp"))
+    monkeypatch.setenv("RP_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("RP_INBOX", str(inbox))
+    engine = store.make_engine(sqlite_url)
+    store.create_schema(engine)
+    _run(engine, inbox)
+    # A path relative to the inbox names the paper; --undo brings it back.
+    assert cli.main(["remove", A.name, "--json"]) == 0
+    [doc] = json.loads(capsys.readouterr().out)
+    assert doc["doc_id"] == util.sha256_file(A) and doc["retired_reason"] == "removed"
+    assert _live(engine) == {util.sha256_file(B)}
+    assert cli.main(["remove", "--undo", util.sha256_file(A)]) == 0
+    assert "1 document(s) restored" in capsys.readouterr().out
+    assert len(_live(engine)) == 2
+    assert cli.main(["remove", "no-such-paper.pdf"]) == 2
+    assert "no document matches 'no-such-paper.pdf'" in capsys.readouterr().err
+    engine.dispose()

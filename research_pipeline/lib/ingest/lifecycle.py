@@ -196,8 +196,17 @@ def revive(engine: Engine, uris: Sequence[str]) -> None:
             conn.execute(sa.update(s).where(s.c.uri.in_(list(uris[i : i + _BATCH]))).values(gone_at=None))
 
 
-def find_documents(engine: Engine, target: str) -> list[str]:
-    """The doc_ids `target` names: a doc_id, a recorded path (a folder: everything under it), a DOI or an arXiv id."""
+def _paths(target: str, inbox: str | os.PathLike | None) -> list[str]:
+    """The uris a path argument may mean: as given, from the working folder, from the inbox."""
+    bases = [Path.cwd()] + ([Path(inbox)] if inbox is not None else [])
+    return list(dict.fromkeys(
+        [target] + [path_uri(Path(os.path.normpath((base / target).absolute()))) for base in bases]
+    ))
+
+
+def find_documents(engine: Engine, target: str, inbox: str | os.PathLike | None = None) -> list[str]:
+    """The doc_ids `target` names: a doc_id, a recorded path (a folder: everything under it;
+    relative paths from the working folder or `inbox`), a DOI or an arXiv id."""
     d, s = store.documents, store.document_sources
     target = target.strip()
     with engine.connect() as conn:
@@ -205,11 +214,11 @@ def find_documents(engine: Engine, target: str) -> list[str]:
             hit = conn.execute(sa.select(d.c.doc_id).where(d.c.doc_id == target.lower())).scalars().all()
             if hit:
                 return list(hit)
-        uris = {target, path_uri(Path(os.path.normpath(Path(target).absolute())))}
+        uris = _paths(target, inbox)
         ids = set(conn.execute(sa.select(s.c.doc_id).where(s.c.uri.in_(uris))).scalars())
         if not ids:  # a folder: every paper recorded under it
-            prefix = path_uri(Path(os.path.normpath(Path(target).absolute()))) + os.sep
-            ids = {doc_id for uri, doc_id in conn.execute(sa.select(s.c.uri, s.c.doc_id)) if uri.startswith(prefix)}
+            prefixes = tuple(u.rstrip(os.sep) + os.sep for u in uris[1:])
+            ids = {doc_id for uri, doc_id in conn.execute(sa.select(s.c.uri, s.c.doc_id)) if uri.startswith(prefixes)}
         if ids:
             return sorted(ids)
         ident = _identifier(target)
@@ -221,8 +230,8 @@ def find_documents(engine: Engine, target: str) -> list[str]:
     return sorted(r.doc_id for r in rows if ident in _idents_of(r.doc_id, r.doi, r.arxiv_id))
 
 
-def _set_removed(engine: Engine, target: str, removed: bool) -> list[dict[str, Any]]:
-    ids = find_documents(engine, target)
+def _set_removed(engine: Engine, target: str, removed: bool, inbox: str | os.PathLike | None) -> list[dict[str, Any]]:
+    ids = find_documents(engine, target, inbox)
     if not ids:
         raise LookupError(
             f"no document matches {target!r}: pass a path the inbox held, a 64-hex doc_id, a DOI or an "
@@ -239,15 +248,15 @@ def _set_removed(engine: Engine, target: str, removed: bool) -> list[dict[str, A
     return [dict(r) for r in rows]
 
 
-def remove(engine: Engine, target: str) -> list[dict[str, Any]]:
+def remove(engine: Engine, target: str, inbox: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Take the documents `target` names out of every new generation; returns them (doc_id, title, retired_reason).
 
     The rows stay (marked removed) until `restore`; the live generation keeps serving them
     until the next reindex publishes one without them. LookupError if nothing matches.
     """
-    return _set_removed(engine, target, True)
+    return _set_removed(engine, target, True, inbox)
 
 
-def restore(engine: Engine, target: str) -> list[dict[str, Any]]:
+def restore(engine: Engine, target: str, inbox: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Undo `remove`: the documents are live again if a live source still holds them."""
-    return _set_removed(engine, target, False)
+    return _set_removed(engine, target, False, inbox)

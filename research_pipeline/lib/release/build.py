@@ -66,11 +66,17 @@ def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None) -> 
 def generation_chunks(engine: Engine) -> tuple[list[str], list[str], int]:
     """The chunks a new generation's vector index holds: (chunk ids, their content hashes, number of documents).
 
-    Every current chunk, in chunk_id order (the order the full-text build numbers rows in).
+    Every chunk of a live document (not retired: see lib/ingest/lifecycle), in chunk_id order
+    (the rows the full-text build numbers, in the same order).
     """
-    c = db.chunks
+    c, d = db.chunks, db.documents
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(c.c.chunk_id, c.c.content_hash, c.c.doc_id).order_by(c.c.chunk_id)).all()
+        rows = conn.execute(
+            sa.select(c.c.chunk_id, c.c.content_hash, c.c.doc_id)
+            .join(d, d.c.doc_id == c.c.doc_id)
+            .where(d.c.retired_at.is_(None))
+            .order_by(c.c.chunk_id)
+        ).all()
     return [r.chunk_id for r in rows], [r.content_hash for r in rows], len({r.doc_id for r in rows})
 
 

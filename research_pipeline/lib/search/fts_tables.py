@@ -55,14 +55,14 @@ _SOURCE_SELECT = """
                 THEN coalesce(d.abstract, '') ELSE '' END,
            c.text
     FROM chunks c JOIN documents d ON d.doc_id = c.doc_id
-    WHERE c.chunk_id > :after
+    WHERE c.chunk_id > :after AND d.retired_at IS NULL
     ORDER BY c.chunk_id
     LIMIT :limit
 """
 
 
 def _analyzed_rows(conn: sa.Connection) -> Iterator[tuple[int, str, list[list[str]]]]:
-    """(row id, chunk_id, [title, abstract, body terms]) for every chunk, in chunk_id order.
+    """(row id, chunk_id, [title, abstract, body terms]) for every chunk of a live document, in chunk_id order.
 
     Row ids count from 1 in chunk_id order, so both backends number rows alike.
     """
