@@ -22,8 +22,16 @@ from research_pipeline_tests.lib.test_generations import (
 )
 
 SEARCH_DEFS = [fts_index, vector_index, published_index, release_gates_check]
-#: Two probe queries keep each gate step short; latency has its own failing case below.
-FAST_GATES = dg.RunConfig(ops={"release_gates_check": {"config": {"max_probe_queries": 2}}})
+#: Two probe queries keep each gate step short; latency has its own failing case below. `force`
+#: builds a new candidate although the corpus is the live generation's (the runs here re-gate it).
+FAST_GATES = dg.RunConfig(
+    ops={
+        "release_gates_check": {"config": {"max_probe_queries": 2}},
+        "fts_index": {"config": {"force": True}},
+        "vector_index": {"config": {"force": True}},
+    }
+)
+GATES_ONLY = dg.RunConfig(ops={"release_gates_check": {"config": {"max_probe_queries": 2}}})
 RELAXED = {"latency_p95_ms": 600_000.0}
 
 pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
@@ -165,3 +173,48 @@ def test_gates_hold_across_runs_for_automation(deployment):
         assert published.success
         assert store.live_generation(engine)["gen_id"] == run_gen_id(passed)
         assert store.counts(engine)["live_generation"] == run_gen_id(passed)
+
+
+def test_gates_rerun_on_their_own_let_the_publish_proceed(deployment):
+    """A candidate built without its gates is not published; the gates, re-run alone (one, then the
+    blocking three), judge that candidate, and once they passed the publish goes ahead."""
+    build = dg.AssetSelection.assets(fts_index, vector_index).without_checks()
+    defs = dg.Definitions(
+        assets=[fts_index, vector_index, published_index],
+        asset_checks=[release_gates_check],
+        resources=with_gates(deployment),
+    )
+    engine = deployment["database"].get_engine()
+    with dg.instance_for_test() as instance:
+        built = materialize(deployment, instance=instance, selection=build, run_config=None)
+        assert built.success and not check_evaluations(built)
+        gen_id = run_gen_id(built)
+        refused = materialize(deployment, instance=instance, selection=[published_index.key], run_config=None)
+        assert not refused.success
+        assert "missing gates" in str(refused.failure_data_for_node("published_index").user_failure_data.description)
+
+        selection = dg.AssetSelection.assets(published_index)
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        assert tick.get_num_requested(published_index.key) == 0, "no gate has passed yet"
+
+        latency = dg.AssetCheckKey(vector_index.key, "vector_index_latency")
+        one = materialize(deployment, instance=instance, selection=dg.AssetSelection.checks(latency), run_config=GATES_ONLY)
+        assert one.success
+        assert set(check_evaluations(one)) == {"vector_index_latency"}
+        assert not materialized_keys(one), "re-running a gate materializes nothing"
+        assert check_evaluations(one)["vector_index_latency"].metadata["gen_id"].value == gen_id
+
+        blocking = dg.AssetSelection.checks(
+            *(dg.AssetCheckKey(vector_index.key, f"vector_index_{g}") for g in ("volume", "latency", "quality"))
+        )
+        rerun = materialize(deployment, instance=instance, selection=blocking, run_config=GATES_ONLY)
+        assert rerun.success
+        assert set(check_evaluations(rerun)) == {"vector_index_volume", "vector_index_latency", "vector_index_quality"}
+        assert all(e.passed for e in check_evaluations(rerun).values())
+        tick = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=tick.cursor
+        )
+        assert tick.get_num_requested(published_index.key) == 1, "the passing re-run lets automation publish"
+        published = materialize(deployment, instance=instance, selection=[published_index.key], run_config=None)
+        assert published.success
+        assert store.live_generation(engine)["gen_id"] == gen_id

@@ -6,11 +6,10 @@ import shutil
 import dagster as dg
 import pytest
 
-from research_pipeline.config import Settings
-from research_pipeline.defs.embeddings.assets import chunk_embeddings
+from research_pipeline.config import DEFAULT_NIGHTLY_CRON, Settings
+from research_pipeline.defs.embeddings.assets import ALL_SHARDS_TAGS, chunk_embeddings
 from research_pipeline.defs.ingest.assets import chunks, documents
 from research_pipeline.defs.resources import (
-    DEFAULT_NIGHTLY_CRON,
     ReleaseGatesResource,
     build_resources,
     nightly_cron,
@@ -18,13 +17,14 @@ from research_pipeline.defs.resources import (
 from research_pipeline.defs.search.assets import (
     fts_index,
     published_index,
+    record_live_generation,
     vector_index,
 )
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.defs.search.jobs import reindex_job
 from research_pipeline.defs.search.schedules import build_nightly_reindex
 from research_pipeline.lib.core import store
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import publish, registry, searchers
 from research_pipeline_tests.conftest import DEMO_PAPERS
 from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP
 
@@ -66,7 +66,9 @@ def test_search_assets_are_wired(location):
 def test_reindex_job_selection_schedule_and_sensor(location, monkeypatch):
     job = location.resolve_job_def("reindex_job")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert keys == {"documents", "chunks"} | SEARCH_KEYS
+    assert keys == {"documents", "chunks", "chunk_embeddings"} | SEARCH_KEYS
+    assert job.partitions_def.get_partition_keys() == list(store.SHARDS)
+    assert job.tags == ALL_SHARDS_TAGS, "every reindex run covers all 16 shards"
     check_names = {k.name for k in job.asset_layer.asset_graph.asset_check_keys if k.asset_key == vector_index.key}
     assert check_names == GATES
     schedule = location.resolve_schedule_def("nightly_reindex")
@@ -84,7 +86,8 @@ def test_reindex_job_selection_schedule_and_sensor(location, monkeypatch):
 
 
 def test_reindex_job_end_to_end(tmp_path, monkeypatch):
-    """reindex_job on four real papers publishes; a re-run with no new papers embeds nothing and republishes."""
+    """reindex_job on four real papers embeds all 16 shards and publishes; an unchanged re-run builds nothing
+    and publishes no new generation; a rollback recorded from outside a run names the live generation."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for name in SAMPLE:
@@ -118,27 +121,47 @@ def test_reindex_job_end_to_end(tmp_path, monkeypatch):
             e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
             for e in first.get_asset_materialization_events()
         }
-        assert set(meta) == {"documents", "chunks"} | SEARCH_KEYS
+        assert set(meta) == {"documents", "chunks", "chunk_embeddings"} | SEARCH_KEYS
+        assert instance.get_materialized_partitions(chunk_embeddings.key) == set(store.SHARDS)
         gen_id = meta["vector_index"]["gen_id"].value
         assert meta["fts_index"]["gen_id"].value == meta["published_index"]["gen_id"].value == gen_id
+        assert meta["published_index"]["live_gen_id"].value == gen_id
+        assert instance.get_run_by_id(first.run_id).tags["research_pipeline/gen_id"] == gen_id
         n_chunks = store.counts(engine)["chunks"]
         assert meta["fts_index"]["fts_rows"].value == meta["vector_index"]["vectors"].value == n_chunks > 0
         assert meta["vector_index"]["documents"].value == len(SAMPLE)
         assert {e.check_name for e in first.get_asset_check_evaluations() if e.passed} == GATES
-        live = generations.live_generation(engine)
+        live = store.live_generation(engine)
         assert live["gen_id"] == gen_id and live["n_chunks"] == n_chunks
+        n_generations = len(registry.list_generations(engine))
 
         second = job.execute_in_process(run_config=run_config, instance=instance)
         assert second.success
-        vec = second.asset_materializations_for_node("vector_index")[0].metadata
-        assert vec["embedded_now"].value == 0
-        assert vec["vectors"].value == n_chunks
-        pub = second.asset_materializations_for_node("published_index")[0].metadata
+        built = {e.asset_key.to_user_string() for e in second.get_asset_materialization_events()}
+        assert built == {"documents", "chunks", "chunk_embeddings"}, "an unchanged corpus builds no index"
+        emb = second.asset_materializations_for_node("chunk_embeddings")[0].metadata
+        assert emb["embedded"].value == 0
+        assert not second.get_asset_check_evaluations()
+        assert len(registry.list_generations(engine)) == n_generations
+        assert store.live_generation(engine)["gen_id"] == gen_id
+
+        forced_config = {"ops": {**run_config["ops"], "fts_index": {"config": {"force": True}},
+                                 "vector_index": {"config": {"force": True}}}}
+        forced = job.execute_in_process(run_config=forced_config, instance=instance)
+        assert forced.success
+        pub = forced.asset_materializations_for_node("published_index")[0].metadata
         assert pub["previous_gen_id"].value == gen_id
-        assert pub["gen_id"].value != gen_id
-    searcher = generations.open_searcher(
+        new_gen = pub["gen_id"].value
+        assert new_gen != gen_id
+
+        assert publish.rollback(engine) == gen_id
+        assert record_live_generation(instance, engine, "rollback") == gen_id
+        observation = instance.fetch_observations(published_index.key, limit=1).records[0].asset_observation
+        assert observation.metadata["live_gen_id"].value == gen_id
+        assert observation.metadata["action"].value == "rollback"
+    searcher = searchers.open_searcher(
         engine, resources["object_store"].get_store(), resources["embedder"].get_embedder()
     )
     hits = searcher.search("repeated games tutorial in Python", k=2)
-    assert hits and searcher.gen_id == pub["gen_id"].value
+    assert hits and searcher.gen_id == gen_id
     engine.dispose()

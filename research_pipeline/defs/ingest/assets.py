@@ -1,5 +1,7 @@
 """The ingest assets: papers in the inbox become `documents`, documents become `chunks`."""
 
+from datetime import timedelta
+
 import dagster as dg
 import sqlalchemy as sa
 
@@ -8,8 +10,32 @@ from research_pipeline.defs.resources import (
     EmbedderResource,
     InboxResource,
 )
-from research_pipeline.lib.core import store
+from research_pipeline.lib.core import store, util
 from research_pipeline.lib.ingest.pdf import REASONS
+
+#: Who answers for the ingest assets (shown in the catalog).
+OWNERS = ["team:search"]
+
+
+def table_schema(table: sa.Table) -> dg.TableSchema:
+    """The catalog's column schema of a SQLAlchemy table: name, SQL type, nullability, key."""
+    columns = []
+    for col in table.columns:
+        # A TypeDecorator (store.UtcDateTime) is described by the SQL type it stores.
+        sql_type = getattr(col.type, "impl", col.type)
+        columns.append(
+            dg.TableColumn(
+                name=col.name,
+                type=str(sql_type.compile()).lower(),
+                constraints=dg.TableColumnConstraints(nullable=bool(col.nullable), unique=bool(col.primary_key)),
+            )
+        )
+    return dg.TableSchema(columns=columns)
+
+
+def table_metadata(table: sa.Table) -> dict[str, object]:
+    """Definition metadata of an asset stored in `table`: its column schema and table name."""
+    return {"dagster/column_schema": table_schema(table), "dagster/table_name": table.name}
 
 
 class IngestConfig(dg.Config):
@@ -25,6 +51,11 @@ class IngestConfig(dg.Config):
 @dg.asset(
     group_name="ingest",
     kinds={"pdf", "sql"},
+    owners=OWNERS,
+    code_version="ingest-v1",
+    metadata=table_metadata(store.documents),
+    # The nightly reindex reads the inbox every day: a day and a half without it is a failure.
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=36), warn_window=timedelta(hours=26)),
 )
 def documents(
     context: dg.AssetExecutionContext,
@@ -54,11 +85,11 @@ def documents(
         timeout_s=config.timeout_s,
         memory_mb=config.memory_mb,
         ocr=config.ocr,
-        log=context.log.info,
     )
     totals = store.counts(engine)
     metadata: dict[str, dg.MetadataValue] = {
         "documents": dg.MetadataValue.int(totals["documents"]),
+        "dagster/row_count": dg.MetadataValue.int(totals["documents"]),
         "new": dg.MetadataValue.int(report.documents_new),
         "unchanged": dg.MetadataValue.int(report.documents_unchanged),
         "quarantined_total": dg.MetadataValue.int(totals["quarantined"]),
@@ -66,6 +97,8 @@ def documents(
     for key, value in report.as_metadata().items():
         if key in ("documents_new", "documents_unchanged"):
             continue
+        if key == "pages_per_s" and not report.pages:
+            continue  # nothing parsed: a rate of 0 would plot as a (false) slowdown
         if key.startswith("quarantined_"):
             key = "quarantine_" + key.removeprefix("quarantined_")
         metadata[key] = dg.MetadataValue.int(value) if isinstance(value, int) else dg.MetadataValue.float(value)
@@ -100,10 +133,21 @@ def chunk_stats(engine: sa.Engine) -> dict[str, float | int]:
     }
 
 
+def chunks_digest(engine: sa.Engine) -> str:
+    """A digest of every chunk's id and content hash: the data version of `chunks`."""
+    c = store.chunks
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(c.c.chunk_id, c.c.content_hash).order_by(c.c.chunk_id)).all()
+    return util.sha256_hex("\n".join(f"{r.chunk_id} {r.content_hash}" for r in rows))[:16]
+
+
 @dg.asset(
     group_name="ingest",
     kinds={"sql"},
     deps=[documents],
+    owners=OWNERS,
+    code_version="chunk-v1",
+    metadata=table_metadata(store.chunks),
 )
 def chunks(
     context: dg.AssetExecutionContext,
@@ -120,20 +164,23 @@ def chunks(
     from research_pipeline.lib.ingest.chunking import chunk_documents
 
     engine = database.get_engine()
-    model = embedder.get_embedder()
-    stats = chunk_documents(
-        engine,
-        model.count_tokens,
-        log=context.log.info,
-    )
+
+    def count_tokens(text: str) -> int:
+        # The model loads on the first text to chunk, so a run with nothing new never loads it.
+        return embedder.get_embedder().count_tokens(text)
+
+    stats = chunk_documents(engine, count_tokens)
     totals = chunk_stats(engine)
     context.log.info(
         f"chunking: {stats.get('documents_chunked', 0)} documents -> {stats.get('chunks', 0)} new chunks; "
         f"{totals['chunks']} chunks in total"
     )
     return dg.MaterializeResult(
+        # Unchanged chunks keep their data version, so the catalog shows downstream as up to date.
+        data_version=dg.DataVersion(chunks_digest(engine)),
         metadata={
             "chunks": dg.MetadataValue.int(totals["chunks"]),
+            "dagster/row_count": dg.MetadataValue.int(totals["chunks"]),
             "chunks_new": dg.MetadataValue.int(int(stats.get("chunks", 0))),
             "chunks_removed": dg.MetadataValue.int(int(stats.get("chunks_removed", 0))),
             "documents_chunked": dg.MetadataValue.int(int(stats.get("documents_chunked", 0))),

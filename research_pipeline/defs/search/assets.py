@@ -4,9 +4,18 @@
 live one (the generation id is derived from the run, so both steps of a run write the same
 candidate). The blocking release gates in `checks.py` judge the candidate; `published_index`
 only runs when they passed, and flips the live pointer.
+
+Incremental: both halves are built from one corpus digest (every chunk id and text hash, the
+papers' titles and abstracts, the model). When it equals the digest the live generation was
+built from, neither half is built, so the gates and the publish are skipped too: an unchanged
+corpus makes no new generation. Set `force: true` in the run config to build one anyway.
 """
 
+from collections.abc import Iterator
+from datetime import timedelta
+
 import dagster as dg
+import sqlalchemy as sa
 
 from research_pipeline.defs.resources import (
     DatabaseResource,
@@ -14,22 +23,37 @@ from research_pipeline.defs.resources import (
     ObjectStoreResource,
     ReleaseGatesResource,
 )
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.core import store, util
+from research_pipeline.lib.release import build, publish, registry
 
 CHUNKS = dg.AssetKey("chunks")
 CHUNK_EMBEDDINGS = dg.AssetKey("chunk_embeddings")
+OWNERS = ["team:search"]
+#: The run tag naming the index generation a run builds (set on the run as soon as it is known).
+GEN_ID_TAG = "research_pipeline/gen_id"
+
+
+class IndexBuildConfig(dg.Config):
+    """Run-time knobs of a generation build."""
+
+    #: Build a new generation even if the corpus is the one the live generation was built from.
+    force: bool = False
 
 
 def run_generation_id(context: dg.AssetExecutionContext) -> str:
     """The candidate generation id of this run: its creation time plus a hash of the run id.
 
     A re-execution (e.g. "from failure") uses its root run, so the step it re-runs finishes the
-    same candidate as the steps it reuses.
+    same candidate as the steps it reuses. The run is tagged with the id, so the Runs page can
+    be filtered by generation.
     """
     root = context.run.root_run_id or context.run_id
     record = context.instance.get_run_record_by_id(root)
     when = record.create_timestamp if record is not None else None
-    return generations.new_generation_id(when=when, salt=root)
+    gen_id = registry.new_generation_id(when=when, salt=root)
+    if context.run.tags.get(GEN_ID_TAG) != gen_id:
+        context.instance.add_run_tags(context.run_id, {GEN_ID_TAG: gen_id})
+    return gen_id
 
 
 def latest_generation_id(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
@@ -41,42 +65,108 @@ def latest_generation_id(instance: dg.DagsterInstance, key: dg.AssetKey) -> str 
     return None if value is None else str(value.value)
 
 
+def corpus_digest(engine: sa.Engine, model: str) -> str:
+    """A digest of what a generation is built from: every chunk (id, text hash), the papers' titles
+    and abstracts, and the embedding model. Equal digests build equal generations."""
+    c, d = store.chunks, store.documents
+    digest = util.sha256_hex(model.encode())
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(c.c.chunk_id, c.c.content_hash).order_by(c.c.chunk_id)).all()
+        docs = conn.execute(
+            sa.select(d.c.doc_id, d.c.title, d.c.abstract)
+            .where(sa.exists().where(c.c.doc_id == d.c.doc_id))
+            .order_by(d.c.doc_id)
+        ).all()
+    parts = [digest, *(f"{r.chunk_id}:{r.content_hash}" for r in rows)]
+    parts += [f"{r.doc_id}\0{r.title or ''}\0{r.abstract or ''}" for r in docs]
+    return util.sha256_hex("\n".join(parts).encode())[:32]
+
+
+def live_corpus_digest(instance: dg.DagsterInstance, engine: sa.Engine) -> tuple[str | None, str | None]:
+    """(live generation id, the corpus digest it was built from); the digest is None when unknown
+    (no generation live, or built outside this Dagster instance)."""
+    live = store.live_generation(engine)
+    if live is None:
+        return None, None
+    records = instance.fetch_materializations(dg.AssetKey("vector_index"), limit=100).records
+    for record in records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        gen = metadata.get("gen_id")
+        if gen is not None and gen.value == live["gen_id"] and "corpus_digest" in metadata:
+            return live["gen_id"], str(metadata["corpus_digest"].value)
+    return live["gen_id"], None
+
+
+def unchanged_since_live(
+    context: dg.AssetExecutionContext, engine: sa.Engine, embedder: EmbedderResource, force: bool
+) -> tuple[bool, str]:
+    """(whether this build can be skipped, the current corpus digest)."""
+    digest = corpus_digest(engine, embedder.model)
+    if force:
+        return False, digest
+    live_id, live_digest = live_corpus_digest(context.instance, engine)
+    if live_digest == digest:
+        context.log.info(
+            f"corpus unchanged since live generation {live_id} (digest {digest}): no new generation is built"
+        )
+        return True, digest
+    return False, digest
+
+
+def _int_or_absent(metadata: dict[str, dg.MetadataValue], key: str, value: object) -> None:
+    # An unknown count is left out rather than plotted as 0.
+    if value is not None:
+        metadata[key] = dg.MetadataValue.int(int(value))
+
+
 def generation_metadata(gen: dict) -> dict[str, dg.MetadataValue]:
-    """The figures of a generation row as plottable metadata."""
-    return {
+    """The figures of a generation row as plottable metadata (unknown figures left out)."""
+    metadata = {
         "gen_id": dg.MetadataValue.text(gen["gen_id"]),
-        "status": dg.MetadataValue.text(gen["status"]),
-        "documents": dg.MetadataValue.int(int(gen["n_documents"] or 0)),
-        "chunks": dg.MetadataValue.int(int(gen["n_chunks"] or 0)),
-        "fts_rows": dg.MetadataValue.int(int(gen["n_fts_rows"] or 0)),
-        "vectors": dg.MetadataValue.int(int(gen["n_vectors"] or 0)),
+        "status": dg.MetadataValue.text(str(gen["status"])),
     }
+    for key, column in (("documents", "n_documents"), ("chunks", "n_chunks"), ("fts_rows", "n_fts_rows"), ("vectors", "n_vectors")):
+        _int_or_absent(metadata, key, gen.get(column))
+    return metadata
 
 
 @dg.asset(
     group_name="search",
     kinds={"sql"},
     deps=[CHUNKS],
+    owners=OWNERS,
+    code_version="fts-v1",
+    output_required=False,
 )
 def fts_index(
     context: dg.AssetExecutionContext,
+    config: IndexBuildConfig,
     database: DatabaseResource,
-) -> dg.MaterializeResult:
+    embedder: EmbedderResource,
+) -> Iterator[dg.MaterializeResult]:
     """The full-text (BM25) table of this run's candidate index generation, `fts_<gen_id>`.
 
     Built beside the live generation's table from the current chunks and their papers'
     titles and abstracts; searches keep using the live table until `published_index` flips
-    the pointer.
+    the pointer. Not built when the corpus is the live generation's (see the module docstring).
     """
+    engine = database.get_engine()
+    skip, digest = unchanged_since_live(context, engine, embedder, config.force)
+    if skip:
+        return
     gen_id = run_generation_id(context)
-    part = generations.build_fts_part(database.get_engine(), gen_id, log=context.log.info)
-    return dg.MaterializeResult(
+    part = build.build_fts_part(engine, gen_id)
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(digest),
         metadata={
             "gen_id": dg.MetadataValue.text(gen_id),
-            "fts_table": dg.MetadataValue.text(part["fts_table"]),
-            "fts_rows": dg.MetadataValue.int(part["n_fts_rows"]),
-            "seconds": dg.MetadataValue.float(float(part["seconds"])),
-        }
+            "corpus_digest": dg.MetadataValue.text(digest),
+            "dagster/table_name": dg.MetadataValue.text(part.fts_table),
+            "dagster/row_count": dg.MetadataValue.int(part.n_fts_rows),
+            "fts_table": dg.MetadataValue.text(part.fts_table),
+            "fts_rows": dg.MetadataValue.int(part.n_fts_rows),
+            "seconds": dg.MetadataValue.float(float(part.seconds)),
+        },
     )
 
 
@@ -84,49 +174,77 @@ def fts_index(
     group_name="search",
     kinds={"faiss"},
     deps=[CHUNKS, CHUNK_EMBEDDINGS],
+    owners=OWNERS,
+    code_version="vectors-v1",
+    output_required=False,
 )
 def vector_index(
     context: dg.AssetExecutionContext,
+    config: IndexBuildConfig,
     database: DatabaseResource,
     object_store: ObjectStoreResource,
     embedder: EmbedderResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """The FAISS index of this run's candidate generation, under `indexes/<gen_id>/` in the object store.
 
-    One vector per current chunk, from the embedding cache; chunks that have no vector yet
-    are embedded first (so it does not wait for a `chunk_embeddings` backfill). Exact search
-    below 50k vectors, HNSW above (see the build parameters in the manifest).
+    One vector per current chunk, read from `chunk_embeddings` (which must cover every shard:
+    the build fails, naming the shards, if a chunk has no vector). Exact search below 50k
+    vectors, HNSW above (see the build parameters in the manifest). Not built when the corpus
+    is the live generation's (see the module docstring).
     """
+    from research_pipeline.lib.embed.embeddings import backlog
+
+    engine = database.get_engine()
+    skip, digest = unchanged_since_live(context, engine, embedder, config.force)
+    if skip:
+        return
+    model = embedder.get_embedder()
+    missing = {shard: n for shard, n in backlog(engine, model.model_id).items() if n}
+    if missing:
+        shards = ", ".join(f"{s} ({n})" for s, n in sorted(missing.items()))
+        raise dg.Failure(
+            description=(
+                f"chunk texts without a {model.model_id} vector in shards {shards}: materialize those "
+                "chunk_embeddings partitions first (reindex_job covers all 16 shards in one run)"
+            )
+        )
     gen_id = run_generation_id(context)
-    part = generations.build_vector_part(
-        database.get_engine(),
-        object_store.get_store(),
-        embedder.get_embedder(),
-        gen_id,
-        batch_size=embedder.batch_size,
-        log=context.log.info,
-    )
-    params = part["build_params"] or {}
-    return dg.MaterializeResult(
+    part = build.build_vector_part(engine, object_store.get_store(), model, gen_id, batch_size=embedder.batch_size)
+    params = part.build_params or {}
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(digest),
         metadata={
             "gen_id": dg.MetadataValue.text(gen_id),
-            "manifest_key": dg.MetadataValue.text(part["vector_key"]),
+            "corpus_digest": dg.MetadataValue.text(digest),
+            "manifest_key": dg.MetadataValue.text(part.vector_key),
             "index_type": dg.MetadataValue.text(str(params.get("type", ""))),
-            "vectors": dg.MetadataValue.int(part["n_vectors"]),
-            "chunks": dg.MetadataValue.int(part["n_chunks"]),
-            "documents": dg.MetadataValue.int(part["n_documents"]),
-            "embedded_now": dg.MetadataValue.int(part["embedded"]),
-            "embeddings_cached": dg.MetadataValue.int(part["cached"]),
-            "seconds": dg.MetadataValue.float(float(part["seconds"])),
-        }
+            "dagster/row_count": dg.MetadataValue.int(part.n_vectors),
+            "vectors": dg.MetadataValue.int(part.n_vectors),
+            "chunks": dg.MetadataValue.int(part.n_chunks),
+            "documents": dg.MetadataValue.int(part.n_documents),
+            "seconds": dg.MetadataValue.float(float(part.seconds)),
+        },
     )
+
+
+#: When automation publishes: after the candidate's halves were built (eager), or when its blocking
+#: gates newly pass without a publish in between (a gate re-run from the UI) - and only while they pass.
+_gates_passed = dg.AutomationCondition.all_deps_blocking_checks_passed()
+PUBLISH_CONDITION = (
+    dg.AutomationCondition.eager()
+    | (_gates_passed.newly_true() & ~dg.AutomationCondition.newly_updated() & ~dg.AutomationCondition.in_progress())
+) & _gates_passed
 
 
 @dg.asset(
     group_name="search",
     kinds={"sql"},
     deps=[fts_index, vector_index],
-    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
+    owners=OWNERS,
+    code_version="publish-v1",
+    automation_condition=PUBLISH_CONDITION,
+    # The age of the live generation: a week without a new one means no new papers were indexed.
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(days=14), warn_window=timedelta(days=7)),
 )
 def published_index(
     context: dg.AssetExecutionContext,
@@ -140,6 +258,8 @@ def published_index(
     an earlier one when launched by automation). Publishing is one transaction; the previous
     generation stays retained for rollback and for searches still in flight on it, and
     generations beyond `RP_KEEP_GENERATIONS` are retired (table dropped, files deleted).
+    Its `live_gen_id` metadata names the live generation; a rollback records an observation
+    with the same key, so the asset's page always shows which generation is live.
     """
     gen_id = latest_generation_id(context.instance, vector_index.key)
     fts_gen = latest_generation_id(context.instance, fts_index.key)
@@ -150,21 +270,48 @@ def published_index(
                 "same run: materialize both in one run (reindex_job)"
             )
         )
+    if context.run.tags.get(GEN_ID_TAG) != gen_id:
+        context.instance.add_run_tags(context.run_id, {GEN_ID_TAG: gen_id})
     engine = database.get_engine()
     try:
-        outcome = generations.publish(engine, gen_id, keep=release_gates.keep_generations, store=object_store.get_store())
-    except generations.GenerationError as exc:
+        outcome = publish.publish(engine, gen_id, keep=release_gates.keep_generations, store=object_store.get_store())
+    except registry.GenerationError as exc:
         raise dg.Failure(description=str(exc)) from exc
-    gen = generations.get_generation(engine, gen_id)
+    previous, retired = outcome.previous_gen_id, list(outcome.retired)
+    gen = registry.get_generation(engine, gen_id)
     context.log.info(
-        f"live generation: {gen_id} (previous {outcome['previous_gen_id']}); retired {outcome['retired'] or 'none'}"
+        f"live generation: {gen_id} (previous {previous}); retired {retired or 'none'}"
     )
     metadata = generation_metadata(gen)
     metadata.update(
         {
-            "previous_gen_id": dg.MetadataValue.text(outcome["previous_gen_id"] or ""),
-            "retired": dg.MetadataValue.int(len(outcome["retired"])),
-            "changed": dg.MetadataValue.int(int(outcome["changed"])),
+            "live_gen_id": dg.MetadataValue.text(gen_id),
+            "action": dg.MetadataValue.text("publish"),
+            "retired": dg.MetadataValue.int(len(retired)),
+            "changed": dg.MetadataValue.int(int(outcome.changed)),
         }
     )
-    return dg.MaterializeResult(metadata=metadata)
+    if previous:
+        metadata["previous_gen_id"] = dg.MetadataValue.text(str(previous))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(gen_id))
+
+
+def record_live_generation(instance: dg.DagsterInstance, engine: sa.Engine, action: str) -> str | None:
+    """Record the live generation as an observation of `published_index` (e.g. after a CLI rollback).
+
+    Returns the live generation id (None, and nothing recorded, before the first publish). The
+    observation carries the same `live_gen_id` key as a publish, so the asset page shows the
+    generation that is live however the pointer moved.
+    """
+    live = store.live_generation(engine)
+    if live is None:
+        return None
+    metadata = generation_metadata(live)
+    metadata["live_gen_id"] = dg.MetadataValue.text(live["gen_id"])
+    metadata["action"] = dg.MetadataValue.text(action)
+    if live.get("previous_gen_id"):
+        metadata["previous_gen_id"] = dg.MetadataValue.text(live["previous_gen_id"])
+    instance.report_runless_asset_event(
+        dg.AssetObservation(asset_key=published_index.key, metadata=metadata, tags={GEN_ID_TAG: live["gen_id"]})
+    )
+    return live["gen_id"]

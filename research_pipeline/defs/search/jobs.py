@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from research_pipeline.defs.embeddings.assets import ALL_SHARDS_TAGS, chunk_embeddings
 from research_pipeline.defs.resources import (
     DatabaseResource,
     EmbedderResource,
@@ -14,7 +15,7 @@ from research_pipeline.defs.search.assets import (
     published_index,
     vector_index,
 )
-from research_pipeline.lib.release import generations
+from research_pipeline.lib.release import searchers
 from research_pipeline.lib.search.cache import QueryCache, cached_search
 from research_pipeline.lib.search.querylog import top_queries
 
@@ -22,10 +23,16 @@ reindex_job = dg.define_asset_job(
     name="reindex_job",
     # `documents` and `chunks` are the ingest assets (defs/ingest); the selection includes the
     # release-gate checks on vector_index, which block published_index when they fail.
-    selection=dg.AssetSelection.assets("documents", "chunks", fts_index, vector_index, published_index),
+    selection=dg.AssetSelection.assets(
+        "documents", "chunks", chunk_embeddings, fts_index, vector_index, published_index
+    ),
+    # Every run covers all 16 shards of chunk_embeddings in one step (a partition range), so a
+    # reindex leaves every shard materialized in the catalog and vector_index finds every vector.
+    tags=ALL_SHARDS_TAGS,
     description=(
-        "Ingest new papers, chunk them, build a candidate index generation beside the live one, "
-        "run the release gates and publish the candidate only if the blocking gates pass."
+        "Ingest new papers, chunk them, embed the new chunks (all 16 shards), build a candidate index "
+        "generation beside the live one unless the corpus is unchanged, run the release gates and "
+        "publish the candidate only if the blocking gates pass."
     ),
 )
 
@@ -57,7 +64,7 @@ def warm_query_cache(
     from research_pipeline.lib.search.searcher import SearchFilters
 
     engine = database.get_engine()
-    searcher = generations.open_searcher(
+    searcher = searchers.open_searcher(
         engine, object_store.get_store(), embedder.get_embedder(), gen_id=config.gen_id or None
     )
     cache = make_query_cache(query_cache)
