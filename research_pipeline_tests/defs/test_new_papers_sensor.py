@@ -11,7 +11,10 @@ import dagster as dg
 import pytest
 
 from research_pipeline.defs.ingest.sensors import new_papers_sensor
-from research_pipeline.defs.resources import InboxResource
+from research_pipeline.defs.resources import DatabaseResource, InboxResource
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.sources import sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS
 
 PDFS = sorted(DEMO_PAPERS.glob("*.pdf"))
@@ -23,13 +26,16 @@ def instance():
         yield inst
 
 
-def tick(instance, inbox, cursor):
+def tick(instance, inbox, cursor, database_url=None):
     """One sensor evaluation; returns (result, cursor after the tick)."""
-    context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"inbox": InboxResource(path=str(inbox))}
-    )
-    result = new_papers_sensor(context)
-    return result, context.cursor
+    database_url = database_url or f"sqlite:///{inbox.parent / 'sensor.db'}"
+    with dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"inbox": InboxResource(path=str(inbox)), "database": DatabaseResource(url=database_url)},
+    ) as context:
+        result = new_papers_sensor(context)
+        return result, context.cursor
 
 
 def test_new_files_request_a_run_and_an_unchanged_inbox_skips(instance, tmp_path):
@@ -106,3 +112,29 @@ def test_no_second_run_while_a_reindex_is_active(instance, tmp_path):
     after, cursor_after = tick(instance, inbox, cursor)
     assert isinstance(after, dg.RunRequest)
     assert json.loads(cursor_after)["files"] == 2
+
+
+def test_first_tick_starts_from_the_store(instance, tmp_path):
+    """Turned on over an inbox that is already ingested, the sensor only sets its cursor; a new file then runs."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for pdf in PDFS[:2]:
+        shutil.copy2(pdf, inbox / pdf.name)
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    engine = store.make_engine(url)
+    store.create_schema(engine)
+    try:
+        ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    finally:
+        engine.dispose()
+
+    first, cursor = tick(instance, inbox, None, url)
+    assert isinstance(first, dg.SkipReason) and "already ingested" in first.skip_message
+    assert json.loads(cursor)["files"] == 2
+
+    shutil.copy2(PDFS[2], inbox / PDFS[2].name)
+    new, _ = tick(instance, inbox, cursor, url)
+    assert isinstance(new, dg.RunRequest)
+
+    fresh, _ = tick(instance, inbox, None, url)
+    assert isinstance(fresh, dg.RunRequest), "a first tick with an unseen file requests a run"
