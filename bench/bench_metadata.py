@@ -1,11 +1,11 @@
 """Benchmark: paper metadata (title, authors, year, arXiv id, DOI) against the hand-written truth table.
 
 Each paper in `research_pipeline_tests/fixtures/metadata_truth.tsv` is parsed with `parse_pdf`
-(no OCR) and scored on all papers, the `tune` half and the untouched `held_out` half, with the
-extractor's time per paper. `--rev REV` scores `lib/ingest/metadata.py` as it was at a git
+(no OCR) and scored on all papers and on each split (`tune`, `held_out`, `fresh`), with the
+metadata step's time per paper. `--rev REV` scores `lib/ingest/metadata.py` as it was at a git
 revision instead (e.g. the extractor before a change), with today's `pdf.py` around it.
 
-    .venv/bin/python -m bench.bench_metadata [--rev REV] [--misses all|tune|held_out]
+    .venv/bin/python -m bench.bench_metadata [--rev REV] [--misses all|tune|held_out|fresh]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _load_metadata_at(rev: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", help="score metadata.py as of this git revision")
-    parser.add_argument("--misses", choices=("all", "tune", "held_out"),
+    parser.add_argument("--misses", choices=("all", "tune", "held_out", "fresh"),
                         help="print every disagreement on these papers")
     args = parser.parse_args(argv)
     if not PAPERS.is_dir():
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             doc.close()
     label = f"metadata.py at {args.rev}" if args.rev else "metadata.py in the working tree"
     print(f"{label}; truth {TRUTH.relative_to(REPO)}")
-    for name, subset in (("all", results), ("tune", [r for r in results if r[0].split == "tune"]),
-                         ("held_out", [r for r in results if r[0].split == "held_out"])):
+    for name in ("all", "tune", "held_out", "fresh"):
+        subset = [r for r in results if name in ("all", r[0].split)]
         print(f"  {name:9s}", metadata_eval.score(subset).summary())
     print(f"  metadata step: {1000 * extract_s / len(results):.2f} ms per paper (page-1 lines + pdf_metadata)")
     if args.misses:

@@ -1,4 +1,4 @@
-"""Metadata extraction: a hand-written truth table of 73 real papers, a hand-checked sample, hard cases."""
+"""Metadata extraction: a hand-written truth table of 142 real papers, a hand-checked sample, hard cases."""
 
 from __future__ import annotations
 
@@ -39,15 +39,15 @@ def truth_results():
 
 def test_truth_table_is_what_it_claims():
     rows = metadata_eval.load_truth(TRUTH)
-    assert len(rows) >= 50
-    assert {r.split for r in rows} == {"tune", "held_out"}
+    assert len(rows) >= 140
+    assert {r.split for r in rows} == {"tune", "held_out", "fresh"}
     assert len({r.file for r in rows}) == len(rows)
-    assert sum(r.year is None for r in rows) >= 10  # papers that print no year test "no invented years"
+    assert sum(r.year is None for r in rows) >= 40  # papers that print no year test "no invented years"
 
 
 def test_metadata_against_the_truth_table(truth_results):
-    # Measured (docs/PARSING.md): title 1.00, family-name F1 0.99 (P 1.00, R 0.99), printed year
-    # 1.00, 1 of 24 papers without a printed year given one, arXiv id + DOI 1.00.
+    # Measured (docs/PARSING.md): title 0.97, family-name F1 0.98 (P 0.99, R 0.97), printed year
+    # 0.98, 2 of 49 papers without a printed year given one, arXiv id + DOI 1.00.
     score = metadata_eval.score(truth_results)
     print("\n" + score.summary())
     for miss in score.misses:
@@ -55,18 +55,26 @@ def test_metadata_against_the_truth_table(truth_results):
     assert score.title_accuracy >= 0.95
     assert score.author_precision >= 0.95 and score.author_recall >= 0.93 and score.author_f1 >= 0.95
     assert score.year_accuracy >= 0.95
-    assert score.invented_year_rate <= 0.1
-    assert score.id_accuracy >= 0.95
+    assert score.invented_year_rate <= 0.08
+    assert score.id_accuracy >= 0.97
 
 
-def test_metadata_on_the_held_out_half(truth_results):
-    # The half whose papers no rule was written for (measured: title 1.00, F1 0.99, year 1.00).
-    score = metadata_eval.score([r for r in truth_results if r[0].split == "held_out"])
-    print("\nheld out: " + score.summary())
-    assert score.papers >= 25
-    assert score.title_accuracy >= 0.94
-    assert score.author_f1 >= 0.93
-    assert score.year_accuracy >= 0.93
+@pytest.mark.parametrize(
+    "split, title, f1, year",
+    [
+        # Measured: held out 1.00 / 0.99 / 1.00; fresh 0.94 / 0.97 / 0.95 (docs/PARSING.md tells
+        # which rules were written after seeing which split).
+        ("held_out", 0.94, 0.93, 0.93),
+        ("fresh", 0.90, 0.92, 0.90),
+    ],
+)
+def test_metadata_on_each_split(truth_results, split, title, f1, year):
+    score = metadata_eval.score([r for r in truth_results if r[0].split == split])
+    print(f"\n{split}: " + score.summary())
+    assert score.papers >= 30
+    assert score.title_accuracy >= title
+    assert score.author_f1 >= f1
+    assert score.year_accuracy >= year
     assert score.invented_year_rate <= 0.1
 
 
@@ -145,6 +153,21 @@ def test_letter_spaced_text_is_closed_up():
             x += 8
         x += 12
     assert md.rebuild_line(glyphs) == ("RES CIENCE",)
+
+
+def test_an_accent_set_apart_from_its_letter_is_dropped():
+    # pdfium reads "Babaoğlu" as "Babao ¨ glu": the accent, boxed far off, between two spaces.
+    gen = Glyph(" ", 0, 0, 0, 0, generated=True)
+    glyphs = _glyphs("Ozalp Babao") + [gen, Glyph("¨", 20, 700, 25, 710), gen] + _glyphs("glu", x=155.0)
+    assert md.rebuild_line(glyphs) == ("Ozalp Babaoglu",)
+
+
+def test_a_title_line_that_pdfium_breaks_in_two_is_joined():
+    lines = [_line(17.0, 700, "Kelips", left=100), _line(17.0, 700, ": Building an Efficient and Stable P2P DHT", left=160),
+             _line(17.0, 680, "Through Increased Memory and Background Overhead"), _line(11.0, 650, "Indranil Gupta, Ken Birman")]
+    title = md._title_from_lines(lines, md._title_block(lines))
+    assert md.normalize_title(title) == md.normalize_title(
+        "Kelips: Building an Efficient and Stable P2P DHT Through Increased Memory and Background Overhead")
 
 
 def test_superscripts_marks_and_wide_gaps():
@@ -248,6 +271,14 @@ def test_stamp_prefixes_and_banners_are_not_the_title():
         ("Supervised by Rowan Davies", []),
         ("To appear in Foundations of Physics.", []),
         ("Ana Candida Cruz Natali", ["Natali"]),
+        ("Palo Alto, California", []),
+        ("Sanjay Ghemawat, Santa Clara, CA", ["Ghemawat"]),
+        ("John McCarthy, Massachusetts Institute of Technology, Cambridge, Mass.", ["McCarthy"]),
+        ("Chien-Chin Huang, New York University; Qi Chen, Peking University; Zhaoguo Wang",
+         ["Huang", "Chen", "Wang"]),
+        ("URS HÖLZLE (self@self.stanford.edu)", ["Hölzle"]),
+        ("Prof. Ketan Shah Anirban Mitra Dhruv Matani", ["Shah", "Mitra", "Matani"]),
+        ("An Overlooked Paradigm in Functional Programming", []),
     ],
 )
 def test_names_are_split_and_affiliations_dropped(text, families):
@@ -278,6 +309,10 @@ def test_no_year_is_invented():
         ("Lee, J. J. & Hammer, J. (2011). Gamification in Education: What, How, Why Bother?", 2011),
         ("arXiv:quant-ph/9508027v2 25 Jan 1996", 1996),
         ("2012", 2012),
+        ("To appear in OSDI 2006 1", 2006),
+        ("99a9debfc18b7d6937a13bac4f943a2b2cd46022. Date: 2016.", 2016),
+        ("Submitted to ML'08", 2008),
+        ("∗Re-keyed 12 October 2010 by Ian Grant", None),
         ("Satoshi Nakamoto", None),
     ],
 )

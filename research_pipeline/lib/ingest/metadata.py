@@ -151,6 +151,15 @@ class PageLine(NamedTuple):
         return " ".join(self.parts) if self.parts else self.text
 
 
+class PageLines(list):
+    """`PageLine`s of page 1, with what `first_page_lines` found on them: the body font size,
+    the title's lines and the lines under it up to the abstract (indexes)."""
+
+    body: float = 0.0
+    title_block: list[int] | None = None
+    author_lines: list[int] | None = None
+
+
 _MARKS = frozenset("*∗†‡§¶⋆★♯♮♭✝✉")
 _SPACING_ACCENTS = frozenset("¨ˇ´`˜^¸˚˙˝¯˘˛")
 _SAMPLES = 3  # glyphs whose size is read per line: three spread along it outvote a small-caps run
@@ -158,7 +167,7 @@ _REBUILD_MAX_LINES = 40
 _REBUILD_MAX_CHARS = 120
 
 
-def first_page_lines(textpage: Any) -> list[PageLine]:
+def first_page_lines(textpage: Any) -> PageLines:
     """The lines of page 1 with their rendered font sizes and positions, from pdfium.
 
     `textpage` is page 1's open pypdfium2 text page: the parser passes the one it extracts the
@@ -172,8 +181,9 @@ def first_page_lines(textpage: Any) -> list[PageLine]:
 
     import pypdfium2.raw as pdfium_c
 
+    helper, textpage = textpage, getattr(textpage, "raw", textpage)  # the raw handle: no conversion per call
     n = pdfium_c.FPDFText_CountChars(textpage)
-    text = textpage.get_text_range(0, n) if n else ""
+    text = helper.get_text_range(0, n) if n else ""
     if len(text) != n:
         text = "".join(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)) for i in range(n))
     rect = pdfium_c.FS_RECTF()
@@ -212,7 +222,13 @@ def first_page_lines(textpage: Any) -> list[PageLine]:
     if boxed_sizes and boxed_sizes < len(lines):
         # A page mixing both measures would compare unlike sizes: use the boxes throughout.
         lines = [_boxed(textpage, ln, span, rect, rect_ref, pdfium_c) for ln, span in zip(lines, spans)]
-    for i in _lines_to_rebuild(lines):
+    page = PageLines(lines)
+    page.body = body_size(lines)
+    page.title_block = _title_block(lines)
+    page.author_lines = _author_lines(lines, page.title_block, page.body)
+    chosen = page.title_block + page.author_lines if page.title_block else list(range(min(len(lines), 12)))
+    chosen = [i for i in chosen if len(lines[i].text) <= _REBUILD_MAX_CHARS]
+    for i in chosen[:_REBUILD_MAX_LINES]:
         a, b = spans[i]
         glyphs_of_line = []
         for k in range(a, b):
@@ -222,8 +238,10 @@ def first_page_lines(textpage: Any) -> list[PageLine]:
             elif pdfium_c.FPDFText_GetLooseCharBox(textpage, k, rect_ref):
                 glyphs_of_line.append(Glyph(ch, rect.left, rect.bottom, rect.right, rect.top))
         right = max((g.right for g in glyphs_of_line), default=lines[i].right)
-        lines[i] = lines[i]._replace(parts=rebuild_line(glyphs_of_line), right=round(right, 1))
-    return lines
+        page[i] = page[i]._replace(parts=rebuild_line(glyphs_of_line), right=round(right, 1))
+    # Again with the rebuilt lines' measured right edges: they tell the columns apart better.
+    page.author_lines = _author_lines(page, page.title_block, page.body)
+    return page
 
 
 def _boxed(textpage: Any, line: PageLine, span: tuple[int, int], rect: Any, rect_ref: Any, pdfium_c: Any) -> PageLine:
@@ -232,13 +250,6 @@ def _boxed(textpage: Any, line: PageLine, span: tuple[int, int], rect: Any, rect
         if pdfium_c.FPDFText_GetLooseCharBox(textpage, k, rect_ref) and rect.top > rect.bottom:
             heights.append(rect.top - rect.bottom)
     return line._replace(size=round(_median(heights), 1)) if heights else line
-
-
-def _lines_to_rebuild(lines: list[PageLine]) -> list[int]:
-    """The title's lines and the lines below it up to the abstract; the first lines if no title."""
-    block = _title_block(lines)
-    chosen = block + _author_lines(lines, block) if block else list(range(min(len(lines), 12)))
-    return [i for i in chosen if len(lines[i].text) <= _REBUILD_MAX_CHARS][:_REBUILD_MAX_LINES]
 
 
 def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
@@ -259,11 +270,13 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
     gap_before = 0.0
     prev: Glyph | None = None
     pending_space = False  # a space since the last glyph: "real" (in the PDF) or "generated"
+    accent = False  # a spacing accent dropped since the last glyph ("Babao ¨ glu")
     for g in glyphs:
         if g.char == " ":
             pending_space = pending_space or ("generated" if g.generated else "real")
             continue
         if g.char in _MARKS or g.char in _SPACING_ACCENTS:
+            accent = accent or g.char in _SPACING_ACCENTS
             continue
         h = g.top - g.bottom
         if h > 0 and h < 0.8 * height and g.bottom > base + 0.2 * height:
@@ -275,7 +288,7 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
                     parts[-1].append((word, gap_before))
                 parts.append([])
                 word, gap_before = "", 0.0
-            elif pending_space == "real" or (pending_space and (gap > 0.08 * height or not _cut(prev, g))):
+            elif pending_space == "real" or (pending_space and (gap > 0.08 * height or not (accent or _cut(prev, g)))):
                 if word:
                     parts[-1].append((word, gap_before))
                 word, gap_before = "", gap
@@ -284,7 +297,7 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
                 parts[-1].append((word, gap_before))
             word, gap_before = "", 0.3 * height
         word += g.char
-        pending_space = False
+        pending_space = accent = False
         if h > 0:
             prev = g
     if word:
@@ -312,7 +325,7 @@ def _join_words(words: list[tuple[str, float]]) -> str:
     return " ".join(w for w, _ in words)
 
 
-def _first_page_lines(doc: Any) -> list[PageLine]:
+def _first_page_lines(doc: Any) -> PageLines:
     """`first_page_lines` of an open document, loading its page 1 again."""
     page = doc[0]
     try:
@@ -370,7 +383,10 @@ def _title_block(lines: list[PageLine]) -> list[int]:
     for i, ln in enumerate(lines):
         if runs:
             last = lines[runs[-1][-1]]
-            if _same_size(last.size, ln.size) and 0 < last.top - ln.top <= 1.9 * max(last.size, ln.size):
+            # The next line down, or the rest of this one (pdfium breaks "Kelips∗" / ": Building ...").
+            drop = last.top - ln.top
+            level = abs(drop) < 0.3 * ln.size and ln.left > last.left
+            if _same_size(last.size, ln.size) and (0 < drop <= 1.9 * max(last.size, ln.size) or level):
                 runs[-1].append(i)
                 continue
         runs.append([i])
@@ -409,7 +425,8 @@ def _title_from_lines(lines: list[PageLine], block: list[int]) -> str | None:
 
 
 def _subtitle(lines: list[PageLine], block: list[int]) -> str | None:
-    """The line right under the title in a smaller, still distinct size ("You Want it When?")."""
+    """The line right under the title in a smaller size that is no name, stamp or number, set
+    larger than the line after it ("You Want it When?", "An Overlooked Paradigm in ...")."""
     j = block[-1] + 1
     if j >= len(lines):
         return None
@@ -421,7 +438,7 @@ def _subtitle(lines: list[PageLine], block: list[int]) -> str | None:
         return None
     if after is None or after.size >= sub.size - 0.3:
         return None
-    if not (sub.clean.endswith("?") or lines[block[-1]].clean.rstrip().endswith(":")):
+    if re.search(r"\d", sub.clean):
         return None
     return _TRAILING_MARKS_RE.sub("", sub.clean)
 
@@ -466,6 +483,16 @@ _STOP_RE = re.compile(
 _INITIALS_RE = re.compile(r"^(?:[A-Z]\.?-?){1,3}\.?$|^[A-Z]\.(?:-?[A-Z]\.)+$")
 _NAME_WORD_RE = re.compile(r"^[^\W\d_][^\W\d_'’\-]*(?:['’\-][^\W\d_]+)*\.?$")
 _FOOTNOTE_DIGITS_RE = re.compile(r"(?<=[^\W\d_])\d+(?:,\d+)*\b")
+_EMAIL_RE = re.compile(r"[(<]?\s*[\w.+\-]+@[\w.\-]+\s*[)>]?")
+# A place, not a person: "Santa Clara, CA", "Palo Alto, California", "Ithaca, NY".
+_PLACE_AFTER_RE = re.compile(
+    r"^(?:[A-Z]{2}|USA|U\.S\.A\.|UK|Alabama|Alaska|Arizona|Arkansas|California|Colorado|Connecticut|Delaware"
+    r"|Florida|Georgia|Hawaii|Idaho|Illinois|Indiana|Iowa|Kansas|Kentucky|Louisiana|Maine|Maryland"
+    r"|Massachusetts|Michigan|Minnesota|Mississippi|Missouri|Montana|Nebraska|Nevada|New Hampshire"
+    r"|New Jersey|New Mexico|New York|North Carolina|North Dakota|Ohio|Oklahoma|Oregon|Pennsylvania"
+    r"|Rhode Island|South Carolina|South Dakota|Tennessee|Texas|Utah|Vermont|Virginia|Washington"
+    r"|West Virginia|Wisconsin|Wyoming|Canada|England|Scotland|United Kingdom|United States)"
+    r"(?:\s+\d[\d\-]*)?\.?$")  # the whole piece: "CA 94304", not "Massachusetts Institute of ..."
 _NOT_NAME_WORDS = frozenset("and by with of the for in on at to from".split())
 _BY_RE = re.compile(r"^(?:by|BY|By|Prof\.|Professor|Dr\.|Mr\.|Mrs\.|Ms\.)\s+")
 _NAME_SPLIT_RE = re.compile(r"\s*[,;]\s*|\s+(?:and|AND|And)\s+|\s*&\s*")
@@ -492,8 +519,8 @@ def _split_run(tokens: list[str]) -> list[list[str]]:
     """
     kinds = [_name_word(t) for t in tokens]
     words = sum(1 for k in kinds if k == "word")
-    if words < 4 or (words == 4 and "initial" not in kinds):
-        return [tokens]
+    if words < 4 or (words == 4 and "initial" not in kinds) or None in kinds:
+        return [tokens]  # a phrase with a word no name has ("An Overlooked Paradigm in ...") stays whole
     names: list[list[str]] = [[]]
     for token, kind in zip(tokens, kinds):
         current = names[-1]
@@ -527,25 +554,33 @@ def _name_case(token: str) -> str:
 
 def _names_in(text: str) -> list[dict[str, str]]:
     """The person names in one run of author text ("A. Fox, E. Brewer and J. Doe")."""
-    text = _FOOTNOTE_DIGITS_RE.sub("", text.strip())
+    text = _FOOTNOTE_DIGITS_RE.sub("", _EMAIL_RE.sub(" ", text).strip())
     if not text or re.search(r"\d|@|\{|\}|\(|\)|:", text):
         return []
     if ";" in text and "," in text:
-        # "Bonnichsen, Lars Frydendal; Karlsson, Sven": family name first.
+        # "Bonnichsen, Lars Frydendal; Karlsson, Sven": family name first. "Qi Chen, Peking
+        # University; Zhaoguo Wang and Russell Power, New York University": names, affiliation.
         out = []
         for piece in text.split(";"):
+            piece = re.sub(r"\s+(?:and|AND|And|&)\s*$", "", piece)  # "Sachin Katti and" / "Mendel ..."
+            family, _, given = piece.partition(",")
+            if not given.strip() or _ORG_RE.search(given):
+                out.extend(_names_in(family))
+                continue
             if _ORG_RE.search(piece):
                 break
-            family, _, given = piece.partition(",")
             person = _person(given.split() + family.split()) if given.strip() else None
             if person:
                 person = {"given": " ".join(given.split()), "family": " ".join(family.split())}
                 out.append(person)
         return out
     out = []
-    for piece in _NAME_SPLIT_RE.split(text):
+    pieces = _NAME_SPLIT_RE.split(text)
+    for k, piece in enumerate(pieces):
         if _ORG_RE.search(piece):
             break  # an affiliation; what follows it is its place ("University of California, Santa Cruz")
+        if k + 1 < len(pieces) and _PLACE_AFTER_RE.match(pieces[k + 1].strip()):
+            break  # a town before its state or country
         tokens = _tokens(_BY_RE.sub("", re.sub(r"^(?:and|AND|And|&)\s+", "", piece)))
         for run in _split_run(tokens):
             person = _person(run)
@@ -591,12 +626,12 @@ def _running_text(line: PageLine, body: float) -> bool:
     return sum(1 for w in words if w[:1].islower()) >= 0.4 * len(words)
 
 
-def _author_lines(lines: list[PageLine], block: list[int]) -> list[int]:
+def _author_lines(lines: list[PageLine], block: list[int], body: float | None = None) -> list[int]:
     """Indexes of the lines below the title in reading order, up to the abstract or body text."""
     if not block:
         return []
     bottom = min(lines[i].bottom for i in block)
-    body = body_size(lines)
+    body = body_size(lines) if body is None else body
     below = sorted(
         (i for i, ln in enumerate(lines) if i not in block and bottom - _AUTHOR_WINDOW_PT <= ln.top <= bottom + 2),
         key=lambda i: (-round(lines[i].top / 3), lines[i].left),
@@ -616,12 +651,12 @@ def _author_lines(lines: list[PageLine], block: list[int]) -> list[int]:
     return out
 
 
-def _authors_from_lines(lines: list[PageLine], block: list[int]) -> list[dict[str, str]]:
-    """Person names on the lines between the title and the abstract (or the body text)."""
+def _authors_from_lines(lines: list[PageLine], block: list[int], below: list[int] | None = None) -> list[dict[str, str]]:
+    """Person names on the lines between the title and the abstract (`below`, the lines found there)."""
     names: list[dict[str, str]] = []
     seen: set[str] = set()
     size = 0.0  # the authors' font size, from the first line with names
-    for i in _author_lines(lines, block):
+    for i in _author_lines(lines, block) if below is None else below:
         ln = lines[i]
         if size and not _same_size(ln.size, size):
             continue  # affiliation and address lines are set smaller ("Santa Clara", "Palo Alto")
@@ -664,15 +699,20 @@ _DATE_RE = re.compile(
 )
 _VENUE_RE = re.compile(
     r"(?i)\b(?:proceedings|conference|symposium|workshop|journal|jl\.|transactions|magazine|communications"
-    r"|surveys|review|letters|vol\.?|volume|issue|published in|publication date|report)\b[^\n]{0,80}?" + _Y
+    r"|surveys|review|letters|vol\.?|volume|issue|published in|publication date|report|to appear in|appears? in"
+    r"|appeared in|date:)[^\n]{0,80}?" + _Y
 )
 _PAREN_YEAR_RE = re.compile(r"\(" + _Y + r"\)")
 _LONE_YEAR_RE = re.compile(r"^\s*" + _Y + r"\s*$")
 _NOT_THE_PAPERS_DATE_RE = re.compile(
-    r"(?i)\b(?:downloaded|uploaded|retrieved|accessed|printed|last modified|generated)\b|\d{1,2}:\d{2}")
+    r"(?i)\b(?:downloaded|uploaded|retrieved|accessed|printed|last modified|generated|re-?keyed|re-?typed"
+    r"|re-?typeset|transcribed|converted)\b|\d{1,2}:\d{2}")
+# A venue's short year: "Submitted to ML'08", "ICFP '02".
+_SHORT_YEAR_RE = re.compile(r"\b[A-Z][A-Za-z]{1,9}\s?['’](\d\d)\b")
 
 
-def printed_year(lines: list[PageLine] | list[str], info: dict[str, str] | None = None) -> int | None:
+def printed_year(lines: list[PageLine] | list[str], info: dict[str, str] | None = None,
+                 body: float | None = None) -> int | None:
     """The year page 1 dates the paper by, or None when it prints none.
 
     Candidates: the arXiv stamp's date and copyright lines anywhere; dates, venue lines
@@ -683,19 +723,21 @@ def printed_year(lines: list[PageLine] | list[str], info: dict[str, str] | None 
     """
     info = info or {}
     page_lines = [ln if isinstance(ln, PageLine) else PageLine(0.0, 0.0, ln) for ln in lines]
-    body = body_size(page_lines) if any(ln.size for ln in page_lines) else 0.0
+    if body is None:
+        body = body_size(page_lines) if any(ln.size for ln in page_lines) else 0.0
     m = re.match(r"D?:?(\d{4})", info.get("CreationDate") or "")
     # PDF is from 1993: an earlier creation year is a broken clock ("D:19102..." for 2002).
     limit = int(m.group(1)) + 1 if m and 1993 <= int(m.group(1)) < 2100 else 2100
     years: list[int] = []
     for ln in page_lines:
         text = ln.text
-        if not YEAR_RE.search(text) or _NOT_THE_PAPERS_DATE_RE.search(text):
+        if not (YEAR_RE.search(text) or "'" in text or "’" in text) or _NOT_THE_PAPERS_DATE_RE.search(text):
             continue
         found = _ARXIV_STAMP_RE.findall(text) + _COPYRIGHT_RE.findall(text)
         if not _running_text(ln, body):
             found += _DATE_RE.findall(text) + _VENUE_RE.findall(text) + _PAREN_YEAR_RE.findall(text)
             found += _LONE_YEAR_RE.findall(text)
+            found += [str(1900 + int(y) if int(y) > 50 else 2000 + int(y)) for y in _SHORT_YEAR_RE.findall(text)]
         for y in found:
             for value in (y if isinstance(y, tuple) else (y,)):
                 if value and int(value) <= limit:
@@ -728,7 +770,7 @@ def pdf_metadata(
     doc: Any,
     pages: list[str],
     filename: str = "",
-    first_lines: list[PageLine] | None = None,
+    first_lines: PageLines | list[PageLine] | None = None,
 ) -> dict[str, Any]:
     """Title, authors, year, abstract, DOI, arXiv id, language and info dict of an open PDF.
 
@@ -749,8 +791,10 @@ def pdf_metadata(
             lines = _first_page_lines(doc) if len(doc) else []
         except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
             lines = []
-    block = _title_block(lines)
-    people = _authors_from_lines(lines, block)
+    known = isinstance(lines, PageLines) and lines.title_block is not None
+    block = lines.title_block if known else _title_block(lines)
+    body = lines.body if known else body_size(lines)
+    people = _authors_from_lines(lines, block, lines.author_lines if known else None)
     if not people and len(block) > 1:
         # No names under the title: its last line, set in the title's font, may be the author.
         names = _only_names(lines[block[-1]].clean)
@@ -770,7 +814,7 @@ def pdf_metadata(
     doi = doi_m.group(1).rstrip(".,;)]}") if doi_m else None
     arxiv_m = ARXIV_RE.search(head)
     arxiv = arxiv_m.group(1) if arxiv_m else None
-    year = printed_year(lines or first.splitlines(), info)
+    year = printed_year(lines, info, body) if lines else printed_year(first.splitlines(), info)
     if year is None and arxiv and re.match(r"\d{4}\.", arxiv):
         year = 2000 + int(arxiv[:2])
     text_sample = " ".join(p for p in pages[:3])

@@ -1,7 +1,7 @@
 """Scoring extracted paper metadata against a hand-written truth table (title, authors, year, ids).
 
 The truth table is a TSV with columns file, title, family_names (";"-separated, in page order),
-year (empty when page 1 prints none), arxiv_id, doi, split (`tune` or `held_out`) and note.
+year (empty when page 1 prints none), arxiv_id, doi, split (`tune`, `held_out` or `fresh`) and note.
 Plain Python; the caller supplies the extracted metadata, so any extractor can be scored.
 """
 
