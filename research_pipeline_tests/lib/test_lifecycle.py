@@ -286,7 +286,7 @@ def test_removed_replaced_and_quarantined_papers_never_answer_searches(engine, t
         gen = build.build_generation(engine, obj, embedder, gen_id=gen_id)
         return gen, searchers.open_searcher(engine, obj, embedder, gen_id=gen_id)
 
-    gen1, first = reindex("20260101T000000-aaaaaa")
+    _, first = reindex("20260101T000000-aaaaaa")
     probes = {p: _probe(engine, ids[p]) for p in (A, B, C)}
     for p in (A, B, C):
         assert ids[p] in _found(first, probes[p])
