@@ -493,6 +493,7 @@ _PLACE_AFTER_RE = re.compile(
     r"|Rhode Island|South Carolina|South Dakota|Tennessee|Texas|Utah|Vermont|Virginia|Washington"
     r"|West Virginia|Wisconsin|Wyoming|Canada|England|Scotland|United Kingdom|United States)"
     r"(?:\s+\d[\d\-]*)?\.?$")  # the whole piece: "CA 94304", not "Massachusetts Institute of ..."
+_SUFFIX_RE = re.compile(r"^(?:Jr\.?|Sr\.?|II|III|IV)$")
 _NOT_NAME_WORDS = frozenset("and by with of the for in on at to from".split())
 _BY_RE = re.compile(r"^(?:by|BY|By|Prof\.|Professor|Dr\.|Mr\.|Mrs\.|Ms\.)\s+")
 _NAME_SPLIT_RE = re.compile(r"\s*[,;]\s*|\s+(?:and|AND|And)\s+|\s*&\s*")
@@ -531,18 +532,25 @@ def _split_run(tokens: list[str]) -> list[list[str]]:
 
 
 def _person(tokens: list[str]) -> dict[str, str] | None:
-    """{'given', 'family'} for a name's tokens, or None if they do not read as a person's name."""
+    """{'given', 'family'} (and 'suffix': "Jr.") for a name's tokens, or None if they are no person's name."""
     if not 2 <= len(tokens) <= 5:
         return None
+    suffix = tokens[-1] if len(tokens) > 2 and _SUFFIX_RE.match(tokens[-1]) else ""
+    if suffix:
+        tokens = tokens[:-1]
     kinds = [_name_word(t) for t in tokens]
     if None in kinds or kinds[-1] != "word" or kinds[0] == "particle":
         return None
     k = len(tokens) - 1
-    while k > 0 and kinds[k - 1] == "particle":
+    # Particles belong to the family name ("van Renesse"), capitalised ones too after a given
+    # name ("Alfredo De la Fuente").
+    while k > 1 and (kinds[k - 1] == "particle" or tokens[k - 1].lower() in _PARTICLES):
         k -= 1
     given = " ".join(_name_case(t) for t in tokens[:k])
     family = " ".join(_name_case(t) for t in tokens[k:])
-    return {"given": given, "family": family} if given else None
+    if not given:
+        return None
+    return {"given": given, "family": family, "suffix": suffix} if suffix else {"given": given, "family": family}
 
 
 def _name_case(token: str) -> str:
@@ -829,8 +837,8 @@ def pdf_metadata(
     title = clean_str(title) if title else None
     return {
         "title": title or None,
-        "authors": [clean_str(f"{p['given']} {p['family']}") for p in people],
-        "author_names": [{"given": clean_str(p["given"]), "family": clean_str(p["family"])} for p in people],
+        "authors": [clean_str(" ".join(p.values())) for p in people],
+        "author_names": [{k: clean_str(v) for k, v in p.items()} for p in people],
         "year": year,
         "abstract": _abstract(head),
         "doi": doi,
