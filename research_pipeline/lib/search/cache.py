@@ -186,7 +186,7 @@ def cached_search(
 ) -> tuple[list[dict], bool]:
     """Search through the cache and log the query; returns (hits as dicts, cache_hit).
 
-    `gen_id` defaults to the `gen_id` attribute that `generations.open_searcher` sets on the
+    `gen_id` defaults to the `gen_id` attribute that `searchers.open_searcher` sets on the
     Searcher, which is what keeps results of different generations apart.
     """
     gen = gen_id if gen_id is not None else getattr(searcher, "gen_id", None)
