@@ -80,6 +80,9 @@ def test_reindex_job_selection_schedule_and_sensor(location, monkeypatch):
     assert build_nightly_reindex(nightly_cron()).cron_schedule == "30 3 * * 1-5"
     with pytest.raises(ValueError, match="RP_NIGHTLY_CRON"):
         build_nightly_reindex("every night")
+    automation = location.resolve_sensor_def("publish_automation_sensor")
+    assert automation.default_status == dg.DefaultSensorStatus.RUNNING, "gated publishes work out of the box"
+    assert automation.asset_selection.resolve(location.resolve_asset_graph()) == {published_index.key}
     sensor = location.resolve_sensor_def("published_index_sensor")
     assert sensor.job_name == "warm_cache_job"
     assert location.resolve_job_def("warm_cache_job")

@@ -21,6 +21,30 @@ ALL_SHARDS_TAGS = {
 EMBED_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
+def _config_key(embedder: EmbedderResource) -> str:
+    return f"{embedder.model}@{embedder.device}"
+
+
+def recorded_model_id(instance: dg.DagsterInstance, embedder: EmbedderResource) -> str | None:
+    """The model id the latest materialization embedded with, if it used this embedder configuration."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("chunk_embeddings"))
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    if "embedder_config" not in metadata or metadata["embedder_config"].value != _config_key(embedder):
+        return None
+    return str(metadata["model_id"].value)
+
+
+def distinct_texts(engine, shards: list[str]) -> int:  # noqa: ANN001
+    """Distinct chunk texts of the shards (what is cached when nothing is missing)."""
+    import sqlalchemy as sa
+
+    c = store.chunks
+    with engine.connect() as conn:
+        return int(
+            conn.execute(sa.select(sa.func.count(sa.distinct(c.c.content_hash))).where(c.c.shard.in_(shards))).scalar_one()
+        )
+
+
 @dg.asset(
     group_name="embeddings",
     kinds={"pytorch", "sql"},
@@ -47,13 +71,29 @@ def chunk_embeddings(
     have no natural time axis and the shard of a document never changes. One run may cover a
     range of shards (a backfill run of 2, or reindex_job's run of all 16); the metadata is the
     total over the run's shards. This is the only producer of vectors: `vector_index` reads
-    them. Batches are committed as they finish, so a run that crashes (or is cancelled)
+    them. When every chunk text of the shards already has a vector for the model id the last
+    run used with the same model setting, the model is not even loaded. Batches are committed as they finish, so a run that crashes (or is cancelled)
     resumes where it stopped when it is retried or materialized again.
     """
-    from research_pipeline.lib.embed.embeddings import embed_missing
+    from research_pipeline.lib.embed.embeddings import backlog, embed_missing
 
     shards = list(context.partition_keys)
     engine = database.get_engine()
+    known_id = recorded_model_id(context.instance, embedder)
+    if known_id is not None and not any(n for s, n in backlog(engine, known_id).items() if s in shards):
+        # Nothing to embed: the model (seconds of CPU to load) is not loaded at all.
+        context.log.info(f"shards {','.join(shards)}: every chunk text already has a {known_id} vector")
+        cached = distinct_texts(engine, shards)
+        return dg.MaterializeResult(
+            metadata={
+                "shards": dg.MetadataValue.text(",".join(shards)),
+                "embedded": dg.MetadataValue.int(0),
+                "cached": dg.MetadataValue.int(cached),
+                "dagster/row_count": dg.MetadataValue.int(cached),
+                "model_id": dg.MetadataValue.text(known_id),
+                "embedder_config": dg.MetadataValue.text(_config_key(embedder)),
+            }
+        )
     model = embedder.get_embedder()
     context.log.info(f"embedding shards {','.join(shards)} with {model.model_id} (batch size {embedder.batch_size})")
     embedded = cached = 0
@@ -72,6 +112,7 @@ def chunk_embeddings(
         "dagster/row_count": dg.MetadataValue.int(embedded + cached),
         "seconds": dg.MetadataValue.float(round(seconds, 3)),
         "model_id": dg.MetadataValue.text(model.model_id),
+        "embedder_config": dg.MetadataValue.text(_config_key(embedder)),
     }
     # A rate only when something was embedded: 0 chunks/s would plot as a (false) slowdown.
     if embedded and seconds > 0:

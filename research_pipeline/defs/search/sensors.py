@@ -44,3 +44,15 @@ def published_index_sensor(
         run_config=dg.RunConfig(ops={"warm_query_cache": {"config": {"gen_id": gen_id}}}),
         tags={"research_pipeline/gen_id": gen_id},
     )
+
+
+#: Evaluates published_index's automation condition (publish once the gates passed, e.g. after a
+#: gate re-run from the UI). Running by default: Dagster's own automation sensor starts stopped,
+#: so without this the condition would never be evaluated.
+publish_automation_sensor = dg.AutomationConditionSensorDefinition(
+    name="publish_automation_sensor",
+    target=dg.AssetSelection.assets("published_index"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates published_index's automation condition: publishes a candidate whose blocking gates passed.",
+)
