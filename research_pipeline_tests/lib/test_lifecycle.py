@@ -104,9 +104,11 @@ def test_partial_listings_and_other_inboxes_never_retire(engine, tmp_path):
     assert _live(engine) == {util.sha256_file(A), util.sha256_file(C)}
 
 
-def test_records_leave_with_their_line_or_their_file(engine, tmp_path):
-    inbox = tmp_path / "inbox"
-    (inbox / "beir").mkdir(parents=True)
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_records_leave_with_their_line_or_their_file(engine, tmp_path, monkeypatch, relative):
+    (tmp_path / "inbox" / "beir").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    inbox = Path("inbox") if relative else tmp_path / "inbox"  # RP_INBOX may be relative
     corpus = inbox / "beir" / "corpus.jsonl"
     records = [{"_id": f"r{i}", "title": f"Record {i}", "text": f"Text of record number {i}."} for i in range(3)]
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -178,13 +178,12 @@ class FolderSource:
     def covers(self, uri: str, kind: str | None) -> bool:
         """Whether a recorded uri is this inbox's to list: its PDFs, and the records of a
         corpus.jsonl under it that no longer exists (a present one is its JsonlSource's)."""
-        root = path_uri(self.root) + os.sep
-        if not uri.startswith(root):
-            return False
         record_file = _record_file(uri)
         if kind == "record" or (kind is None and record_file):
-            return record_file is not None and not Path(record_file).exists()
-        return True
+            # Record uris keep the corpus path as it was given (perhaps relative).
+            return (record_file is not None and not os.path.exists(record_file)
+                    and (path_uri(os.path.abspath(record_file)) + os.sep).startswith(path_uri(self.root) + os.sep))
+        return uri.startswith(path_uri(self.root) + os.sep)
 
     def _problem(self, shown: Path, reason: str, message: str) -> SourceItem:
         return SourceItem(uri=path_uri(shown), kind="pdf", size=None, mtime=None, problem=reason,
