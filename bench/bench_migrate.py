@@ -2,7 +2,7 @@
 
 The source is a SQLite database of >= 100k chunks with embeddings: real passages (SciFact and
 Cranfield abstracts from the shared data, cut into chunk-sized pieces) and random unit vectors
-of the model's dimension. The pipeline (`migrate.migrate_rows` over all 16 shards: read,
+of the model's dimension. The pipeline (`rows.migrate_rows` over all 16 shards: read,
 canonical digests, COPY, read-back verification, state) and the raw primitive (psycopg COPY
 of the same rows, already in memory, into an empty copy of the schema) run in the same process
 on the same data, each into a fresh database.
@@ -24,7 +24,17 @@ import numpy as np
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.migration.codec import RowCodec
+from research_pipeline.lib.migration.endpoints import (
+    MigrationSource,
+    MigrationTarget,
+    open_source_engine,
+    open_target_engine,
+    prepare_target,
+)
+from research_pipeline.lib.migration.rows import migrate_rows
+from research_pipeline.lib.migration.tables import TABLE_SPECS
+from research_pipeline.lib.migration.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -100,17 +110,20 @@ def _drop_db(url: str) -> None:
     admin.dispose()
 
 
-_ENGINES: dict[tuple[str, str], tuple[sa.Engine, sa.Engine]] = {}
+_ENDPOINTS: dict[tuple[str, str], tuple[MigrationSource, MigrationTarget]] = {}
 
 
 def _migrate_shard(source_url: str, target_url: str, shard: str | None) -> dict:
     """migrate_rows of one shard in this worker process (engines opened once per process);
     `shard=None` only opens them, so the timed run does not pay for imports and connects."""
-    if (source_url, target_url) not in _ENGINES:
-        source = migrate.open_source_engine(source_url)
-        _ENGINES[(source_url, target_url)] = (source, migrate.open_target_engine(target_url, source_url))
-    source, target = _ENGINES[(source_url, target_url)]
-    return migrate.migrate_rows(source, target, shard) if shard else {}
+    if (source_url, target_url) not in _ENDPOINTS:
+        target = MigrationTarget(open_target_engine(target_url, source_url))
+        _ENDPOINTS[(source_url, target_url)] = (MigrationSource.open(source_url), target)
+    source, target = _ENDPOINTS[(source_url, target_url)]
+    if not shard:
+        return {}
+    result = migrate_rows(source, target, shard)
+    return {"rows": result.rows, "bytes": result.bytes}
 
 
 def run_pipeline(source_url: str, workers: int, processes: bool = True) -> dict:
@@ -118,19 +131,19 @@ def run_pipeline(source_url: str, workers: int, processes: bool = True) -> dict:
     backfill's partition runs are, or in threads of this process."""
     url = _new_db("pipeline")
     try:
-        source = migrate.open_source_engine(source_url)
-        target = migrate.open_target_engine(url, source_url)
-        migrate.prepare_target(target)
+        source = MigrationSource.open(source_url)
+        target = MigrationTarget(open_target_engine(url, source_url))
+        prepare_target(target.engine)
         pool_type = ProcessPoolExecutor if processes else ThreadPoolExecutor
         with pool_type(max_workers=workers) as pool:
             list(pool.map(_migrate_shard, [source_url] * workers, [url] * workers, [None] * workers))
             t0 = time.perf_counter()
             results = list(pool.map(_migrate_shard, [source_url] * 16, [url] * 16, store.SHARDS))
             seconds = time.perf_counter() - t0
-        report = migrate.verify(source, target, None, None)
+        report = verify(source, target)
         assert report.ok, report.summary()
-        source.dispose()
-        target.dispose()
+        source.engine.dispose()
+        target.engine.dispose()
         return {"rows": sum(r["rows"] for r in results), "bytes": sum(r["bytes"] for r in results), "seconds": seconds}
     finally:
         _drop_db(url)
@@ -140,12 +153,12 @@ def run_raw(source_url: str) -> dict:
     """psycopg COPY of the same rows (read into memory first, not timed) into an empty schema."""
     url = _new_db("raw")
     try:
-        source = migrate.open_source_engine(source_url)
+        source = open_source_engine(source_url)
         tables = {}
         with source.connect() as conn:
-            for spec in migrate.TABLE_SPECS:
-                codec = migrate.RowCodec(spec.table)
-                tables[spec.name] = [codec.to_pg(r) for r in conn.execute(sa.select(spec.table)).all()]
+            for spec in TABLE_SPECS:
+                codec = RowCodec(spec)
+                tables[spec.name] = [codec.to_pg(codec.clean(r)) for r in conn.execute(sa.select(spec.table)).all()]
         source.dispose()
         target = store.make_engine(url)
         store.create_schema(target)

@@ -7,6 +7,8 @@ injected into the real HTTP client with a botocore `before-send` hook.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import random
 import uuid
 
@@ -34,8 +36,20 @@ from research_pipeline.defs.resources import (
     ObjectStoreResource,
 )
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.core.objectstore import S3ObjectStore
-from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.core.objectstore import LocalObjectStore, S3ObjectStore
+from research_pipeline.lib.migration import s3 as s3_module
+from research_pipeline.lib.migration.cutover import CUTOVER_KEY, cutover, republish
+from research_pipeline.lib.migration.endpoints import (
+    MigrationSource,
+    MigrationTarget,
+    open_target_engine,
+)
+from research_pipeline.lib.migration.errors import MigrationError
+from research_pipeline.lib.migration.objects import migrate_objects
+from research_pipeline.lib.migration.report import MigrationNotVerified
+from research_pipeline.lib.migration.rows import migrate_rows
+from research_pipeline.lib.migration.tables import TABLE_SPECS
+from research_pipeline.lib.migration.verify import verify
 from research_pipeline.lib.release import searchers
 from research_pipeline_tests.conftest import (
     DEMO_PAPERS,
@@ -96,19 +110,23 @@ def bucket() -> str:
     return f"rp-migration-{uuid.uuid4().hex[:10]}"
 
 
-def _migrate_everything(demo, src, target, s3, bucket: str) -> tuple[int, int]:  # noqa: ANN001
+def _target(engine, s3, bucket: str, prefix: str = "rp") -> MigrationTarget:  # noqa: ANN001
+    return MigrationTarget(engine, s3, bucket, prefix)
+
+
+def _migrate_everything(source: MigrationSource, target: MigrationTarget) -> tuple[int, int]:
     rows = sent = 0
     for shard in store.SHARDS:
-        rows += migrate.migrate_rows(src, target, shard)["rows"]
-        sent += migrate.migrate_objects(src, demo.store, s3, bucket, "rp", target, shard)["bytes"]
+        rows += migrate_rows(source, target, shard).rows
+        sent += migrate_objects(source, target, shard).bytes
     return rows, sent
 
 
 @pytest.fixture
 def source(demo_source):
-    engine = migrate.open_source_engine(demo_source.url)
-    yield engine
-    engine.dispose()
+    src = MigrationSource.open(demo_source.url, demo_source.store, demo_source.inbox)
+    yield src
+    src.engine.dispose()
 
 
 def _rerun_on_s3_errors(fn, runs: int = 5):  # noqa: ANN001, ANN202
@@ -129,23 +147,22 @@ def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
     demo_source, source, target_url, bucket, s3_endpoint, embedder
 ):
     faults = Faults(share=0.3, seed=11)
-    target = migrate.open_target_engine(target_url, demo_source.url)
+    engine = open_target_engine(target_url, demo_source.url)
     # With 30% of calls failing, botocore's retry quota runs dry and a shard can still fail
     # after the pipeline's own retries; the job is then run again (Dagster's retry policy, or
     # the user), with a fresh client, and resumes where it stopped.
     _, runs = _rerun_on_s3_errors(
-        lambda: _migrate_everything(demo_source, source, target, faults.attach(_client(s3_endpoint)), bucket)
+        lambda: _migrate_everything(source, _target(engine, faults.attach(_client(s3_endpoint)), bucket))
     )
     assert faults.injected > 0, "the fault hook never fired"
 
     report, _ = _rerun_on_s3_errors(
-        lambda: migrate.verify(source, target, demo_source.store, faults.attach(_client(s3_endpoint)), bucket, "rp",
-                               deep=True)
+        lambda: verify(source, _target(engine, faults.attach(_client(s3_endpoint)), bucket), deep=True)
     )
     assert report.ok, report.summary()
     print(f"{faults.injected} of {faults.calls} S3 calls failed; migrated in {runs} run(s)")
     with demo_source.engine.connect() as conn:
-        total = sum(conn.execute(sa.select(sa.func.count()).select_from(t.table)).scalar_one() for t in migrate.TABLE_SPECS)
+        total = sum(conn.execute(sa.select(sa.func.count()).select_from(t.table)).scalar_one() for t in TABLE_SPECS)
     assert report.rows == total
 
     s3_store = S3ObjectStore(bucket, "rp", client=_client(s3_endpoint))
@@ -155,13 +172,13 @@ def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
     assert {f"papers/{d}.pdf" for d in doc_ids} <= keys
     assert set(demo_source.store.list("indexes/")) <= keys
 
-    republished = migrate.republish(target, s3_store)
+    republished = republish(_target(engine, _client(s3_endpoint), bucket))
     live = store.live_generation(demo_source.engine)
-    assert republished["live_generation"] == live["gen_id"]
-    assert republished["vectors"] == live["n_vectors"]
+    assert republished.live_generation == live["gen_id"]
+    assert republished.vectors == live["n_vectors"]
 
     before = searchers.open_searcher(demo_source.engine, demo_source.store, embedder)
-    after = searchers.open_searcher(target, s3_store, embedder)
+    after = searchers.open_searcher(engine, s3_store, embedder)
     assert after.gen_id == before.gen_id
     assert demo_source.queries
     # Same vectors and FAISS files; the same analyzed terms and BM25 on FTS5 and PostgreSQL:
@@ -171,28 +188,48 @@ def test_migrated_deployment_verifies_under_faults_and_searches_the_same(
         assert all(want), f"{mode}: a demo query found nothing on the source"
         assert got == want, mode
 
-    rows, sent = _migrate_everything(demo_source, source, target, _client(s3_endpoint), bucket)
+    rows, sent = _migrate_everything(source, _target(engine, _client(s3_endpoint), bucket))
     assert (rows, sent) == (0, 0), "a second run must copy nothing"
-    target.dispose()
+    engine.dispose()
+
+
+def _same_size_other_bytes(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data[:64]) + data[64:]
 
 
 def test_tampered_target_is_named_and_the_cutover_refused(demo_source, source, target_url, bucket, s3_endpoint):
     s3 = _client(s3_endpoint)
-    target = migrate.open_target_engine(target_url, demo_source.url)
-    _migrate_everything(demo_source, source, target, s3, bucket)
-    with target.begin() as conn:
+    engine = open_target_engine(target_url, demo_source.url)
+    target = _target(engine, s3, bucket)
+    _migrate_everything(source, target)
+    with engine.begin() as conn:
         chunk_id = conn.execute(sa.select(store.chunks.c.chunk_id).order_by(store.chunks.c.chunk_id).limit(1)).scalar_one()
         conn.execute(sa.update(store.chunks).where(store.chunks.c.chunk_id == chunk_id).values(n_tokens=-1))
     index_key = sorted(demo_source.store.list("indexes/"))[0]
     s3.delete_object(Bucket=bucket, Key=f"rp/{index_key}")
+    # Two papers overwritten behind the migration's back: other bytes of the same size under the
+    # same sha256 tag, one with S3 computing its own SHA256, one without (S3 keeps another checksum).
+    papers = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="rp/papers/")["Contents"])[:2]
+    for key, checksum in zip(papers, ({"ChecksumAlgorithm": "SHA256"}, {})):
+        stored = s3.get_object(Bucket=bucket, Key=key)
+        tag = stored["Metadata"]["sha256"]
+        s3.put_object(Bucket=bucket, Key=key, Body=_same_size_other_bytes(stored["Body"].read()),
+                      Metadata={"sha256": tag}, **checksum)
+    checksummed, unchecksummed = (k.removeprefix("rp/") for k in papers)
 
-    with pytest.raises(migrate.MigrationNotVerified) as err:
-        migrate.cutover(source, target, demo_source.store, s3, bucket, "rp")
-    found = {(d.kind, d.key, d.problem) for d in err.value.report.differences}
-    assert found == {("row", chunk_id, "differs from source"), ("object", index_key, "missing on target")}
-    assert chunk_id in str(err.value) and index_key in str(err.value)
-    assert migrate._head(s3, bucket, f"rp/{migrate.CUTOVER_KEY}") is None
-    target.dispose()
+    with pytest.raises(MigrationNotVerified) as err:
+        cutover(source, target)
+    found = {(d.kind, d.key): d.problem for d in err.value.report.differences}
+    assert set(found) == {("row", chunk_id), ("object", index_key), ("object", checksummed),
+                          ("object", unchecksummed)}
+    assert found[("row", chunk_id)] == "differs from source"
+    assert found[("object", index_key)] == "missing on target"
+    assert "S3's SHA256 checksum" in found[("object", checksummed)]
+    assert "bytes read back" in found[("object", unchecksummed)]
+    for key in (chunk_id, index_key, checksummed, unchecksummed):
+        assert key in str(err.value)
+    assert s3_module.head(target, CUTOVER_KEY) is None
+    engine.dispose()
 
 
 #: Shared by every client FlakyS3 makes, so the failures are spread over step attempts.
@@ -247,10 +284,11 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
                          run_config={"ops": {"migrated_rows": {"config": {"dry_run": True}}}})
     assert dry.success
     assert not dry.asset_materializations_for_node("migrated_rows")
-    target = migrate.open_target_engine(target_url, demo_source.url)
-    assert not sa.inspect(target).get_table_names(), "a dry run must not create anything on the target"
+    engine = open_target_engine(target_url, demo_source.url)
+    assert not sa.inspect(engine).get_table_names(), "a dry run must not create anything on the target"
 
     s3 = _client(s3_endpoint)
+    target = _target(engine, s3, bucket)
     dagster_shards = ["0", "1"]
     for shard in dagster_shards:
         # More failing calls in a row than botocore's attempts: the first step attempt fails.
@@ -265,8 +303,8 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
             assert _KILLED == [True] and "migrated_rows" in retried, "the killed backend should force a retry"
     for shard in store.SHARDS:
         if shard not in dagster_shards:
-            migrate.migrate_rows(source, target, shard)
-            migrate.migrate_objects(source, demo_source.store, s3, bucket, "rp", target, shard)
+            migrate_rows(source, target, shard)
+            migrate_objects(source, target, shard)
 
     resources["migration_s3"] = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
     done = dg.materialize([migration, migration_cutover, migration_verified], resources=resources, instance=instance)
@@ -274,23 +312,26 @@ def test_dagster_partitions_check_and_cutover(demo_source, source, target_url, b
     (check,) = done.get_asset_check_evaluations()
     assert check.passed
     assert done.asset_materializations_for_node("migration_cutover")
-    assert migrate._head(s3, bucket, f"rp/{migrate.CUTOVER_KEY}") is not None
+    assert s3_module.head(target, CUTOVER_KEY) is not None
 
+    # Other bytes of the same size under the same tag: only what S3 itself stored tells.
     paper = s3.list_objects_v2(Bucket=bucket, Prefix="rp/papers/")["Contents"][0]["Key"]
-    s3.delete_object(Bucket=bucket, Key=paper)
+    stored = s3.get_object(Bucket=bucket, Key=paper)
+    s3.put_object(Bucket=bucket, Key=paper, Body=_same_size_other_bytes(stored["Body"].read()),
+                  Metadata=stored["Metadata"], ChecksumAlgorithm="SHA256")
     refused = dg.materialize([migration, migration_cutover, migration_verified], resources=resources,
                              instance=instance, raise_on_error=False)
     (check,) = refused.get_asset_check_evaluations()
     assert not check.passed
     assert paper.removeprefix("rp/") in check.description
     assert not refused.asset_materializations_for_node("migration_cutover")
-    target.dispose()
+    engine.dispose()
 
 
 def test_production_instance_keeps_runs_in_postgresql(tmp_path, monkeypatch, pg_server):
     url = sa.engine.make_url(make_pg_database("rp_dagster"))
     try:
-        for var, value in (("HOST", url.host), ("USER", url.username), ("PASSWORD", url.password or "trust"),
+        for var, value in (("HOST", url.host), ("USERNAME", url.username), ("PASSWORD", url.password or "trust"),
                            ("DB", url.database)):
             monkeypatch.setenv(f"DAGSTER_PG_{var}", value)
         (tmp_path / "dagster.yaml").write_text((REPO / "deploy" / "dagster.prod.yaml").read_text())
@@ -344,25 +385,60 @@ def test_papers_gone_or_changed_since_ingest_are_named_and_the_rest_uploaded(tmp
     gone.unlink()
     changed.write_bytes(changed.read_bytes() + b"%% edited after ingest\n")
 
-    source = migrate.open_source_engine(url)
-    target = migrate.open_target_engine(target_url, url)
-    s3 = _client(s3_endpoint)
+    source = MigrationSource.open(url, _NoIndexes(), inbox)
+    target = _target(open_target_engine(target_url, url), _client(s3_endpoint), bucket, "")
+    s3 = target.s3
     problems = []
     for shard in store.SHARDS:
         try:
-            migrate.migrate_objects(source, _NoIndexes(), s3, bucket, "", target, shard, inbox=inbox)
-        except migrate.MigrationError as exc:
+            migrate_objects(source, target, shard)
+        except MigrationError as exc:
             problems.append(str(exc))
     text = " ".join(problems)
     assert len(problems) == len({gone_id[0], changed_id[0]})
     assert f"papers/{gone_id}.pdf" in text and f"{gone} is gone" in text
     assert f"papers/{changed_id}.pdf" in text and f"{changed} changed since it was ingested" in text
-    head = s3.head_object(Bucket=bucket, Key=f"papers/{good}.pdf")
-    assert head["Metadata"]["sha256"] == good
-    report = migrate.verify(source, target, _NoIndexes(), s3, bucket, "", inbox=inbox)
+    # S3's own SHA256 of the bytes it received is the paper's doc_id.
+    head = s3.head_object(Bucket=bucket, Key=f"papers/{good}.pdf", ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == good
+    report = verify(source, target)
     assert {d.key for d in report.differences if d.kind == "object"} == {f"papers/{gone_id}.pdf", f"papers/{changed_id}.pdf"}
-    source.dispose()
-    target.dispose()
+    source.engine.dispose()
+    target.engine.dispose()
+
+
+def test_multipart_objects_are_checked_by_the_composite_checksum(tmp_path, target_url, bucket, s3_endpoint,
+                                                                monkeypatch):
+    """A file above the part size goes up in parts; S3's checksum is then the composite of the
+    parts' digests, recomputed from the source file, and other bytes under it are named."""
+    monkeypatch.setattr(s3_module, "PART_SIZE", 5 << 20)  # S3's smallest part, to keep the file small
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    store.create_schema(store.make_engine(url))
+    objects = LocalObjectStore(tmp_path / "objects")
+    big = random.Random(5).randbytes((11 << 20) + 123)
+    objects.put_bytes("indexes/g1/vectors.faiss", big)
+    objects.put_bytes("indexes/g1/manifest.json", b'{"files": 1}')
+    source = MigrationSource.open(url, objects)
+    target = _target(open_target_engine(target_url, url), _client(s3_endpoint), bucket)
+    for shard in store.SHARDS:
+        migrate_rows(source, target, shard)
+        migrate_objects(source, target, shard)
+    report = verify(source, target)
+    assert report.ok and report.objects == 2, report.summary()
+    stored = s3_module.head(target, "indexes/g1/vectors.faiss")["ChecksumSHA256"]
+    whole = hashlib.sha256(big).digest()
+    assert base64.b64decode(stored.split("-")[0]) != whole, "the object should have gone up in parts"
+
+    other = tmp_path / "other.bin"
+    other.write_bytes(_same_size_other_bytes(big))
+    target.s3.upload_file(str(other), bucket, target.key("indexes/g1/vectors.faiss"),
+                          ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=s3_module.transfer_config())
+    report = verify(source, target)
+    assert [(d.key, "S3's SHA256 checksum" in d.problem) for d in report.differences] == [
+        ("indexes/g1/vectors.faiss", True)
+    ]
+    source.engine.dispose()
+    target.engine.dispose()
 
 
 class _NoIndexes:
@@ -372,3 +448,29 @@ class _NoIndexes:
 
     def list(self, prefix: str = ""):
         return iter(())
+
+
+def test_index_files_from_a_bucket_store_are_copied_and_checked(tmp_path, target_url, bucket, s3_endpoint):
+    """A source whose object store is itself a bucket (no local files): bytes are read from it,
+    uploaded with S3 checksums, and a copy changed afterwards is named."""
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    store.create_schema(store.make_engine(url))
+    client = _client(s3_endpoint)
+    client.create_bucket(Bucket=f"{bucket}-src")
+    objects = S3ObjectStore(f"{bucket}-src", "old", client=client)
+    payload = random.Random(9).randbytes(70_000)
+    objects.put_bytes("indexes/g2/vectors.faiss", payload)
+    source = MigrationSource.open(url, objects)
+    target = _target(open_target_engine(target_url, url), client, bucket)
+    for shard in store.SHARDS:
+        migrate_rows(source, target, shard)
+        migrate_objects(source, target, shard)
+    assert verify(source, target).ok
+    head = s3_module.head(target, "indexes/g2/vectors.faiss")
+    assert base64.b64decode(head["ChecksumSHA256"]) == hashlib.sha256(payload).digest()
+
+    client.put_object(Bucket=bucket, Key=target.key("indexes/g2/vectors.faiss"),
+                      Body=_same_size_other_bytes(payload), ChecksumAlgorithm="SHA256")
+    assert [d.key for d in verify(source, target).differences] == ["indexes/g2/vectors.faiss"]
+    source.engine.dispose()
+    target.engine.dispose()

@@ -1,22 +1,29 @@
 """The migration assets: shards of rows and files copied to PostgreSQL + S3, the republished
 target, and the cutover record."""
 
-
+from dataclasses import asdict
 from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from research_pipeline.defs.embeddings.assets import shard_partitions
-from research_pipeline.defs.migration.resources import MigrationTargetResource
+from research_pipeline.defs.migration.resources import (
+    MigrationTargetResource,
+    migration_endpoints,
+)
 from research_pipeline.defs.resources import (
     DatabaseResource,
     InboxResource,
     ObjectStoreResource,
 )
-from research_pipeline.lib.core import store
-from research_pipeline.lib.core.objectstore import S3ObjectStore
-from research_pipeline.lib.migration import migrate
+from research_pipeline.lib.migration.cutover import cutover, republish
+from research_pipeline.lib.migration.objects import migrate_objects
+from research_pipeline.lib.migration.plan import dry_run
+from research_pipeline.lib.migration.report import MigrationNotVerified
+from research_pipeline.lib.migration.rows import migrate_rows
+from research_pipeline.lib.migration.state import is_verified, migration_states
+from research_pipeline.lib.migration.tables import expected_states
 
 #: Transient failures (a dropped connection, S3 throttling beyond botocore's own retries) are
 #: retried with growing pauses; each retry resumes from what is already verified.
@@ -32,30 +39,30 @@ class MigrationConfig(dg.Config):
     batch_rows: int = 5000  # rows per COPY batch / read batch
 
 
-def _source(database: DatabaseResource):
-    # Read-only engine on the original path (never DatabaseResource.get_engine, which writes).
-    return migrate.open_source_engine(database.url)
-
-
-def _plan_metadata(plan: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "rows": dg.MetadataValue.int(int(plan["rows"])),
-        "row_bytes": dg.MetadataValue.int(int(plan["bytes"])),
-        "objects": dg.MetadataValue.int(int(plan["objects"])),
-        "object_bytes": dg.MetadataValue.int(int(plan["object_bytes"])),
-        "estimated_seconds": dg.MetadataValue.float(float(plan["estimated_seconds"])),
-        "tables": dg.MetadataValue.json(plan["tables"]),
-    }
+def as_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    """Plain result values as metadata the UI can plot (numbers) or show (text, tables)."""
+    out: dict[str, dg.MetadataValue] = {}
+    for name, value in values.items():
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            out[name] = dg.MetadataValue.text("" if value is None else str(value))
+        elif isinstance(value, int):
+            out[name] = dg.MetadataValue.int(value)
+        elif isinstance(value, float):
+            out[name] = dg.MetadataValue.float(value)
+        else:
+            out[name] = dg.MetadataValue.json(value)
+    return out
 
 
 def _dry_run(context: dg.AssetExecutionContext, database: DatabaseResource, object_store: ObjectStoreResource,
              inbox: InboxResource, migration_target: MigrationTargetResource) -> dg.AssetObservation:
-    source = _source(database)
-    target = migration_target.get_engine(database.url) if migration_target.database_url else None
-    plan = migrate.dry_run(source, object_store.get_store(), [context.partition_key], target, inbox.get_path())
-    context.log.info(f"dry run of shard {context.partition_key}: {store.dumps(plan)}")
+    with migration_endpoints(database, object_store, inbox, migration_target, require_target=False) as (src, tgt):
+        plan = dry_run(src, [context.partition_key], tgt)
+    values = {**asdict(plan), "estimated_seconds": plan.estimated_seconds}
+    context.log.info(f"dry run of shard {context.partition_key}: {values}")
+    values["row_bytes"] = values.pop("bytes")
     return dg.AssetObservation(asset_key=context.asset_key, partition=context.partition_key,
-                               metadata={"dry_run": True, **_plan_metadata(plan)})
+                               metadata={"dry_run": True, **as_metadata(values)})
 
 
 @dg.asset(
@@ -84,24 +91,9 @@ def migrated_rows(
     if config.dry_run:
         yield _dry_run(context, database, object_store, inbox, migration_target)
         return
-    stats = migrate.migrate_rows(
-        _source(database),
-        migration_target.get_engine(database.url),
-        context.partition_key,
-        force=config.force,
-        batch_rows=config.batch_rows,
-        log=context.log.info,
-    )
-    yield dg.MaterializeResult(
-        metadata={
-            "rows": dg.MetadataValue.int(int(stats["rows"])),
-            "bytes": dg.MetadataValue.int(int(stats["bytes"])),
-            "tables_skipped": dg.MetadataValue.int(int(stats["tables_skipped"])),
-            "rows_per_s": dg.MetadataValue.float(float(stats["rows_per_s"])),
-            "seconds": dg.MetadataValue.float(float(stats["seconds"])),
-            "tables": dg.MetadataValue.json(stats["tables"]),
-        }
-    )
+    with migration_endpoints(database, object_store, inbox, migration_target) as (source, target):
+        result = migrate_rows(source, target, context.partition_key, force=config.force, batch_rows=config.batch_rows)
+    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), "rows_per_s": result.rows_per_s}))
 
 
 @dg.asset(
@@ -121,34 +113,15 @@ def migrated_objects(
     migration_target: MigrationTargetResource,
     migration_s3: S3Resource,
 ):
-    """The files of one shard in the target S3 bucket, verified by size and sha256: the
-    original PDFs (`papers/<doc_id>.pdf`) and the index files (`indexes/...`, same keys as in
-    the local object store, so index manifests resolve unchanged)."""
+    """The files of one shard in the target S3 bucket, each checked by size and S3's own SHA256
+    checksum of what it stored: the original PDFs (`papers/<doc_id>.pdf`) and the index files
+    (`indexes/...`, same keys as in the local object store, so index manifests resolve unchanged)."""
     if config.dry_run:
         yield _dry_run(context, database, object_store, inbox, migration_target)
         return
-    stats = migrate.migrate_objects(
-        _source(database),
-        object_store.get_store(),
-        migration_s3.get_client(),
-        migration_target.get_bucket(),
-        migration_target.prefix,
-        migration_target.get_engine(database.url),
-        context.partition_key,
-        force=config.force,
-        workers=config.workers,
-        log=context.log.info,
-        inbox=inbox.get_path(),
-    )
-    yield dg.MaterializeResult(
-        metadata={
-            "objects": dg.MetadataValue.int(int(stats["objects"])),
-            "objects_skipped": dg.MetadataValue.int(int(stats["objects_skipped"])),
-            "bytes": dg.MetadataValue.int(int(stats["bytes"])),
-            "mb_per_s": dg.MetadataValue.float(float(stats["mb_per_s"])),
-            "seconds": dg.MetadataValue.float(float(stats["seconds"])),
-        }
-    )
+    with migration_endpoints(database, object_store, inbox, migration_target, migration_s3) as (source, target):
+        result = migrate_objects(source, target, context.partition_key, force=config.force, workers=config.workers)
+    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), "mb_per_s": result.mb_per_s}))
 
 
 @dg.asset(
@@ -158,7 +131,6 @@ def migrated_objects(
     retry_policy=MIGRATION_RETRY,
 )
 def migration(
-    context: dg.AssetExecutionContext,
     database: DatabaseResource,
     migration_target: MigrationTargetResource,
     migration_s3: S3Resource,
@@ -166,11 +138,9 @@ def migration(
     """The migrated deployment: all 16 shards of rows and files on PostgreSQL + S3, with the
     live index generation republished there (vector manifest loaded from S3, full-text table
     rebuilt on PostgreSQL)."""
-    target = migration_target.get_engine(database.url)
-    states = migrate.migration_states(target)
-    missing = sorted(
-        {shard for name, shard in migrate.expected_states() if states.get((name, shard), {}).get("state") != "verified"}
-    )
+    target = migration_target.get_target(database.url, migration_s3)
+    states = migration_states(target.engine)
+    missing = sorted({shard for name, shard in expected_states() if not is_verified(states, name, shard)})
     if missing:
         raise dg.Failure(
             description=(
@@ -179,16 +149,8 @@ def migration(
             ),
             allow_retries=False,
         )
-    target_store = S3ObjectStore(migration_target.get_bucket(), migration_target.prefix, client=migration_s3.get_client())
-    result = migrate.republish(target, target_store, log=context.log.info)
-    return dg.MaterializeResult(
-        metadata={
-            "live_generation": dg.MetadataValue.text(result["live_generation"] or ""),
-            "fts_rows": dg.MetadataValue.int(int(result["fts_rows"])),
-            "vectors": dg.MetadataValue.int(int(result["vectors"])),
-            "object_store": dg.MetadataValue.text(migration_target.object_store_url()),
-        }
-    )
+    result = republish(target)
+    return dg.MaterializeResult(metadata=as_metadata({**asdict(result), "object_store": target.object_store_url}))
 
 
 @dg.asset(group_name="migration", kinds={"s3"}, deps=[migration])
@@ -203,29 +165,15 @@ def migration_cutover(
     """The cutover record (`migration/cutover.json` in the bucket): written only after a full
     verification finds the target equal to the source, and refused, naming what differs, when
     anything does. After it, point RP_DATABASE_URL and RP_OBJECT_STORE_URL at the target."""
-    try:
-        record = migrate.cutover(
-            _source(database),
-            migration_target.get_engine(database.url),
-            object_store.get_store(),
-            migration_s3.get_client(),
-            migration_target.get_bucket(),
-            migration_target.prefix,
-            log=context.log.info,
-            inbox=inbox.get_path(),
-        )
-    except migrate.MigrationNotVerified as exc:
-        raise dg.Failure(description=f"cutover refused: {exc}", allow_retries=False) from exc
+    with migration_endpoints(database, object_store, inbox, migration_target, migration_s3) as (source, target):
+        try:
+            record = cutover(source, target)
+        except MigrationNotVerified as exc:
+            raise dg.Failure(description=f"cutover refused: {exc}", allow_retries=False) from exc
     context.log.info(
         "cutover verified: set RP_DATABASE_URL=<the target URL> and "
-        f"RP_OBJECT_STORE_URL={record['object_store']} for the code location"
+        f"RP_OBJECT_STORE_URL={record.object_store} for the code location"
     )
-    return dg.MaterializeResult(
-        metadata={
-            "rows": dg.MetadataValue.int(int(record["rows"])),
-            "objects": dg.MetadataValue.int(int(record["objects"])),
-            "verify_seconds": dg.MetadataValue.float(float(record["seconds"])),
-            "target_database": dg.MetadataValue.text(record["target_database"]),
-            "object_store": dg.MetadataValue.text(record["object_store"]),
-        }
-    )
+    values = asdict(record)
+    values["verify_seconds"] = values.pop("seconds")
+    return dg.MaterializeResult(metadata=as_metadata(values))
