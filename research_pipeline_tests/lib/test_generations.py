@@ -6,6 +6,7 @@ model) into SQLite; each test copies those rows into a fresh SQLite or PostgreSQ
 
 import fcntl
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -270,7 +271,7 @@ def test_gate_results_are_recorded_on_the_generation(env, embedder):
     assert checks["freshness"]["blocking"] is False
 
 
-def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder):
+def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder, caplog):
     """fts_index and vector_index run as parallel steps of one run: whichever finishes last promotes it."""
     engine, obj = env
     started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -300,6 +301,9 @@ def test_halves_built_in_parallel_make_one_candidate(env, corpus, embedder):
     assert gen["status"] is registry.GenerationStatus.CANDIDATE
     assert gen["model_id"] == embedder.model_id
     assert gen["n_fts_rows"] == gen["n_vectors"] == len(corpus["chunks"])
-    # A step retried within the run rebuilds its half of the same candidate.
-    build.build_fts_part(engine, gen_id)
+    # A step retried within the run rebuilds its half of the same candidate, and says so on the
+    # module's logger (which Dagster captures as the step's log).
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        build.build_fts_part(engine, gen_id)
+    assert f"generation {gen_id}: full-text table {registry.fts_table_name(gen_id)} has" in caplog.text
     assert registry.get_generation(engine, gen_id)["status"] == "candidate"
