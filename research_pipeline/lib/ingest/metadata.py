@@ -25,7 +25,8 @@ ARXIV_RE = re.compile(
 )
 YEAR_RE = re.compile(r"(?<!\d)(19[0-9]{2}|20[0-4][0-9])(?!\d)")
 _JUNK_TITLES = re.compile(
-    r"^(untitled|title|microsoft word|doi|paper|document|slide|proceedings template|\s*$)|\.(docx?|tex|dvi|pdf|ps|indd)\b|^[\w\-]+$",
+    r"^(untitled|title|microsoft word|doi|paper|document|slide|proceedings template|\s*$)"
+    r"|\.(docx?|tex|dvi|pdf|ps|indd)\b|^[\w\-]+$",
     re.IGNORECASE,
 )
 _ABSTRACT_RE = re.compile(r"(?im)^\s*(abstract|summary|a b s t r a c t|摘\s*要)\s*[:.\-—]?\s*")
@@ -173,9 +174,10 @@ def first_page_lines(textpage: Any) -> PageLines:
     `textpage` is page 1's open pypdfium2 text page: the parser passes the one it extracts the
     page's text from, so page 1 is loaded once. A line's size is the nominal font size times
     the text matrix's vertical scale (nominal sizes are 1.0 for fonts scaled by the matrix),
-    the median of three glyphs spread along the line (one for a long line); where that is not a size (Type 3 fonts
-    scale by their own matrix) the loose glyph box height stands in. The lines of the title
-    and of the block below it are also rebuilt glyph by glyph (`PageLine.parts`).
+    the median of three glyphs spread along the line (one for a long line); where that is no
+    size (Type 3 fonts scale by their own matrix) the loose glyph box height stands in. The
+    title's lines and the lines below it up to the abstract are also rebuilt glyph by glyph
+    (`PageLine.parts`), and what was found is kept on the returned `PageLines`.
     """
     import ctypes
 
@@ -245,6 +247,7 @@ def first_page_lines(textpage: Any) -> PageLines:
 
 
 def _boxed(textpage: Any, line: PageLine, span: tuple[int, int], rect: Any, rect_ref: Any, pdfium_c: Any) -> PageLine:
+    """`line` with its size read from loose glyph box heights (the median of its first 12)."""
     heights = []
     for k in range(span[0], min(span[1], span[0] + 12)):
         if pdfium_c.FPDFText_GetLooseCharBox(textpage, k, rect_ref) and rect.top > rect.bottom:
@@ -257,8 +260,9 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
 
     Superscripts (smaller glyphs raised off the baseline: affiliation letters, footnote
     numbers) and footnote marks are dropped; a space that pdfium inserted with no gap behind
-    it inside a capitalised or small-caps word ("CHAR ACTER") is removed; spacing accents that pdfium emits
-    beside their letter are dropped; a letter-spaced run ("R E S C I E N C E") is closed up.
+    it inside a capitalised or small-caps word ("CHAR ACTER") is removed; spacing accents
+    that pdfium sets apart from their letter are dropped ("Babao ¨ glu"); a letter-spaced run
+    ("R E S C I E N C E") is closed up.
     """
     boxed = [g for g in glyphs if g.char != " " and g.top > g.bottom]
     if not boxed:
@@ -269,7 +273,7 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
     word = ""
     gap_before = 0.0
     prev: Glyph | None = None
-    pending_space = False  # a space since the last glyph: "real" (in the PDF) or "generated"
+    pending_space = ""  # a space since the last glyph: "real" (in the PDF) or "generated"
     accent = False  # a spacing accent dropped since the last glyph ("Babao ¨ glu")
     for g in glyphs:
         if g.char == " ":
@@ -288,7 +292,9 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
                     parts[-1].append((word, gap_before))
                 parts.append([])
                 word, gap_before = "", 0.0
-            elif pending_space == "real" or (pending_space and (gap > 0.08 * height or not (accent or _cut(prev, g)))):
+            elif pending_space == "real" or (
+                pending_space and (gap > 0.08 * height or not (accent or _cut(prev, g)))
+            ):
                 if word:
                     parts[-1].append((word, gap_before))
                 word, gap_before = "", gap
@@ -297,7 +303,7 @@ def rebuild_line(glyphs: list[Glyph]) -> tuple[str, ...]:
                 parts[-1].append((word, gap_before))
             word, gap_before = "", 0.3 * height
         word += g.char
-        pending_space = accent = False
+        pending_space, accent = "", False
         if h > 0:
             prev = g
     if word:
@@ -659,7 +665,9 @@ def _author_lines(lines: list[PageLine], block: list[int], body: float | None = 
     return out
 
 
-def _authors_from_lines(lines: list[PageLine], block: list[int], below: list[int] | None = None) -> list[dict[str, str]]:
+def _authors_from_lines(
+    lines: list[PageLine], block: list[int], below: list[int] | None = None
+) -> list[dict[str, str]]:
     """Person names on the lines between the title and the abstract (`below`, the lines found there)."""
     names: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -700,7 +708,10 @@ _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|
           r"|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
 _Y = r"(?<![\d/])(19\d\d|20[0-4]\d)(?![\d/])"
 _ARXIV_STAMP_RE = re.compile(r"arXiv:\s*\S+\s*(?:\[[^\]]*\])?\s*\d{1,2}\s+" + _MONTH + r"\s+" + _Y)
-_COPYRIGHT_RE = re.compile(r"(?i)(?:©|\(c\)|copyright\b)[^\n]{0,40}?" + _Y + r"|(?<![\w.])[cq]\s?" + _Y + r"(?=\s+[A-Z])")
+# A © that the font maps to "c" or "q" ("q 2005 Elsevier B.V.") counts before a capitalised word.
+_COPYRIGHT_RE = re.compile(
+    r"(?i)(?:©|\(c\)|copyright\b)[^\n]{0,40}?" + _Y + r"|(?<![\w.])[cq]\s?" + _Y + r"(?=\s+[A-Z])"
+)
 _DATE_RE = re.compile(
     r"(?<![A-Za-z])" + _MONTH + r"(?:\s*\d{1,2}(?:st|nd|rd|th)?(?:\s*[-–]\s*\d{1,2})?)?,?\s+" + _Y
     + r"|(?<!\d)\d{1,2}(?:\s*[-–]\s*\d{1,2})?\s+" + _MONTH + r",?\s+" + _Y

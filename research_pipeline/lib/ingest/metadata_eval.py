@@ -157,7 +157,8 @@ def score(pairs: Iterable[tuple[TruthRow, dict[str, Any]]]) -> Score:
             s.years_invented += year is not None
         if year != truth.year:
             s.misses.append(f"{name}: year {year!r}, expected {truth.year!r}")
-        if (_norm_id(meta.get("arxiv_id")), _norm_id(meta.get("doi"))) == (_norm_id(truth.arxiv_id), _norm_id(truth.doi)):
+        found_ids = (_norm_id(meta.get("arxiv_id")), _norm_id(meta.get("doi")))
+        if found_ids == (_norm_id(truth.arxiv_id), _norm_id(truth.doi)):
             s.ids_right += 1
         else:
             s.misses.append(f"{name}: arXiv {meta.get('arxiv_id')!r} DOI {meta.get('doi')!r}, "
