@@ -15,6 +15,7 @@ hold. Anywhere else such text is refused by name.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,8 @@ from research_pipeline.lib.migration.errors import MigrationError
 from research_pipeline.lib.migration.tables import TableSpec, partition_rows, shard_from
 
 _MOD = 1 << 256
+#: What PostgreSQL text cannot hold (util.pg_safe_text replaces the same characters).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -111,16 +114,13 @@ class RowCodec:
         out = None
         for i, normalise in self._text_idx:
             v = row[i]
-            if v is None or (v.isascii() and "\x00" not in v):
-                continue
-            safe = pg_safe_text(v)
-            if safe == v:
+            if v is None or (v.isascii() and "\x00" not in v) or not _UNSTORABLE.search(v):
                 continue
             if not normalise:
                 raise self._refused(row, i)
             if out is None:
                 out = list(row)
-            out[i] = safe
+            out[i] = pg_safe_text(v)
         return row if out is None else out
 
     def _refused(self, row: Sequence[Any], i: int) -> MigrationError:
