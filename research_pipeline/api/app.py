@@ -249,7 +249,7 @@ class SearchService:
         fut = self.submit(self._search_sync, searcher, gen_id, params)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.options.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             fut.cancel()  # still queued: never starts; running: finishes and frees its slot
             raise
 
@@ -329,7 +329,7 @@ async def search_endpoint(request: Request) -> Response:
         service.metrics.requests.labels("busy").inc()
         service.metrics.rejected.inc()
         return _error(503, "every search thread is busy; retry shortly", **{"Retry-After": "1"})
-    except asyncio.TimeoutError:
+    except TimeoutError:
         service.metrics.requests.labels("timeout").inc()
         return _error(504, f"the search took longer than {service.options.timeout_s:g} s")
     service.metrics.requests.labels("ok").inc()
@@ -480,7 +480,7 @@ def build_app(service: SearchService) -> Starlette:
     """The Starlette app over `service` (started and closed by the app's lifespan)."""
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # noqa: ANN202
+    async def lifespan(app: Starlette):
         loop = asyncio.get_running_loop()
         # Load the model and the live generation before the first request; a failure leaves
         # the process live but not ready, and the background task keeps retrying.
@@ -539,10 +539,10 @@ def serve(
 
     workers = default_workers() if workers is None else workers
     opts = options or ServiceOptions.from_settings(settings)
-    common = dict(
-        host=host, port=port, access_log=False, log_config=None, lifespan="on",
-        timeout_graceful_shutdown=int(opts.timeout_s) + 5, proxy_headers=True,
-    )
+    common: dict[str, Any] = {
+        "host": host, "port": port, "access_log": False, "log_config": None, "lifespan": "on",
+        "timeout_graceful_shutdown": int(opts.timeout_s) + 5, "proxy_headers": True,
+    }
     print(
         f"research-pipeline: serving on http://{host}:{port} with {workers} worker(s) "
         f"(/, /search, /healthz, /readyz, /metrics, /openapi.json)",

@@ -9,11 +9,17 @@ workers) and every scrape sums all of them.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 from research_pipeline.lib.core import store
@@ -36,7 +42,7 @@ class CorpusCollector:
     def __init__(self, engine: sa.Engine):
         self.engine = engine
 
-    def collect(self):  # noqa: ANN201 - the prometheus_client collector protocol
+    def collect(self):
         up = GaugeMetricFamily("rp_database_up", "1 when the corpus database answered this scrape")
         try:
             counts = store.counts(self.engine)
@@ -66,7 +72,7 @@ class CorpusCollector:
         if live is None or live["since"] is None:
             age.add_metric([], -1)
         else:
-            age.add_metric([], (datetime.now(timezone.utc) - live["since"]).total_seconds())
+            age.add_metric([], (datetime.now(UTC) - live["since"]).total_seconds())
         yield age
 
 
@@ -77,13 +83,11 @@ class ServiceMetrics:
         # In multiprocess mode the values live in files; the metric objects must not also sit
         # in the scrape registry, or every sample would be reported twice.
         own = None if multiprocess else CollectorRegistry()
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry() if multiprocess else own
         if multiprocess:
             from prometheus_client import multiprocess as mp
 
             mp.MultiProcessCollector(self.registry)
-        else:
-            self.registry = own
         self.latency = Histogram(
             "rp_search_latency_seconds", "time to answer /search", buckets=LATENCY_BUCKETS, registry=own
         )

@@ -70,7 +70,7 @@ async def search_page(request: Request) -> Response:
             context["error"], status = f"The index is not ready: {exc}", 503
         except api.Busy:
             context["error"], status = "The service is busy; try again in a moment.", 503
-        except asyncio.TimeoutError:
+        except TimeoutError:
             context["error"], status = "The search took too long; try a shorter query.", 504
         else:
             hits = answer["results"]

@@ -24,7 +24,11 @@ import sqlalchemy as sa
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore
 from research_pipeline.lib.release import publish
-from research_pipeline_tests.conftest import DEMO_PAPERS, drop_pg_database, make_pg_database
+from research_pipeline_tests.conftest import (
+    DEMO_PAPERS,
+    drop_pg_database,
+    make_pg_database,
+)
 from research_pipeline_tests.lib.test_generations import (
     SAMPLE,
     SEARCH_GROUP,
@@ -37,10 +41,12 @@ from research_pipeline_tests.lib.test_generations import (
 API_GROUP = pytest.mark.xdist_group(SEARCH_GROUP)
 #: A title and a text that are HTML and script: the page must show them as text.
 HOSTILE_TITLE = '<script>alert("title")</script><img src=x onerror=alert(1)> PyCM & co'
-HOSTILE_TEXT = '<img src=x onerror=alert(2)><b>confusion</b> matrix </p><script>alert(3)</script> '
+HOSTILE_TEXT = '<img src=x onerror=alert(2)><b>quuxinjected</b> confusion matrix </p><script>alert(3)</script> '
+#: A word only the hostile text holds: a query for it puts that text in the snippet.
+HOSTILE_WORD = "quuxinjected"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def deployment(request, tmp_path_factory, embedder):
     """(Settings, facts) of a published deployment on each backend, with its PDFs in the inbox."""
     from research_pipeline.config import Settings
@@ -64,9 +70,6 @@ def deployment(request, tmp_path_factory, embedder):
         for row in corpus["document_sources"]:
             name = Path(row["uri"]).name
             conn.execute(sa.update(src).where(src.c.uri == row["uri"]).values(uri=str(inbox / name)))
-    objects = LocalObjectStore(root / "objects")
-    gen = gated(engine, objects, embedder, probes=1)
-    publish.publish(engine, gen["gen_id"], store=objects)
     by_name = {Path(r["uri"]).name: r["doc_id"] for r in corpus["document_sources"]}
     pycm = by_name[SAMPLE[0]]
     docs, chunks = store.documents, store.chunks
@@ -77,6 +80,10 @@ def deployment(request, tmp_path_factory, embedder):
             sa.select(chunks.c.chunk_id, chunks.c.text).where(chunks.c.doc_id == pycm).order_by(chunks.c.ordinal)
         ).first()
         conn.execute(sa.update(chunks).where(chunks.c.chunk_id == first.chunk_id).values(text=HOSTILE_TEXT + first.text))
+    # Built after the edits, so the full-text index holds the hostile text too.
+    objects = LocalObjectStore(root / "objects")
+    gen = gated(engine, objects, embedder, probes=1)
+    publish.publish(engine, gen["gen_id"], store=objects)
     engine.dispose()
     settings = Settings(home=root, inbox=inbox, database_url=url, object_store_url=str(root / "objects"))
     yield settings, {"backend": request.param, "gen_id": gen["gen_id"], "doc_ids": by_name, "pycm": pycm,
@@ -88,7 +95,7 @@ def deployment(request, tmp_path_factory, embedder):
 class Running:
     """A service on loopback: its port, its SearchService and a small HTTP client."""
 
-    def __init__(self, port: int, service):  # noqa: ANN001
+    def __init__(self, port: int, service):
         self.port = port
         self.service = service
 
@@ -111,7 +118,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_service(settings, options=None):  # noqa: ANN001
+def running_service(settings, options=None):
     """The app under a real uvicorn server on a free loopback port, stopped (lifespan closed) on exit."""
     import uvicorn
 

@@ -44,7 +44,7 @@ def local_conf(prefix: Path, listen: int, replicas: list[int]) -> Path:
 def _nginx(prefix: Path, conf: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;", *args],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
 
 
