@@ -84,3 +84,18 @@ def test_dagster_cli_validates_the_code_location(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Validation successful" in proc.stdout + proc.stderr
+
+
+def test_assets_carry_code_references_owners_versions_and_table_schemas(defs):
+    specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
+    for key, spec in specs.items():
+        [ref] = spec.metadata["dagster/code_references"].code_references
+        assert Path(ref.file_path).is_file() and ref.line_number > 0, f"{key} has no code reference"
+    for key in ("documents", "chunks", "chunk_embeddings", "fts_index", "vector_index", "published_index"):
+        assert specs[key].owners, f"{key} has no owner"
+        assert specs[key].code_version, f"{key} has no code version"
+    for key, table in (("documents", store.documents), ("chunks", store.chunks)):
+        schema = specs[key].metadata["dagster/column_schema"]
+        assert [c.name for c in schema.columns] == [c.name for c in table.columns]
+    for key in ("documents", "published_index"):
+        assert specs[key].freshness_policy is not None, f"{key} has no freshness policy"
