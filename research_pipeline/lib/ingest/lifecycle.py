@@ -113,46 +113,59 @@ def _idents_of(doc_id: str, doi: str | None, arxiv_id: str | None) -> set[str]:
     return out
 
 
+def _retracted_ids(conn: sa.Connection, retracted: set[str]) -> list[str]:
+    """The doc_ids a set of normalised identifiers names."""
+    d = store.documents
+    ids = {i.removeprefix("doc:") for i in retracted if i.startswith("doc:")}
+    if any(not i.startswith("doc:") for i in retracted):
+        rows = conn.execute(
+            sa.select(d.c.doc_id, d.c.doi, d.c.arxiv_id).where(sa.or_(d.c.doi.is_not(None), d.c.arxiv_id.is_not(None)))
+        )
+        ids.update(r.doc_id for r in rows if _idents_of(r.doc_id, r.doi, r.arxiv_id) & retracted)
+    return sorted(ids)
+
+
 def refresh(engine: Engine, retracted_file: str | os.PathLike | None = None) -> dict[str, int]:
     """Recompute every document's retirement from its sources, removal and retraction.
 
     Returns the number of live and retired (per reason) documents, and how many were retired
-    (`retired_now`) or became live again (`restored_now`) in this call. Idempotent.
+    (`retired_now`) or became live again (`restored_now`) in this call. Idempotent; the
+    reasons are decided in SQL, so only documents whose state changes reach Python.
     """
     retracted = read_retracted(retracted_file) if retracted_file is not None else None
     d, s = store.documents, store.document_sources
-    live_source = sa.exists().where(s.c.doc_id == d.c.doc_id, s.c.gone_at.is_(None))
     now = utcnow()
-    changes: dict[str | None, list[str]] = {}
-    totals = dict.fromkeys(("live", *RETIRED_REASONS), 0)
-    retired_now = restored_now = 0
     with engine.begin() as conn:
-        rows = conn.execute(
-            sa.select(d.c.doc_id, d.c.doi, d.c.arxiv_id, d.c.retired_reason, d.c.removed_at,
-                      live_source.label("live"))
+        if retracted is None:  # keep what the last list said
+            is_retracted = d.c.retired_reason == "retracted"
+        else:
+            is_retracted = d.c.doc_id.in_(_retracted_ids(conn, retracted))
+        want = sa.case(
+            (d.c.removed_at.is_not(None), "removed"),
+            (is_retracted, "retracted"),
+            (~sa.exists().where(s.c.doc_id == d.c.doc_id, s.c.gone_at.is_(None)), "gone"),
+            else_=None,
+        ).label("want")
+        current = sa.select(d.c.doc_id, d.c.retired_reason, want).subquery()
+        changed = conn.execute(
+            sa.select(current.c.doc_id, current.c.retired_reason, current.c.want).where(
+                sa.func.coalesce(current.c.want, "") != sa.func.coalesce(current.c.retired_reason, "")
+            )
         ).all()
-        for r in rows:
-            if r.removed_at is not None:
-                want = "removed"
-            elif (retracted is not None and _idents_of(r.doc_id, r.doi, r.arxiv_id) & retracted) or (
-                retracted is None and r.retired_reason == "retracted"
-            ):
-                want = "retracted"
-            elif not r.live:
-                want = "gone"
-            else:
-                want = None
-            totals[want or "live"] += 1
-            if want != r.retired_reason:
-                changes.setdefault(want, []).append(r.doc_id)
-                retired_now += r.retired_reason is None
-                restored_now += want is None
-        for reason, ids in changes.items():
+        by_reason: dict[str | None, list[str]] = {}
+        for r in changed:
+            by_reason.setdefault(r.want, []).append(r.doc_id)
+        for reason, ids in by_reason.items():
             values = {"retired_reason": reason, "retired_at": None if reason is None else now}
             for i in range(0, len(ids), _BATCH):
                 conn.execute(sa.update(d).where(d.c.doc_id.in_(ids[i : i + _BATCH])).values(**values))
+        totals = dict.fromkeys(("live", *RETIRED_REASONS), 0)
+        for reason, n in conn.execute(sa.select(d.c.retired_reason, sa.func.count()).group_by(d.c.retired_reason)):
+            totals[reason or "live"] = int(n)
+    retired_now = sum(1 for r in changed if r.retired_reason is None)
+    restored_now = sum(1 for r in changed if r.want is None)
     out = {**totals, "retired_now": retired_now, "restored_now": restored_now}
-    if retired_now or restored_now:
+    if changed:
         log.info("lifecycle: %d documents retired, %d live again; now %s", retired_now, restored_now, totals)
     return out
 
