@@ -225,6 +225,11 @@ def test_a_name_in_the_titles_font_is_the_author_not_the_title(tmp_path):
     assert md._title_from_lines(glued, md._title_block(glued)) == "Deep Residual Learning for Image Recognition"
 
 
+def test_a_chinese_title_needs_no_spaces():
+    lines = [_line(16.0, 700, "古代玻璃制品的成分分析和鉴别模型"), _line(12.0, 660, "摘要")] + _body(640)
+    assert md._title_from_lines(lines, md._title_block(lines)) == "古代玻璃制品的成分分析和鉴别模型"
+
+
 def _metadata_of(lines: list[PageLine], tmp_path) -> dict:
     class Doc:
         def get_metadata_dict(self):

@@ -57,6 +57,7 @@ _LETTER_RE = re.compile(r"[^\W\d_]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HANGUL_RE = re.compile("[\uac00-\ud7af]")
 _HAN_RE = re.compile("[\u4e00-\u9fff]")
+_CJK_RE = re.compile("[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
 _ASCII_WORD_RE = re.compile(r"[a-z]+")
 _ASCII_LETTER_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ASCII_RUN_RE = re.compile("[\x00-\x7f]+")
@@ -356,7 +357,7 @@ _STAMP_RE = re.compile(
     r"|\bsee discussions\b|\bdownloaded\b|\bopen access\b|\bsponsored\b|\breport series\b|\btechnical report\b"
     r"|\buniversit|\bdepartment\b|\bdept\.|\binstitut|\blaborator|\bschool of\b|\bcollege\b"
     r"|\bgeneral rights\b|\bhal-\d|\bmanuscript\b|\bextended abstract\b|^abstract\b|^\d+(\.\d+)*\s*$"
-    r"|^(?:\d+\.?\s+)?introduction\b"
+    r"|^(?:\d+\.?\s+)?introduction\b|^\s*(?:关键字|关键词|摘\s*要)"
 )
 _HAL_PREFIX_RE = re.compile(r"(?i)^\s*\[?\s*hal-\d+\s*,?\s*v\d+\s*\]?\s*")
 _PREFIX_STAMP_RE = re.compile(r"(?i)^\s*(?:\[?\s*hal-\d+\s*,?\s*v\d+\s*\]?|arxiv:\S+(?:\s+\[[^\]]*\])?)\s*")
@@ -407,7 +408,9 @@ def _title_block(lines: list[PageLine]) -> list[int]:
             if _letters(lines[i].text) >= 2:
                 block.append(i)
         text = " ".join(lines[k].text for k in block)
-        if block and _letters(text) >= 8 and " " in text.strip() and len(text) <= 350 and len(block) <= 6:
+        # Two words, or a title in a script written without spaces (Chinese, Japanese).
+        words = " " in text.strip() or len(_CJK_RE.findall(text)) >= 6
+        if block and _letters(text) >= 8 and words and len(text) <= 350 and len(block) <= 6:
             return block
     return []
 
