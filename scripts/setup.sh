@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: Tesseract for OCR (Debian package, when we may install it),
-# then a virtual environment with the pinned dependencies. Safe to re-run.
+# One-time set-up on a fresh machine: the Debian packages below (when we may install them), then
+# a virtual environment with the pinned dependencies and the lock. Safe to re-run.
 set -euo pipefail
 PYTHON="${1:-python3}"
 VENV="${2:-.venv}"
 
-# Debian packages the pipeline and its tests use: Tesseract (OCR for image-only pages) and
-# promtool (Prometheus' rule checker, package prometheus). Installed when we may (root + apt).
+# Debian packages the pipeline and its tests use: Tesseract (OCR for image-only pages), promtool
+# (Prometheus' rule checker, package prometheus), nginx (the search tier's front) and chromium
+# (the search page's browser test). Installed when we may (root + apt).
 need=()
 command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]}"
     apt-get update -qq >/dev/null 2>&1 || true
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   else
-    echo "setup: missing ${need[*]} and cannot install here; image-only pages will be quarantined as needs_ocr and the alert-rule tests skipped" >&2
+    echo "setup: missing ${need[*]} and cannot install here; image-only pages will be quarantined as needs_ocr and the tests that need them fail" >&2
   fi
 fi
 
