@@ -182,3 +182,26 @@ def test_corpus_without_usable_titles_fails_instead_of_passing(env, embedder):
     result = gate(engine, obj, embedder, gen["gen_id"])
     assert not result["passed"] and result["metadata"]["n_probes"] == 0
     assert "no known-item probe could be drawn" in result["description"]
+
+
+def test_gate_on_postgresql(pg_url, env, scifact_rows, embedder, tmp_path):
+    """The probes' SQL and the full-text backend differ on PostgreSQL: same probes, same verdicts."""
+    engine = store.make_engine(pg_url)
+    store.create_schema(engine)
+    with engine.begin() as conn:
+        for t in CORPUS_TABLES:
+            conn.execute(sa.insert(t), scifact_rows[t.name])
+    obj = LocalObjectStore(tmp_path / "pg_objects")
+    try:
+        assert probes.draw_probes(engine, 50) == probes.draw_probes(env[0], 50)
+        good = build.build_generation(engine, obj, embedder)
+        result = gate(engine, obj, embedder, good["gen_id"])
+        assert result["passed"], result["description"]
+        assert result["metadata"]["n_probes"] >= 80 and result["metadata"]["bm25_success_at_10"] >= 0.9
+        publish.publish(engine, good["gen_id"], store=obj)
+        empty_fts = build_with_empty_fts(engine, obj, embedder, scifact_rows)
+        rejected = gate(engine, obj, embedder, empty_fts["gen_id"])
+        assert not rejected["passed"] and rejected["metadata"]["bm25_success_at_10"] == 0.0
+        assert rejected["metadata"]["live_status"] == "compared"
+    finally:
+        engine.dispose()

@@ -41,8 +41,14 @@ MIN_TEXT_RATIO = 3
 #: Characters of a document's text read for its sentence when it has no abstract.
 OPENING_CHARS = 6000
 
+#: Share of a sentence probe's words that must be plain words (letters, optional trailing
+#: punctuation), with at most one word holding a digit: keeps out affiliations, postal and
+#: e-mail addresses, URLs and tables of numbers.
+MIN_PROSE_SHARE = 0.8
+
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+")
 _WORD = re.compile(r"\S+")
+_PROSE_WORD = re.compile(r"^[(\"']?[^\W\d_]+(?:-[^\W\d_]+)*[)\"',.;:]*$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ def _order_key(seed: int | str, doc_id: str) -> str:
 
 
 def sentence_probe(title: str, text: str, seed: int | str, doc_id: str) -> str | None:
-    """One sentence of `text` with the words of `title` removed, chosen by the seed; None if none fits.
+    """One prose sentence of `text` with the words of `title` removed, chosen by the seed; None if none fits.
 
     A word is removed when its stemmed term is one of the title's terms, so "networks" goes
     when the title says "Network".
@@ -85,7 +91,11 @@ def sentence_probe(title: str, text: str, seed: int | str, doc_id: str) -> str |
     fitting = []
     for i, sentence in enumerate(_SENTENCE_END.split(text)):
         kept = [w for w in _WORD.findall(sentence) if not (set(analyze(w)) & title_terms)]
-        if len(_content_words(" ".join(kept))) >= MIN_SENTENCE_WORDS and len(kept) <= MAX_SENTENCE_WORDS:
+        prose = (
+            sum(1 for w in kept if _PROSE_WORD.match(w)) >= MIN_PROSE_SHARE * len(kept)
+            and sum(1 for w in kept if any(ch.isdigit() for ch in w)) <= 1
+        )
+        if prose and len(_content_words(" ".join(kept))) >= MIN_SENTENCE_WORDS and len(kept) <= MAX_SENTENCE_WORDS:
             fitting.append((_order_key(seed, f"{doc_id}:{i}"), " ".join(kept)))
     return min(fitting)[1] if fitting else None
 
