@@ -55,7 +55,8 @@ def rank_biased_overlap(a: Sequence[str], b: Sequence[str], p: float = 0.9, k: i
 
     RBO_ext of Webber, Moffat and Zobel (2010), eq. 32, at depth k: the agreement at each depth
     d is |A[:d] & B[:d]| / d, weighted by p^(d-1); the agreement at depth k is assumed to hold
-    below it. Two empty rankings agree (1.0); one empty ranking against another does not (0.0).
+    below it. Rankings of different lengths are compared to the shorter one's depth. Two empty
+    rankings agree (1.0); one empty ranking against another does not (0.0).
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"rank-biased overlap needs 0 < p < 1, got {p}")
