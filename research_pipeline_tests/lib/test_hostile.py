@@ -15,6 +15,7 @@ from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import FolderSource, sources_for
 from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, require_shared
+from research_pipeline_tests.shared import on_log
 
 GOOD = sorted(DEMO_PAPERS.glob("*.pdf"))[:5]
 
@@ -159,7 +160,8 @@ def test_hostile_batch_beside_good_papers(sqlite_url):
     ]
     # 1 GiB of address space: the flate bomb hits the cap after inflating half as much as at
     # 2 GiB, which keeps it well inside the 20 s deadline on a loaded machine.
-    report = ingest(engine, sources, workers=2, timeout_s=20, memory_mb=1024, log=watch, log_every=5)
+    with on_log("research_pipeline.lib.ingest.pipeline", watch):
+        report = ingest(engine, sources, workers=2, timeout_s=20, memory_mb=1024, log_every=5)
     peak_mib = _vm_kib("VmHWM") / 1024
     growth_mib = peak_mib - rss_before / 1024
     print(f"\nhostile batch: {report.as_metadata()}; parent RSS before {rss_before / 1024:.0f} MiB, "

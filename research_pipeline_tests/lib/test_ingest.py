@@ -36,6 +36,7 @@ from research_pipeline_tests.conftest import (
     REPO,
     require_shared,
 )
+from research_pipeline_tests.shared import on_log
 
 PWL = "papers-we-love"
 SUBSET = [
@@ -78,7 +79,8 @@ def test_subset_on_both_backends(engine, tmp_path):
     # The same bytes under a second name, in a subfolder, with an upper-case extension.
     shutil.copy2(inbox / "bitcoin.pdf", inbox / "nested" / "BITCOIN-copy.PDF")
     logs: list[str] = []
-    report = ingest(engine, sources_for(inbox), workers=2, timeout_s=60, log=logs.append, log_every=3)
+    with on_log("research_pipeline.lib.ingest.pipeline", logs.append):
+        report = ingest(engine, sources_for(inbox), workers=2, timeout_s=60, log_every=3)
 
     assert isinstance(report, IngestReport)
     assert report.documents_new == 6  # 8 files: one garbled, one duplicate
@@ -219,14 +221,20 @@ def _worker_pids_with_marker(marker: str) -> list[int]:
 
 
 KILL_SCRIPT = """
-import sys, time
+import logging, sys, time
 from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
 engine = store.make_engine(sys.argv[1])
 store.create_schema(engine)
 # Slow the walk down so the parent can kill this process mid-way with documents committed.
-ingest(engine, sources_for(sys.argv[2]), workers=2, log=lambda _m: time.sleep(0.3), log_every=1)
+class Slow(logging.Handler):
+    def emit(self, record):
+        time.sleep(0.3)
+log = logging.getLogger("research_pipeline.lib.ingest.pipeline")
+log.addHandler(Slow())
+log.setLevel(logging.INFO)
+ingest(engine, sources_for(sys.argv[2]), workers=2, log_every=1)
 """
 
 

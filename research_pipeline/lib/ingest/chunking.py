@@ -29,7 +29,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.core.progress import emit
 from research_pipeline.lib.ingest.lifecycle import LIVE
 
 logger = logging.getLogger(__name__)
@@ -433,7 +432,6 @@ def chunk_documents(
     count_tokens: Callable[[str], int],
     max_tokens: int = 256,
     overlap_tokens: int = 32,
-    log: Any = None,
 ) -> dict[str, int]:
     """Chunk every live document without chunks of this chunking; returns the counts.
 
@@ -443,7 +441,7 @@ def chunk_documents(
 
     Idempotent: a document's chunks are replaced in one transaction, so a crash leaves each
     document fully chunked or not at all, and a re-run picks up the rest. Chunks whose document
-    is gone are removed (`chunks_removed`). `log` is a logger (with .info) or a callable.
+    is gone are removed (`chunks_removed`).
     """
     d, c = store.documents, store.chunks
     started = time.perf_counter()
@@ -484,8 +482,8 @@ def chunk_documents(
             conn.execute(sa.delete(c).where(c.c.doc_id.in_([doc["doc_id"] for doc in docs])))
             store.upsert(conn, c, rows, ["chunk_id"])
         n_chunks += len(rows)
-        emit(log, f"chunked {min(g + group, len(todo))}/{len(todo)} documents, {n_chunks} chunks")
+        logger.info("chunked %d/%d documents, %d chunks", min(g + group, len(todo)), len(todo), n_chunks)
     stats = {"documents_chunked": documents_chunked, "documents_rechunked": rechunked, "chunks": n_chunks,
              "chunks_removed": int(orphans)}
-    emit(log, f"chunking done in {time.perf_counter() - started:.1f}s: {stats}")
+    logger.info("chunking done in %.1fs: %s", time.perf_counter() - started, stats)
     return stats

@@ -15,9 +15,10 @@ document's retirement is recomputed (`lifecycle`), so new generations follow the
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +38,6 @@ from research_pipeline.lib.ingest.pdf import (
 from research_pipeline.lib.ingest.sandbox import ParsePool
 from research_pipeline.lib.ingest.sources import SourceItem, iter_items, record_bytes
 
-Log = Callable[[str], None]
-
 #: JSONL records are committed in batches of this many rows (they need no parsing).
 RECORD_BATCH = 500
 #: Parsed documents are committed together, at most this many seconds after the first of them
@@ -46,6 +45,9 @@ RECORD_BATCH = 500
 #: the cores with the parse workers, more CPU than the statements themselves.
 DOC_BATCH_S = 0.25
 DOC_BATCH = 64
+
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -219,7 +221,6 @@ def ingest(
     timeout_s: float = 60,
     memory_mb: int = 2048,
     ocr: bool = True,
-    log: Log | Any = None,
     log_every: int = 25,
     retracted_file: str | os.PathLike | None = None,
 ) -> IngestReport:
@@ -239,8 +240,6 @@ def ingest(
     report = IngestReport()
     writer = _Writer(engine, report)
     known_sources, known_quarantine = _known(engine)
-    # A callable, or a logger with .info (Dagster's context.log, logging.Logger).
-    say: Log = getattr(log, "info", None) or log or (lambda _msg: None)
     seen = 0
     # Every uri the sources listed (a complete listing marks the rest gone), and the unchanged
     # ones that had been marked gone (a file put back as it was).
@@ -312,8 +311,8 @@ def ingest(
             seen += 1
             listed.add(item.uri)
             if seen % log_every == 0:
-                say(f"ingest: {seen} inputs seen, {report.documents_new} new documents, "
-                    f"{sum(report.quarantined.values())} quarantined, {report.pages} pages")
+                logger.info("ingest: %d inputs seen, %d new documents, %d quarantined, %d pages", seen,
+                            report.documents_new, sum(report.quarantined.values()), report.pages)
             if item.problem:
                 prev = known_quarantine.get(item.uri)
                 if prev and prev[2] == item.problem:
@@ -427,7 +426,7 @@ def ingest(
     finally:
         report.seconds = time.monotonic() - started
         report.pages_per_s = report.pages / report.seconds if report.seconds > 0 else 0.0
-    say(f"ingest done: {seen} inputs, {report.documents_new} new, {report.documents_unchanged} unchanged, "
+    logger.info(f"ingest done: {seen} inputs, {report.documents_new} new, {report.documents_unchanged} unchanged, "
         f"{report.pages} pages in {report.seconds:.1f} s, quarantined {report.quarantined}, "
         f"released {report.released}; {report.sources_gone} files left the inbox, {report.retired} documents "
         f"retired, {report.restored} restored, {report.live_documents} live")
