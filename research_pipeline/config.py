@@ -143,6 +143,7 @@ class Settings:
     device: str = "cpu"
     embed_precision: str = "auto"
     redis_url: str | None = None
+    retracted_file: Path | None = None
     keep_generations: int = DEFAULT_KEEP_GENERATIONS
     nightly_cron: str = DEFAULT_NIGHTLY_CRON
     log_format: str = "text"
@@ -182,6 +183,7 @@ class Settings:
             device=values.get("RP_DEVICE", "cpu"),
             embed_precision=values.get("RP_EMBED_PRECISION", "auto"),
             redis_url=values.get("RP_REDIS_URL"),
+            retracted_file=values.get("RP_RETRACTED_FILE"),
             keep_generations=values.get("RP_KEEP_GENERATIONS", DEFAULT_KEEP_GENERATIONS),
             nightly_cron=values.get("RP_NIGHTLY_CRON", DEFAULT_NIGHTLY_CRON),
             log_format=values.get("RP_LOG_FORMAT", "text"),
@@ -232,6 +234,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RP_DEVICE", _device, "cpu (default) or cuda[:N]"),
     Variable("RP_EMBED_PRECISION", _choice("auto", "fp32", "bf16"), "embedding numerics: auto picks bf16 where native"),
     Variable("RP_REDIS_URL", _url(("redis", "rediss", "unix")), "shared query cache (default: in-process LRU)"),
+    Variable("RP_RETRACTED_FILE", _path, "retracted DOIs / arXiv ids / doc_ids, one per line: kept out of generations"),
     Variable("RP_KEEP_GENERATIONS", _int(minimum=2), "published index generations kept for rollback (default 3)"),
     Variable("RP_NIGHTLY_CRON", _cron, "UTC cron of nightly_reindex (default 0 2 * * *)"),
     Variable("RP_LOG_FORMAT", _choice("text", "json"), "log lines of the CLI and the search service"),

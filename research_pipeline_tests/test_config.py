@@ -80,3 +80,19 @@ def test_only_config_reads_the_environment():
         if re.search(r"os\.environ|getenv", p.read_text())
     )
     assert readers == ["research_pipeline/config.py"], readers
+
+
+def test_the_retracted_list_reaches_the_ingest(tmp_path):
+    from research_pipeline.defs.resources import build_resources
+
+    listing = tmp_path / "retracted.txt"
+    listing.write_text("10.1000/retracted\n")
+    resources = build_resources(Settings.from_env({"RP_HOME": str(tmp_path), "RP_RETRACTED_FILE": str(listing)}))
+    assert resources["inbox"].get_retracted_file() == listing
+    assert build_resources(Settings.from_env({"RP_HOME": str(tmp_path)}))["inbox"].get_retracted_file() is None
+
+
+def test_every_gate_variable_is_documented():
+    text = (PACKAGE.parent / "docs" / "RELEASE_GATES.md").read_text()
+    missing = [gate_variable(f) for f in dataclasses.fields(GateThresholds) if gate_variable(f) not in text]
+    assert not missing, f"docs/RELEASE_GATES.md does not name {missing}"

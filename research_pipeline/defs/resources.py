@@ -55,9 +55,14 @@ class InboxResource(dg.ConfigurableResource):
     """The folder of PDFs (searched recursively) and/or BEIR-layout JSONL records to ingest."""
 
     path: str
+    #: Retracted DOIs / arXiv ids / doc_ids, one per line; those papers never enter a generation.
+    retracted_file: str | None = None
 
     def get_path(self) -> Path:
         return Path(self.path)
+
+    def get_retracted_file(self) -> Path | None:
+        return Path(self.retracted_file) if self.retracted_file else None
 
 
 class EmbedderResource(dg.ConfigurableResource):
@@ -118,7 +123,10 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             url=pick("RP_OBJECT_STORE_URL", s.object_store_url),
             s3_endpoint_url=pick("RP_S3_ENDPOINT_URL", s.s3_endpoint_url),
         ),
-        "inbox": InboxResource(path=str(s.inbox)),
+        "inbox": InboxResource(
+            path=str(s.inbox),
+            retracted_file=str(s.retracted_file) if s.retracted_file else None,
+        ),
         "embedder": EmbedderResource(
             model=pick("RP_MODEL", s.model),
             device=pick("RP_DEVICE", s.device),

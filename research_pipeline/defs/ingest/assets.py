@@ -85,6 +85,7 @@ def documents(
         timeout_s=config.timeout_s,
         memory_mb=config.memory_mb,
         ocr=config.ocr,
+        retracted_file=inbox.get_retracted_file(),
     )
     totals = store.counts(engine)
     metadata: dict[str, dg.MetadataValue] = {
