@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.config import set_process_default
 from research_pipeline.lib.ingest.cleanup import (
     clean_text,
     dehyphenate,
@@ -117,6 +116,9 @@ def _has_images(page: Any) -> bool:
 
 def _ocr_page(page: Any, dpi: int) -> str:
     import pytesseract
+
+    # Imported only when a page needs OCR: the configuration module is costly to load in a worker.
+    from research_pipeline.config import set_process_default
 
     # pytesseract passes this process's environment to `tesseract`; with OpenMP's default
     # thread count it fights the other worker for the cores and runs several times slower.

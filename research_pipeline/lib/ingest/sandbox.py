@@ -24,7 +24,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.config import child_process_env
 from research_pipeline.lib.ingest.pdf import OCR_DPI, ParseResult, fail, parse_pdf
 
 
@@ -118,6 +117,10 @@ class _Worker:
     """One worker process in its own process group, with its pipes and current job."""
 
     def __init__(self, memory_mb: int, ocr: bool, ocr_dpi: int):
+        # Imported here, in the parent only: the configuration module loads SQLAlchemy and the
+        # release gates, which would add ~0.5 s to every worker's start (it imports this module).
+        from research_pipeline.config import child_process_env
+
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         progress_fd, self.progress = _ProgressRecord.create()
