@@ -7,8 +7,13 @@ latency, build times and database size at 10k, 100k and 1M chunks). Assumptions 
 and which the benchmarks do not prove: throughput scales linearly with cores (ingest and
 embedding run one worker or thread per core; the measured 2-worker ingest reached 1.80x of one);
 a new corpus has the reference corpus's chunks, pages and PDF bytes per paper unless told;
-search latency between two measured sizes is a straight line on log-log axes and beyond the
-largest grows linearly with chunks (full-text scoring dominates there).
+search latency follows bench_search's curve over size (straight lines on log-log axes between
+measured sizes, linear in chunks beyond the largest, where full-text scoring dominates), at the
+level the reference run measured on its own machine and load.
+
+All rates come from one reference run (the largest corpus measured on the device), so a plan is
+as loaded or idle as that run was: its load average is printed with the plan, and re-running
+`make bench BENCH=embed` on the target machine re-calibrates it.
 """
 
 from __future__ import annotations
@@ -84,14 +89,9 @@ class Measurements:
             raise LookupError(f"no bench_embed result for device {device!r}")
         return max(runs, key=lambda p: p["reindex"]["chunks"])
 
-    def latency_points(self, backend: str) -> list[tuple[int, float, float, str]]:
-        """(chunks, p50 ms, p95 ms, source) of every measured hybrid search on `backend`, by size."""
-        pts = [(int(p["chunks"]), float(p["p50_ms"]), float(p["p95_ms"]), "bench_search") for p in self.search_points if p["backend"] == backend]
-        if backend == "sqlite":
-            for prof in self.profiles:
-                r = prof["reindex"]
-                pts.append((int(r["chunks"]), float(r["search_p50_ms"]), float(r["search_p95_ms"]), f"bench_embed {r['corpus']}"))
-        return sorted(pts)
+    def latency_points(self, backend: str) -> list[tuple[int, float, float]]:
+        """(chunks, p50 ms, p95 ms) of every bench_search hybrid search on `backend`, by size."""
+        return sorted((int(p["chunks"]), float(p["p50_ms"]), float(p["p95_ms"])) for p in self.search_points if p["backend"] == backend)
 
 
 @dataclass(frozen=True)
@@ -110,20 +110,39 @@ class Shape:
         return cls(r["chunks"] / n, r["pages"] / n, r["pdf_bytes"] / n, f"{r['corpus']} corpus ({n} papers)")
 
 
-def _interp(points: list[tuple[int, float, float, str]], chunks: float, col: int) -> tuple[float, str]:
-    """Log-log interpolation between measured sizes; linear in chunks beyond the largest."""
-    xs = [p[0] for p in points]
-    if chunks <= xs[0]:
-        return points[0][col], f"measured at {xs[0]:,} chunks ({points[0][3]}); smaller corpora taken as equal"
-    for lo, hi in zip(points, points[1:], strict=False):
-        if lo[0] <= chunks <= hi[0]:
-            if hi[0] == lo[0]:
-                return hi[col], f"measured at {hi[0]:,} chunks"
-            t = (math.log(chunks) - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))
-            v = math.exp(math.log(lo[col]) + t * (math.log(hi[col]) - math.log(lo[col])))
-            return v, f"log-log between {lo[col]:.1f} ms at {lo[0]:,} ({lo[3]}) and {hi[col]:.1f} ms at {hi[0]:,} chunks ({hi[3]})"
-    last = points[-1]
-    return last[col] * chunks / last[0], f"{last[col]:.1f} ms x chunks / {last[0]:,} (linear beyond the largest measured size)"
+def _curve(points: list[tuple[int, float, float]], chunks: float, col: int) -> float:
+    """Latency at `chunks` on the measured curve: straight lines on log-log axes between sizes
+    (the first segment's slope below the smallest), linear in chunks beyond the largest."""
+    if len(points) == 1:
+        return points[0][col]
+    if chunks >= points[-1][0]:
+        return points[-1][col] * chunks / points[-1][0]
+    lo, hi = points[0], points[1]
+    for a, b in zip(points, points[1:], strict=False):
+        if a[0] <= chunks <= b[0]:
+            lo, hi = a, b
+            break
+    t = (math.log(chunks) - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))
+    return math.exp(math.log(lo[col]) + t * (math.log(hi[col]) - math.log(lo[col])))
+
+
+def _latency(points: list[tuple[int, float, float]], ref: Mapping[str, Any], chunks: float, col: int) -> tuple[float, str]:
+    """Search latency at `chunks`: bench_search's curve, levelled by the reference run's own search.
+
+    The curve gives how latency grows with size (idle machine, SciFact claims); the reference run,
+    measured on the same machine state as the plan's other rates, gives the level.
+    """
+    key = "search_p50_ms" if col == 1 else "search_p95_ms"
+    measured = float(ref[key])
+    if not points:
+        return measured, f"{measured:.1f} ms measured at {ref['chunks']:,} chunks ({ref['corpus']} run), taken as flat"
+    level = measured / _curve(points, ref["chunks"], col)
+    value = _curve(points, chunks, col) * level
+    sizes = ", ".join(f"{p[col]:.1f} ms at {p[0]:,}" for p in points)
+    return value, (
+        f"bench_search curve ({sizes} chunks; log-log between sizes, linear beyond) x {level:.2f} "
+        f"(the {ref['corpus']} run measured {measured:.1f} ms at {ref['chunks']:,} chunks)"
+    )
 
 
 def _gib(b: float) -> float:
@@ -140,12 +159,14 @@ def plan(
     memory_gib: float | None = None,
     reindex_window_h: float = 8.0,
     daily_papers: int | None = None,
+    target_p95_ms: float = 50.0,
 ) -> dict[str, Any]:
     """The capacity plan for `documents` papers searched at `qps` queries per second.
 
     `cores`/`memory_gib` describe one machine of the deployment (default: the measured one);
     `shape` the corpus (default: the reference corpus's per-paper figures); `daily_papers` the
-    daily increment (default 1% of `documents`). Returns {inputs, figures: {name: Figure}, limits}.
+    daily increment (default 1% of `documents`); `target_p95_ms` the search latency one index
+    must meet (the project's target, 50 ms). Returns {inputs, figures: {name: Figure}, limits}.
     """
     if documents <= 0 or qps < 0 or gpus < 0:
         raise ValueError(f"documents must be > 0 and qps, gpus >= 0; got {documents}, {qps}, {gpus}")
@@ -244,22 +265,49 @@ def plan(
         _gib(pdf + db + KEEP_GENERATIONS * (fts + vec)), "GiB", f"PDFs + database + {KEEP_GENERATIONS} kept generations x (full-text + vectors)"
     )
 
-    # Search.
+    # Search: one index while it meets the latency target and fits a replica's memory, else the
+    # index split into document-shard ranges queried in parallel (the slowest shard bounds a query).
     pts = m.latency_points("sqlite")
-    p50, p50_f = _interp(pts, chunks, 1)
-    p95, p95_f = _interp(pts, chunks, 2)
-    fig["search_p50_ms"] = Figure(round(p50, 1), "ms", p50_f)
-    fig["search_p95_ms"] = Figure(round(p95, 1), "ms", p95_f)
-    per_replica = cores * 1000.0 / p50 * UTILISATION
-    replicas = max(1, math.ceil(qps / per_replica)) if qps else 1
-    fig["search_qps_per_replica"] = Figure(round(per_replica, 1), "queries/s", f"{cores} cores x 1000 / p50 {p50:.1f} ms x {UTILISATION} utilisation")
-    fig["search_replicas"] = Figure(replicas, "replicas", f"ceil({qps:g} qps / {per_replica:.1f} qps per replica)")
     base = min(p.get("reindex", {}).get("peak_rss_bytes", 0) or 0 for p in m.profiles) or 0
-    mem = base + vec + fts + chunks * db_per_chunk
+    resident_per_chunk = vec_per_chunk + fts_per_chunk + db_per_chunk
+    budget = mem_bytes * MEMORY_SHARE
+
+    def p95_at(ch: float) -> float:
+        return _latency(pts, r, ch, 2)[0]
+
+    # No shard smaller than the smallest size bench_search measured: below it the curve is a guess.
+    smallest = pts[0][0] if pts else r["chunks"]
+    index_shards = 1
+    while chunks / (2 * index_shards) >= smallest and (
+        p95_at(chunks / index_shards) > target_p95_ms or base + resident_per_chunk * chunks / index_shards > budget
+    ):
+        index_shards *= 2
+    shard_chunks = chunks / index_shards
+    p50, p50_f = _latency(pts, r, shard_chunks, 1)
+    p95, p95_f = _latency(pts, r, shard_chunks, 2)
+    fig["search_index_shards"] = Figure(
+        index_shards, "index shards",
+        f"smallest power of two S with p95(chunks / S) <= {target_p95_ms:g} ms and process + resident index of chunks / S "
+        f"<= {MEMORY_SHARE} x memory, shards of at least {smallest:,} chunks" + (" (sharded fan-out is not implemented in the search service)" if index_shards > 1 else ""),
+    )
+    if index_shards > 1:
+        fig["search_p95_ms_one_index"] = Figure(round(p95_at(chunks), 1), "ms", "the same curve at all chunks in one index")
+    fig["search_p50_ms"] = Figure(round(p50, 1), "ms", p50_f)
+    fig["search_p95_ms"] = Figure(round(p95, 1), "ms", p95_f + (
+        f"; ABOVE the {target_p95_ms:g} ms target even at the smallest shard: the reference run's level (load "
+        f"{host['load_average'][0]}) is too slow" if p95 > target_p95_ms else ""))
+    per_replica = cores * 1000.0 / p50 * UTILISATION
+    per_shard = max(1, math.ceil(qps / per_replica)) if qps else 1
+    replicas = index_shards * per_shard
+    fig["search_qps_per_replica"] = Figure(round(per_replica, 1), "queries/s", f"{cores} cores x 1000 / p50 {p50:.1f} ms x {UTILISATION} utilisation")
+    fig["search_replicas"] = Figure(
+        replicas, "replicas", f"{index_shards} index shards x ceil({qps:g} qps / {per_replica:.1f} qps per replica)"
+    )
+    mem = base + resident_per_chunk * shard_chunks
     fig["memory_per_replica_gib"] = Figure(
         _gib(mem), "GiB",
-        f"{_gib(base)} GiB process (model, runtime; peak RSS of the smallest bench run) + vectors + full-text index "
-        "+ chunk rows, all resident so latency stays as measured",
+        f"{_gib(base)} GiB process (model, runtime; peak RSS of the smallest bench run) + {resident_per_chunk:.0f} B per chunk "
+        f"x {round(shard_chunks):,} chunks (vectors, full-text index, chunk rows: resident so latency stays as measured)",
     )
 
     # Database.
@@ -289,13 +337,19 @@ def plan(
     )
 
     # Where one machine stops.
-    per_paper_mem = shape.chunks_per_paper * (vec_per_chunk + fts_per_chunk + db_per_chunk)
+    # At the sizes where memory binds the vector index is HNSW: count its links whatever N is.
+    flat_per_chunk = r["vector_bytes"] / r["chunks"]
+    per_paper_mem = shape.chunks_per_paper * (flat_per_chunk + HNSW_LINK_BYTES + fts_per_chunk + db_per_chunk)
     mem_limit = max(0, int((mem_bytes * MEMORY_SHARE - base) / per_paper_mem))
     window = reindex_window_h * 3600
     lo, hi = 1, 10**9
     while lo < hi:  # the most papers whose full reindex fits the window on one machine (monotone)
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if reindex(mid)[0] <= window else (lo, mid - 1)
+    s_lo, s_hi = 1, 10**9
+    while s_lo < s_hi:  # the most papers one index serves within the latency target
+        mid = (s_lo + s_hi + 1) // 2
+        s_lo, s_hi = (mid, s_hi) if p95_at(chunks_of(mid)) <= target_p95_ms else (s_lo, mid - 1)
     limits = {
         "memory": {
             "papers": mem_limit,
@@ -310,6 +364,13 @@ def plan(
             "exceeded": total_s > window,
             "path": f"embed as a backfill over up to {SHARDS} shard partitions on separate pods (embedding_workers above), "
             "or GPUs; the full-text build (one process) then bounds the rest",
+        },
+        "search_latency": {
+            "papers": s_lo,
+            "formula": f"largest N with search p95 <= {target_p95_ms:g} ms on one index (curve above)",
+            "exceeded": p95_at(chunks) > target_p95_ms,
+            "path": "split the index by document-shard ranges across replicas (search_index_shards) with a fan-out "
+            "and merge in the API (not implemented), or cut the full-text stage's cost (docs/bench/search.md)",
         },
     }
     return {
