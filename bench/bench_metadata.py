@@ -2,7 +2,8 @@
 
 Each paper in `research_pipeline_tests/fixtures/metadata_truth.tsv` is parsed with `parse_pdf`
 (no OCR) and scored on all papers and on each split (`tune`, `held_out`, `fresh`), with the
-metadata step's time per paper. `--rev REV` scores `lib/ingest/metadata.py` as it was at a git
+metadata step's time per paper. `--rev REV` scores the extractor (`lib/ingest/page_lines.py`,
+`authors.py`, `metadata.py`; `metadata.py` alone before they were split) as it was at a git
 revision instead (e.g. the extractor before a change), with today's `pdf.py` around it.
 
     .venv/bin/python -m bench.bench_metadata [--rev REV] [--misses all|tune|held_out|fresh]
@@ -21,29 +22,43 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAPERS = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data")) / "papers"
 TRUTH = REPO / "research_pipeline_tests" / "fixtures" / "metadata_truth.tsv"
-MODULE = "research_pipeline.lib.ingest.metadata"
+PACKAGE = "research_pipeline.lib.ingest"
+#: The extractor's modules at a revision, in import order; before they were split out of
+#: metadata.py (in the commit that added page_lines.py), metadata.py alone.
+EXTRACTOR = ("page_lines", "authors", "metadata")
 
 
-def _load_metadata_at(rev: str) -> None:
-    """Put `metadata.py` as of `rev` in place of today's, for `parse_pdf` to import."""
-    path = "research_pipeline/lib/ingest/metadata.py"
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True,
-                                capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as exc:
-        sys.exit(f"git show {rev}:{path} failed: {exc.stderr.strip()}; pass a revision that has the file")
-    module = types.ModuleType(MODULE)
-    module.__file__ = f"{rev}:{path}"
-    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own file from git
-    sys.modules[MODULE] = module
+def _load_extractor_at(rev: str) -> None:
+    """Put the extractor's modules as of `rev` in place of today's, for `parse_pdf` to import.
+
+    A revision from before the split has metadata.py only; it held `first_page_lines`, so it
+    also stands in for page_lines.
+    """
     import research_pipeline.lib.ingest as package
 
-    package.metadata = module
+    loaded: dict[str, types.ModuleType] = {}
+    for name in EXTRACTOR:
+        path = f"research_pipeline/lib/ingest/{name}.py"
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
+                               check=False)
+        if shown.returncode:
+            if name == "metadata":
+                sys.exit(f"git show {rev}:{path} failed: {shown.stderr.strip()}; pass a revision that has the file")
+            continue
+        module = types.ModuleType(f"{PACKAGE}.{name}")
+        module.__file__ = f"{rev}:{path}"
+        # Registered before it runs: the next module imports it from there.
+        sys.modules[module.__name__] = module
+        setattr(package, name, module)
+        exec(compile(shown.stdout, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own file from git
+        loaded[name] = module
+    if "page_lines" not in loaded:
+        sys.modules[f"{PACKAGE}.page_lines"] = package.page_lines = loaded["metadata"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", help="score metadata.py as of this git revision")
+    parser.add_argument("--rev", help="score the metadata extractor as of this git revision")
     parser.add_argument("--misses", choices=("all", "tune", "held_out", "fresh"),
                         help="print every disagreement on these papers")
     args = parser.parse_args(argv)
@@ -51,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"shared papers missing: {PAPERS} (expected ../shared/data/papers beside the repo, "
                  "or set RP_SHARED_DATA)")
     if args.rev:
-        _load_metadata_at(args.rev)
-    from research_pipeline.lib.ingest import metadata_eval
+        _load_extractor_at(args.rev)
+    from research_pipeline.lib.ingest import metadata as md
+    from research_pipeline.lib.ingest import metadata_eval, page_lines
     from research_pipeline.lib.ingest.pdf import parse_pdf
 
-    md = sys.modules[MODULE]
     # langdetect loads its profiles on first use (~1.5 s): not a cost per paper.
     md.detect_language("Dies ist ein kurzer deutscher Satz, der nur die Spracherkennung aufwärmt, sonst nichts.")
     truth = metadata_eval.load_truth(TRUTH)
@@ -74,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             page = doc[0]
             textpage = page.get_textpage()
             started = time.perf_counter()  # loading page 1 is the parser's cost, not metadata's
-            lines = md.first_page_lines(textpage)
+            lines = page_lines.first_page_lines(textpage)
             md.pdf_metadata(doc, result.pages, Path(row.file).name, lines)
             extract_s += time.perf_counter() - started
             textpage.close()

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
+import shutil
 
 import pytest
+import sqlalchemy as sa
 
+from research_pipeline.lib.core import store
+from research_pipeline.lib.ingest import authors, metadata_eval, page_lines
 from research_pipeline.lib.ingest import metadata as md
-from research_pipeline.lib.ingest import metadata_eval
-from research_pipeline.lib.ingest.metadata import Glyph, PageLine
+from research_pipeline.lib.ingest.page_lines import Glyph, PageLine
 from research_pipeline.lib.ingest.pdf import parse_pdf
+from research_pipeline.lib.ingest.pipeline import ingest
+from research_pipeline.lib.ingest.sources import sources_for
 from research_pipeline_tests.conftest import PAPERS, REPO, require_shared
 
 FIXTURE = REPO / "research_pipeline_tests" / "fixtures" / "metadata_sample.tsv"
@@ -135,13 +141,13 @@ def test_a_space_pdfium_made_inside_a_word_is_removed():
     # space with no gap behind it.
     cut = [Glyph(" ", 0, 0, 0, 0, generated=True)]
     glyphs = _glyphs("C") + cut + _glyphs("HAR", x=105.0, size=7.5) + cut + _glyphs("ACTER", x=120.0, size=7.5)
-    assert md.rebuild_line(glyphs) == ("CHARACTER",)
-    assert md.rebuild_line(_glyphs("CHAR") + cut + _glyphs("ACTER", x=120.0)) == ("CHARACTER",)
+    assert page_lines.rebuild_line(glyphs) == ("CHARACTER",)
+    assert page_lines.rebuild_line(_glyphs("CHAR") + cut + _glyphs("ACTER", x=120.0)) == ("CHARACTER",)
     # Between lowercase glyphs of one size the inserted space is a word break, however narrow.
-    assert md.rebuild_line(_glyphs("Functional") + cut + _glyphs("Programming", x=150.0)) == ("Functional Programming",)
+    assert page_lines.rebuild_line(_glyphs("Functional") + cut + _glyphs("Programming", x=150.0)) == ("Functional Programming",)
     # A space the PDF holds stays, however tight the kerning ("Consensus in").
     tight = _glyphs("Consensus") + [Glyph(" ", 0, 0, 0, 0)] + _glyphs("in", x=144.0)
-    assert md.rebuild_line(tight) == ("Consensus in",)
+    assert page_lines.rebuild_line(tight) == ("Consensus in",)
 
 
 def test_letter_spaced_text_is_closed_up():
@@ -152,20 +158,20 @@ def test_letter_spaced_text_is_closed_up():
             glyphs += [Glyph(ch, x, 700, x + 5, 710), Glyph(" ", 0, 0, 0, 0)]
             x += 8
         x += 12
-    assert md.rebuild_line(glyphs) == ("RES CIENCE",)
+    assert page_lines.rebuild_line(glyphs) == ("RES CIENCE",)
 
 
 def test_an_accent_set_apart_from_its_letter_is_dropped():
     # pdfium reads "Babaoğlu" as "Babao ¨ glu": the accent, boxed far off, between two spaces.
     gen = Glyph(" ", 0, 0, 0, 0, generated=True)
     glyphs = _glyphs("Ozalp Babao") + [gen, Glyph("¨", 20, 700, 25, 710), gen] + _glyphs("glu", x=155.0)
-    assert md.rebuild_line(glyphs) == ("Ozalp Babaoglu",)
+    assert page_lines.rebuild_line(glyphs) == ("Ozalp Babaoglu",)
 
 
 def test_a_title_line_that_pdfium_breaks_in_two_is_joined():
     lines = [_line(17.0, 700, "Kelips", left=100), _line(17.0, 700, ": Building an Efficient and Stable P2P DHT", left=160),
              _line(17.0, 680, "Through Increased Memory and Background Overhead"), _line(11.0, 650, "Indranil Gupta, Ken Birman")]
-    title = md._title_from_lines(lines, md._title_block(lines))
+    title = md._title_from_lines(lines, page_lines.find_title_block(lines))
     assert md.normalize_title(title) == md.normalize_title(
         "Kelips: Building an Efficient and Stable P2P DHT Through Increased Memory and Background Overhead")
 
@@ -175,10 +181,10 @@ def test_superscripts_marks_and_wide_gaps():
     sup = [Glyph(c, 175 + 3 * k, 706, 178 + 3 * k, 712) for k, c in enumerate("a,c")]
     glyphs = _glyphs("Patrick N.J. Lane") + sup + [Glyph("*", 185, 706, 188, 712), Glyph(",", 188, 700, 190, 710)]
     glyphs += [Glyph(" ", 0, 0, 0, 0)] + _glyphs("Alice E. Best", x=195.0)
-    assert md.rebuild_line(glyphs) == ("Patrick N.J. Lane, Alice E. Best",)
+    assert page_lines.rebuild_line(glyphs) == ("Patrick N.J. Lane, Alice E. Best",)
     # Names in columns: a gap of several ems separates them.
     columns = _glyphs("Anirban Dasgupta") + _glyphs("Ravi Kumar", x=260.0)
-    assert md.rebuild_line(columns) == ("Anirban Dasgupta", "Ravi Kumar")
+    assert page_lines.rebuild_line(columns) == ("Anirban Dasgupta", "Ravi Kumar")
 
 
 def _line(size: float, top: float, text: str, left: float = 100.0) -> PageLine:
@@ -201,9 +207,9 @@ def test_an_all_caps_title_is_joined_across_its_lines():
         _line(10.0, 615, "Visual Geometry Group, Department of Engineering Science, University of Oxford"),
         _line(12.0, 590, "ABSTRACT"),
     ] + _body(570)
-    block = md._title_block(lines)
+    block = page_lines.find_title_block(lines)
     assert md._title_from_lines(lines, block) == "VERY DEEP CONVOLUTIONAL NETWORKS FOR LARGE-SCALE IMAGE RECOGNITION"
-    assert [p["family"] for p in md._authors_from_lines(lines, block)] == ["Simonyan", "Zisserman"]
+    assert [p["family"] for p in authors.authors_from_lines(lines, block)] == ["Simonyan", "Zisserman"]
     assert md.printed_year(lines) == 2015
 
 
@@ -222,12 +228,12 @@ def test_a_name_in_the_titles_font_is_the_author_not_the_title(tmp_path):
                  ("Deep Residual Learning for Image Recognition", "Kaiming He")),
         _line(10.0, 660, "Kaiming He, Xiangyu Zhang, Shaoqing Ren, Jian Sun"),
     ] + _body(620)
-    assert md._title_from_lines(glued, md._title_block(glued)) == "Deep Residual Learning for Image Recognition"
+    assert md._title_from_lines(glued, page_lines.find_title_block(glued)) == "Deep Residual Learning for Image Recognition"
 
 
 def test_a_chinese_title_needs_no_spaces():
     lines = [_line(16.0, 700, "古代玻璃制品的成分分析和鉴别模型"), _line(12.0, 660, "摘要")] + _body(640)
-    assert md._title_from_lines(lines, md._title_block(lines)) == "古代玻璃制品的成分分析和鉴别模型"
+    assert md._title_from_lines(lines, page_lines.find_title_block(lines)) == "古代玻璃制品的成分分析和鉴别模型"
 
 
 def _metadata_of(lines: list[PageLine], tmp_path) -> dict:
@@ -250,7 +256,7 @@ def test_stamp_prefixes_and_banners_are_not_the_title():
         _line(12.0, 650, "Bolei Zhou, Agata Lapedriza"),
         _line(12.0, 630, "Abstract"),
     ] + _body(610)
-    block = md._title_block(lines)
+    block = page_lines.find_title_block(lines)
     assert md._title_from_lines(lines, block) == "Learning Deep Features for Scene Recognition"
     assert md.printed_year(lines) == 2010
     banner = [
@@ -260,7 +266,7 @@ def test_stamp_prefixes_and_banners_are_not_the_title():
         _line(14.0, 700, "Simple Testing Can Prevent Most Critical Failures"),
         _line(12.0, 670, "Ding Yuan, Yu Luo"),
     ]
-    assert md._title_from_lines(banner, md._title_block(banner)) == "Simple Testing Can Prevent Most Critical Failures"
+    assert md._title_from_lines(banner, page_lines.find_title_block(banner)) == "Simple Testing Can Prevent Most Critical Failures"
 
 
 @pytest.mark.parametrize(
@@ -289,7 +295,7 @@ def test_stamp_prefixes_and_banners_are_not_the_title():
     ],
 )
 def test_names_are_split_and_affiliations_dropped(text, families):
-    assert [p["family"] for p in md._names_in(text)] == families
+    assert [p["family"] for p in authors._names_in(text)] == families
 
 
 def test_no_year_is_invented():
@@ -399,3 +405,26 @@ def test_record_metadata_reads_beir_fields():
     assert meta["title"] == "A title"
     assert meta["year"] == 2019
     assert md.record_metadata({"_id": "8", "title": "", "text": "x"})["title"] is None
+
+
+def test_ingest_keeps_structured_author_names_in_extra(engine, tmp_path):
+    # A four-author paper with initials ("Patrick N.J. Lane"): the names land in documents.extra
+    # as given and family, the families those of the hand-written truth table.
+    name = "MinerU/demo1.pdf"
+    (truth,) = [r for r in metadata_eval.load_truth(TRUTH) if r.file == f"shared:papers/{name}"]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy2(require_shared(PAPERS) / name, inbox / "demo1.pdf")
+    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
+    assert report.documents_new == 1
+    with engine.connect() as conn:
+        (doc,) = conn.execute(sa.select(store.documents.c.authors, store.documents.c.extra)).all()
+    extra = json.loads(doc.extra)
+    names = extra["author_names"]
+    assert [metadata_eval.family_key(n["family"]) for n in names] == [
+        metadata_eval.family_key(f) for f in truth.family_names
+    ]
+    assert all(n["given"].strip() for n in names)
+    # The display names in documents.authors are the same people, in the same order.
+    assert json.loads(doc.authors) == [f"{n['given']} {n['family']}" for n in names]
+    assert isinstance(extra["info"], dict)

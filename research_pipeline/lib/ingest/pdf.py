@@ -138,6 +138,7 @@ def parse_pdf(
     import pypdfium2.raw as pdfium_c
 
     from research_pipeline.lib.ingest import metadata as md
+    from research_pipeline.lib.ingest import page_lines
 
     started = time.monotonic()
     path = Path(path)
@@ -176,7 +177,7 @@ def parse_pdf(
         bad_chars = 0
         empty_pages = ocr_pages = 0
         image_only_pages = 0
-        first_lines: list[tuple[float, float, str]] = []
+        first_lines: page_lines.PageLines | list[page_lines.PageLine] = []
         for i in range(n_pages):
             if progress:
                 progress(i)
@@ -187,7 +188,7 @@ def parse_pdf(
                 if i == 0:
                     # The title's font sizes, read while page 1 is loaded (loading it costs more).
                     try:
-                        first_lines = md.first_page_lines(textpage)
+                        first_lines = page_lines.first_page_lines(textpage)
                     except Exception:  # noqa: BLE001 - font data is a heuristic; fall back to text
                         first_lines = []
                 textpage.close()

@@ -399,7 +399,7 @@ def ingest(
                 items = waiting.pop(doc_id)
                 if result.ok:
                     meta = result.metadata
-                    extra = {"info": meta.get("info") or {}}
+                    extra = {"info": meta.get("info") or {}, "author_names": meta.get("author_names") or []}
                     row = _document_row(doc_id, "pdf", result, meta, result.text, result.page_offsets,
                                         PARSER, PARSER_VERSION, extra)
                     if not doc_rows:
