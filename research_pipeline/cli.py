@@ -226,6 +226,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         except (LookupError, ValueError, registry.GenerationError) as exc:
             raise CliError(f"rollback failed: {exc}") from None
         print(f"live generation is now {now_live}")
+        _record_rollback(settings, engine)
         return 0
     finally:
         engine.dispose()
@@ -254,6 +255,21 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"{doc['doc_id'][:12]}  {state:<9}  {doc['title'] or '(no title)'}")
     print(f"{len(docs)} document(s) {'restored' if args.undo else 'removed'}; the next reindex publishes the change")
     return 0
+
+
+def _record_rollback(settings: Settings, engine) -> None:  # noqa: ANN001
+    """Record the rollback on `published_index` in Dagster, so the UI shows which generation is live."""
+    import dagster as dg
+
+    from research_pipeline.defs.search.assets import record_live_generation
+
+    prepare_dagster_home(settings)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            record_live_generation(instance, engine, "rollback")
+    except Exception as exc:  # noqa: BLE001 - the pointer already moved; the UI record is secondary
+        print(f"research-pipeline: rolled back, but could not record it in Dagster ({exc}); "
+              "the UI shows the change after the next publish", file=sys.stderr)
 
 
 # --- serve -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ model), so a fresh checkout runs with no configuration. The Dagster resources
 `Settings.from_env()`; nothing else reads `os.environ`. A bad value raises `ConfigError`, whose
 message names the variable and says what is expected.
 
-Gate thresholds are declared once, as the fields of `lib/release/gates.GateThresholds`; each is
+Gate thresholds are declared once, as the fields of `lib/release/thresholds.GateThresholds`; each is
 read from `RP_GATE_<FIELD>` (or the name in the field's `env` metadata).
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from research_pipeline.lib.embed.model import DEFAULT_MODEL
-from research_pipeline.lib.release.gates import GateThresholds
+from research_pipeline.lib.embed import DEFAULT_MODEL
+from research_pipeline.lib.release.thresholds import GateThresholds
 
 DEFAULT_NIGHTLY_CRON = "0 2 * * *"
 DEFAULT_KEEP_GENERATIONS = 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from research_pipeline.config import VARIABLES, ConfigError, Settings, gate_variable
-from research_pipeline.lib.release.gates import GateThresholds
+from research_pipeline.lib.release.thresholds import GateThresholds
 
 PACKAGE = Path(__file__).resolve().parents[1] / "research_pipeline"
 

@@ -427,6 +427,7 @@ class AccessLog:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
+            self.service.metrics.http.labels(name, str(status)).inc()
             if status >= 400:
                 self.service.metrics.errors.labels(name, str(status)).inc()
             ms = round((time.perf_counter() - start) * 1000, 2)

@@ -18,11 +18,13 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 
 from research_pipeline.lib.core import store
+from research_pipeline.ops.metrics import MemoryLimitCollector
 
 #: Seconds; 2.0 separates "slow" from "timed out" at the default 10 s request timeout.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0)
@@ -66,14 +68,13 @@ class CorpusCollector:
         for reason, n in counts["quarantine"].items():
             quarantine.add_metric([reason], n)
         yield quarantine
-        age = GaugeMetricFamily(
-            "rp_live_generation_age_seconds", "seconds since the live index generation went live (-1: none)"
-        )
-        if live is None or live["since"] is None:
-            age.add_metric([], -1)
-        else:
+        # Absent (not -1) when nothing is live: the NoLiveGeneration alert keys on its absence.
+        if live is not None and live["since"] is not None:
+            age = GaugeMetricFamily(
+                "rp_live_generation_age_seconds", "seconds since the live index generation went live"
+            )
             age.add_metric([], (datetime.now(UTC) - live["since"]).total_seconds())
-        yield age
+            yield age
 
 
 class ServiceMetrics:
@@ -95,6 +96,10 @@ class ServiceMetrics:
         self.cache_hits = Counter(
             "rp_search_cache_hits", "/search answers served from the query cache", registry=own
         )
+        self.http = Counter(
+            "rp_http_requests", "HTTP answers by route and status (the 5xx-rate alert's numerator and denominator)",
+            ["route", "status"], registry=own,
+        )
         self.errors = Counter(
             "rp_http_errors", "HTTP answers of 4xx and 5xx by route and status", ["route", "status"], registry=own
         )
@@ -102,6 +107,9 @@ class ServiceMetrics:
             "rp_search_rejected", "searches refused with 503 because the search queue was full", registry=own
         )
         self.registry.register(CorpusCollector(engine))
+        # RSS, CPU and open fds of this process, and its memory limit: the 85% memory alert.
+        ProcessCollector(registry=self.registry)
+        self.registry.register(MemoryLimitCollector())
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric and its content type."""

@@ -21,7 +21,7 @@ from research_pipeline.config import DEFAULT_KEEP_GENERATIONS, Settings
 from research_pipeline.defs.migration.resources import MigrationTargetResource
 from research_pipeline.lib.core.objectstore import ObjectStore
 from research_pipeline.lib.embed.model import Embedder
-from research_pipeline.lib.release.gates import GateThresholds
+from research_pipeline.lib.release.thresholds import GateThresholds
 
 
 class DatabaseResource(dg.ConfigurableResource):

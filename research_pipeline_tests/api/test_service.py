@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 
@@ -60,6 +61,13 @@ def test_search_answers_caches_and_counts(deployment):
         assert 'rp_search_latency_seconds_bucket{le="2.0"}' in text
         assert "rp_search_cache_hits_total 1.0" in text
         assert 'rp_http_errors_total{route="/search",status="400"} 1.0' in text
+        assert 'rp_http_requests_total{route="/search",status="200"} 3.0' in text
+        assert 'rp_http_requests_total{route="/search",status="400"} 1.0' in text
+        assert "rp_live_generation_age_seconds " in text
+        # The memory alert's two series: this process's RSS and its limit.
+        rss = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M).group(1))
+        limit = float(re.search(r"^rp_memory_limit_bytes (\S+)$", text, re.M).group(1))
+        assert 0 < rss < limit
         with store.make_engine(settings.database_url).connect() as conn:
             n_docs = conn.execute(sa.select(sa.func.count()).select_from(store.documents)).scalar()
         assert f"rp_documents {float(n_docs)}" in text

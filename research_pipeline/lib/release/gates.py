@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from research_pipeline.lib.core import store, util
 from research_pipeline.lib.release import probes, registry, searchers
 from research_pipeline.lib.release.ir_metrics import mean_ndcg, percentiles
+from research_pipeline.lib.release.thresholds import GateThresholds
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +40,6 @@ ADVISORY_GATES: tuple[str, ...] = ("parse_quality", "freshness")
 
 #: The bundled probe eval set (package data), built from the demo corpus.
 PROBE_EVAL_DIR = Path(__file__).resolve().parents[2] / "data" / "probe_eval"
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Thresholds of every gate (ReleaseGatesResource carries the blocking ones from the environment)."""
-
-    min_documents: int = 1
-    max_document_drop_share: float = field(default=0.10, metadata={"env": "RP_GATE_MAX_DOCUMENT_DROP"})
-    latency_p95_ms: float = 250.0
-    ndcg_floor: float = 0.30
-    ndcg_max_regression: float = 0.05
-    # Known-item probes drawn from the candidate corpus (the quality gate on every corpus).
-    probe_documents: int = 50
-    probe_seed: int = 0
-    probe_min_success_at_10: float = 0.60  # in each of hybrid, bm25 and dense
-    probe_min_mrr_at_10: float = 0.40  # hybrid
-    probe_min_rbo: float = 0.60  # hybrid rankings vs the live generation's
-    probe_max_success_drop: float = 0.05  # hybrid success@10 vs the live generation's
-    # Advisory only.
-    max_quarantine_share: float = 0.25
-    min_median_quality: float = 0.80
-    max_staleness_hours: float = 7 * 24.0
 
 
 class GateResult(NamedTuple):
