@@ -1,57 +1,42 @@
-"""Shared fixtures: real databases (SQLite and PostgreSQL), the shared data, the demo corpus."""
+"""Shared fixtures: real databases (SQLite and PostgreSQL), the embedding model, a real S3 endpoint.
+
+Plain helpers and paths (the shared data, the demo corpus) live in research_pipeline_tests.shared.
+"""
 
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
-
-import pytest
-import sqlalchemy as sa
-
-from research_pipeline.lib.core import store
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))
-PAPERS = SHARED_DATA / "papers"
-HOSTILE = SHARED_DATA / "hostile"
-IR = SHARED_DATA / "ir"
-DEMO_PAPERS = REPO / "examples" / "papers"
-PG_ADMIN_URL = os.environ.get("RP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two xdist workers share two cores: one torch/BLAS thread each avoids oversubscription
-    # (two threads per worker made a query embedding 10x slower). Set before torch is imported.
+    # (two threads per worker made a query embedding 10x slower). Set before torch and numpy
+    # are imported (research_pipeline_tests.shared imports numpy through lib/release).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
 
-def _pg_admin() -> sa.Engine:
-    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+from research_pipeline.lib.core import store  # noqa: E402
+from research_pipeline_tests.shared import (  # noqa: E402
+    PG_ADMIN_URL,
+    TEST_CREDENTIALS,
+    MotoServer,
+    drop_pg_database,
+    make_pg_database,
+    pg_admin,
+)
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> str:
     """The admin URL of the real PostgreSQL on 127.0.0.1:5432 (the test fails if it is down)."""
-    with _pg_admin().connect() as conn:
+    with pg_admin().connect() as conn:
         conn.execute(sa.text("select 1"))
     return PG_ADMIN_URL
-
-
-def make_pg_database(prefix: str = "rp_test") -> str:
-    """Create a fresh PostgreSQL database and return its URL; drop it with `drop_pg_database`."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with _pg_admin().connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    return sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_pg_database(url: str) -> None:
-    name = sa.engine.make_url(url).database
-    with _pg_admin().connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
@@ -94,7 +79,18 @@ def embedder():
     return load_embedder()
 
 
-def require_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"shared test data missing: {path} (expected ../shared/data beside the repo)")
-    return path
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """The HTTP endpoint of a real (moto) S3 server shared by the tests of one module."""
+    saved = {k: os.environ.get(k) for k in TEST_CREDENTIALS}
+    os.environ.update(TEST_CREDENTIALS)
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -150,7 +150,7 @@ def _build_published(root: Path) -> dict:
     import re
     import shutil
 
-    from research_pipeline_tests.conftest import DEMO_PAPERS
+    from research_pipeline_tests.shared import DEMO_PAPERS
 
     inbox = root / "inbox"
     inbox.mkdir()
@@ -290,7 +290,7 @@ def _tiny_beir(src: Path, dst: Path, n_queries: int = 2, n_other: int = 8) -> tu
 
 @PUBLISHED_GROUP  # in-process: shares the loaded model with the search tests when on the same worker
 def test_eval_json_prints_exactly_one_object(tmp_path, monkeypatch, capsys):
-    from research_pipeline_tests.conftest import IR, require_shared
+    from research_pipeline_tests.shared import IR, require_shared
 
     n_queries, _ = _tiny_beir(require_shared(IR / "scifact"), tmp_path / "tiny")
     monkeypatch.setenv("RP_HOME", str(tmp_path / "rp"))

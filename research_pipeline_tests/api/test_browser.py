@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline_tests.api.conftest import (
+from research_pipeline_tests.shared import (
     API_GROUP,
     HOSTILE_TITLE,
     HOSTILE_WORD,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline_tests.api.conftest import API_GROUP, Running, running_service
+from research_pipeline_tests.shared import API_GROUP, Running, running_service
 
 pytestmark = [API_GROUP, pytest.mark.slow, pytest.mark.integration]
 

@@ -11,13 +11,13 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline_tests.api.conftest import (
+from research_pipeline_tests.shared import (
     API_GROUP,
     HOSTILE_TITLE,
     HOSTILE_WORD,
+    SAMPLE,
     running_service,
 )
-from research_pipeline_tests.lib.test_generations import SAMPLE
 
 pytestmark = [API_GROUP, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline_tests.api.conftest import API_GROUP, Running
+from research_pipeline_tests.shared import API_GROUP, Running
 
 pytestmark = [API_GROUP, pytest.mark.slow, pytest.mark.integration]
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from research_pipeline.api.app import ServiceOptions
 from research_pipeline.lib.core import store
-from research_pipeline_tests.api.conftest import API_GROUP, running_service
+from research_pipeline_tests.shared import API_GROUP, running_service
 
 pytestmark = [API_GROUP, pytest.mark.slow]
 

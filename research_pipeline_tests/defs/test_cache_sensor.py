@@ -11,7 +11,7 @@ from research_pipeline.lib.core import store
 from research_pipeline.lib.release import build, gates, publish, searchers
 from research_pipeline.lib.search.cache import QueryCache, cache_key, cached_search
 from research_pipeline.lib.search.querylog import QueryLog, top_queries
-from research_pipeline_tests.lib.test_generations import (
+from research_pipeline_tests.shared import (
     SEARCH_GROUP,
     load_corpus_rows,
     sample_corpus,

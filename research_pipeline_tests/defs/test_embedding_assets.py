@@ -13,7 +13,7 @@ from research_pipeline.defs.embeddings.assets import ALL_SHARDS_TAGS, chunk_embe
 from research_pipeline.defs.ingest.assets import chunks, documents
 from research_pipeline.defs.resources import EmbedderResource, build_resources
 from research_pipeline.lib.core import store
-from research_pipeline_tests.defs.test_ingest_assets import (
+from research_pipeline_tests.shared import (
     RUN_CONFIG,
     make_settings,
     metadata_of,

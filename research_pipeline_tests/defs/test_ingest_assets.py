@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import dagster as dg
 import pytest
 import sqlalchemy as sa
@@ -13,32 +11,12 @@ from research_pipeline.defs.ingest.assets import chunks, documents
 from research_pipeline.defs.resources import build_resources
 from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.pdf import REASONS as QUARANTINE_REASONS
-from research_pipeline_tests.conftest import DEMO_PAPERS
-
-RUN_CONFIG = {"ops": {"documents": {"config": {"workers": 1}}}}
-
-
-def small_papers(n: int):
-    """The n smallest demo papers (fast to parse, still real multi-page PDFs)."""
-    return sorted(DEMO_PAPERS.glob("*.pdf"), key=lambda p: p.stat().st_size)[:n]
-
-
-def make_settings(tmp_path, db_url, papers) -> Settings:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for pdf in papers:
-        shutil.copy(pdf, inbox / pdf.name)
-    return Settings(
-        home=tmp_path / "rp",
-        inbox=inbox,
-        database_url=db_url,
-        object_store_url=str(tmp_path / "objects"),
-    )
-
-
-def metadata_of(result: dg.ExecuteInProcessResult, key: str) -> dict:
-    [mat] = result.asset_materializations_for_node(key)
-    return {k: v.value for k, v in mat.metadata.items()}
+from research_pipeline_tests.shared import (
+    RUN_CONFIG,
+    make_settings,
+    metadata_of,
+    small_papers,
+)
 
 
 def test_documents_and_chunks_materialize_and_rematerialize_idempotently(tmp_path, db_url):

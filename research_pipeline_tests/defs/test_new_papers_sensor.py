@@ -15,7 +15,7 @@ from research_pipeline.defs.resources import DatabaseResource, InboxResource
 from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
-from research_pipeline_tests.conftest import DEMO_PAPERS
+from research_pipeline_tests.shared import DEMO_PAPERS
 
 PDFS = sorted(DEMO_PAPERS.glob("*.pdf"))
 

@@ -14,7 +14,7 @@ from research_pipeline.defs.search.assets import (
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.lib.core import store
 from research_pipeline.lib.release import registry, searchers
-from research_pipeline_tests.lib.test_generations import (
+from research_pipeline_tests.shared import (
     SAMPLE,
     SEARCH_GROUP,
     load_corpus_rows,

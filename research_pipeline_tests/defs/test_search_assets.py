@@ -25,8 +25,7 @@ from research_pipeline.defs.search.jobs import reindex_job
 from research_pipeline.defs.search.schedules import build_nightly_reindex
 from research_pipeline.lib.core import store
 from research_pipeline.lib.release import publish, registry, searchers
-from research_pipeline_tests.conftest import DEMO_PAPERS
-from research_pipeline_tests.lib.test_generations import SAMPLE, SEARCH_GROUP
+from research_pipeline_tests.shared import DEMO_PAPERS, SAMPLE, SEARCH_GROUP
 
 pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
 

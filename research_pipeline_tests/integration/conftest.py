@@ -12,8 +12,7 @@ import pytest
 
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore
-from research_pipeline_tests.conftest import DEMO_PAPERS
-from research_pipeline_tests.moto_server import s3_endpoint  # noqa: F401 - a fixture
+from research_pipeline_tests.shared import DEMO_PAPERS
 
 
 @dataclass

@@ -23,18 +23,20 @@ from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.chunking import chunk_documents
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
-from research_pipeline_tests.conftest import DEMO_PAPERS, drop_pg_database, make_pg_database
-from research_pipeline_tests.integration.test_topology import (
+from research_pipeline_tests.shared import (
     BIN,
-    REPO,
+    DEMO_PAPERS,
     RELOAD_MUTATION,
+    REPO,
     WORKSPACE_QUERY,
-    _free_port,
-    _graphql,
-    _port_open,
-    _stop,
-    _wait,
-    _webserver_up,
+    drop_pg_database,
+    free_port,
+    graphql,
+    make_pg_database,
+    port_open,
+    stop_process_groups,
+    wait_for,
+    webserver_up,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,7 +90,7 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
         home.mkdir()
         shutil.copy(REPO / "docker" / "dagster.yaml", home / "dagster.yaml")
         pg = sa.engine.make_url(dagster_db)
-        grpc_port, web_port = _free_port(), _free_port()
+        grpc_port, web_port = free_port(), free_port()
         (tmp_path / "workspace.yaml").write_text(
             f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {grpc_port}\n"
             f"      location_name: research_pipeline\n"
@@ -116,16 +118,16 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
 
         start("grpc", str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
               "-m", "research_pipeline.definitions", "-d", str(REPO))
-        _wait(lambda: _port_open(grpc_port), 120, "the gRPC code server", procs)
+        wait_for(lambda: port_open(grpc_port), 120, "the gRPC code server", procs)
         start("webserver", str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port),
               "-w", str(tmp_path / "workspace.yaml"))
         start("daemon", str(BIN / "dagster-daemon"), "run", "-w", str(tmp_path / "workspace.yaml"))
         try:
-            _wait(lambda: _webserver_up(web_port), 90, "the webserver", procs)
+            wait_for(lambda: webserver_up(web_port), 90, "the webserver", procs)
 
             def location_loaded():
                 try:
-                    data = _graphql(web_port, WORKSPACE_QUERY)["workspaceOrError"]
+                    data = graphql(web_port, WORKSPACE_QUERY)["workspaceOrError"]
                 except urllib.error.HTTPError as exc:
                     if exc.code < 500:
                         raise
@@ -135,12 +137,12 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
                 if loc and loc["__typename"] == "PythonError":
                     if "UNAVAILABLE" not in loc["message"]:
                         pytest.fail(f"code location failed to load: {loc['message']}")
-                    _graphql(web_port, RELOAD_MUTATION, {"name": "research_pipeline"})
+                    graphql(web_port, RELOAD_MUTATION, {"name": "research_pipeline"})
                     return None
                 return loc if loc and loc["__typename"] == "RepositoryLocation" else None
 
-            _wait(location_loaded, 90, "the code location over gRPC", procs)
-            launched = _graphql(
+            wait_for(location_loaded, 90, "the code location over gRPC", procs)
+            launched = graphql(
                 web_port,
                 BACKFILL_MUTATION,
                 {
@@ -155,11 +157,11 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
             backfill_id = launched["backfillId"]
 
             def done():
-                result = _graphql(web_port, BACKFILL_QUERY, {"id": backfill_id})["partitionBackfillOrError"]
+                result = graphql(web_port, BACKFILL_QUERY, {"id": backfill_id})["partitionBackfillOrError"]
                 return result if result["status"] in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED") else None
 
-            backfill = _wait(done, 900, f"backfill {backfill_id}", procs)
-            stats = _graphql(web_port, PARTITIONS_QUERY)["assetNodeOrError"]["partitionStats"]
+            backfill = wait_for(done, 900, f"backfill {backfill_id}", procs)
+            stats = graphql(web_port, PARTITIONS_QUERY)["assetNodeOrError"]["partitionStats"]
             assert backfill["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), (backfill, (logs / "daemon.log").read_text()[-4000:])
             assert stats["numPartitions"] == 16
             assert stats["numMaterialized"] == 16 and stats["numFailed"] == 0
@@ -169,7 +171,7 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
             runs.dispose()
             assert n_runs == 8, "the backfill policy puts 2 shards in each run"
         finally:
-            _stop(procs)
+            stop_process_groups(procs)
 
         c, e = store.chunks, store.embeddings
         with corpus.connect() as conn:

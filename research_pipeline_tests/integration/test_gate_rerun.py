@@ -21,18 +21,19 @@ from research_pipeline.defs.resources import ReleaseGatesResource, build_resourc
 from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
 from research_pipeline.defs.search.checks import release_gates_check
 from research_pipeline.lib.release import registry
-from research_pipeline_tests.integration.test_topology import (
+from research_pipeline_tests.shared import (
     BIN,
     LAUNCH_MUTATION,
     RUN_QUERY,
     WORKSPACE_QUERY,
-    _free_port,
-    _graphql,
-    _stop,
-    _wait,
-    _webserver_up,
+    free_port,
+    graphql,
+    load_corpus_rows,
+    sample_corpus,
+    stop_process_groups,
+    wait_for,
+    webserver_up,
 )
-from research_pipeline_tests.lib.test_generations import load_corpus_rows, sample_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,7 +65,7 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         gen_id = built.asset_materializations_for_node("vector_index")[0].metadata["gen_id"].value
     assert "latency" not in (registry.get_generation(engine, gen_id)["checks"] or {})
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), RP_HOME=str(tmp_path), RP_DATABASE_URL=corpus_url,
                RP_OBJECT_STORE_URL=str(tmp_path / "objects"), RP_INBOX=str(tmp_path / "inbox"),
                RP_GATE_LATENCY_P95_MS="600000")
@@ -79,18 +80,18 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait(lambda: _webserver_up(port), 120, "the webserver", procs)
+        wait_for(lambda: webserver_up(port), 120, "the webserver", procs)
 
         def loaded():
             try:
-                data = _graphql(port, WORKSPACE_QUERY)["workspaceOrError"]
+                data = graphql(port, WORKSPACE_QUERY)["workspaceOrError"]
             except urllib.error.HTTPError:
                 return None
             locs = [e["locationOrLoadError"] for e in data.get("locationEntries", [])]
             return next((loc for loc in locs if loc and loc["__typename"] == "RepositoryLocation"), None)
 
-        location = _wait(loaded, 120, "the code location", procs)
-        launched = _graphql(port, LAUNCH_MUTATION, {"params": {
+        location = wait_for(loaded, 120, "the code location", procs)
+        launched = graphql(port, LAUNCH_MUTATION, {"params": {
             "selector": {
                 "repositoryLocationName": location["name"],
                 "repositoryName": location["repositories"][0]["name"],
@@ -104,14 +105,14 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         run_id = launched["run"]["runId"]
 
         def finished():
-            status = _graphql(port, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
+            status = graphql(port, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
             return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
 
-        assert _wait(finished, 300, f"run {run_id}", procs) == "SUCCESS", (tmp_path / "webserver.log").read_text()[-4000:]
-        run = _graphql(port, CHECK_RUNS_QUERY, {"runId": run_id})["runOrError"]
+        assert wait_for(finished, 300, f"run {run_id}", procs) == "SUCCESS", (tmp_path / "webserver.log").read_text()[-4000:]
+        run = graphql(port, CHECK_RUNS_QUERY, {"runId": run_id})["runOrError"]
         assert [c["name"] for c in run["assetCheckSelection"]] == ["vector_index_latency"]
     finally:
-        _stop(procs)
+        stop_process_groups(procs)
         log.close()
         for proc in procs.values():
             if proc.poll() is None:

@@ -51,7 +51,7 @@ from research_pipeline.lib.migration.rows import migrate_rows
 from research_pipeline.lib.migration.tables import TABLE_SPECS
 from research_pipeline.lib.migration.verify import verify
 from research_pipeline.lib.release import searchers
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
     DEMO_PAPERS,
     REPO,
     drop_pg_database,

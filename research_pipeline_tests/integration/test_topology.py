@@ -9,143 +9,35 @@ process it started (and their children) and checks that none is left.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
+    BIN,
     DEMO_PAPERS,
+    LAUNCH_MUTATION,
+    RELOAD_MUTATION,
+    REPO,
+    RUN_QUERY,
+    WORKSPACE_QUERY,
     drop_pg_database,
+    free_port,
+    graphql,
     make_pg_database,
+    port_open,
+    stop_process_groups,
+    wait_for,
+    webserver_up,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-WORKSPACE_QUERY = """
-query {
-  workspaceOrError {
-    __typename
-    ... on Workspace {
-      locationEntries {
-        name
-        locationOrLoadError {
-          __typename
-          ... on RepositoryLocation { name repositories { name jobs { name } sensors { name } } }
-          ... on PythonError { message }
-        }
-      }
-    }
-  }
-}
-"""
-
-LAUNCH_MUTATION = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId status } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}
-"""
-
-RELOAD_MUTATION = """
-mutation Reload($name: String!) {
-  reloadRepositoryLocation(repositoryLocationName: $name) { __typename }
-}
-"""
-
-RUN_QUERY = """
-query Run($runId: ID!) {
-  runOrError(runId: $runId) { __typename ... on Run { status } }
-}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        out = json.loads(resp.read())
-    assert "errors" not in out, out.get("errors")
-    return out["data"]
-
-
-def _wait(predicate, timeout: float, what: str, procs):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, proc in procs.items():
-            assert proc.poll() is None, f"{name} exited with {proc.returncode} while waiting for {what}"
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _webserver_up(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _stop(procs: dict[str, subprocess.Popen]) -> None:
-    """SIGTERM each process group (the process and any run workers it spawned), then SIGKILL stragglers."""
-    for proc in procs.values():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    for proc in procs.values():
-        # The group outlives its leader while any child lives; give children a moment, then kill.
-        for _ in range(50):
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -169,7 +61,7 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
         shutil.copy(paper, inbox / paper.name)
         corpus_url = f"sqlite:///{tmp_path / 'rp' / 'rp.db'}"
         pg = sa.engine.make_url(dagster_db)
-        grpc_port, web_port = _free_port(), _free_port()
+        grpc_port, web_port = free_port(), free_port()
         (tmp_path / "workspace.yaml").write_text(
             f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {grpc_port}\n"
             f"      location_name: research_pipeline\n"
@@ -198,17 +90,17 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
 
         start("grpc", str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
               "-m", "research_pipeline.definitions", "-d", str(REPO))
-        _wait(lambda: _port_open(grpc_port), 90, "the gRPC code server", procs)
+        wait_for(lambda: port_open(grpc_port), 90, "the gRPC code server", procs)
         start("webserver", str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port),
               "-w", str(tmp_path / "workspace.yaml"))
         start("daemon", str(BIN / "dagster-daemon"), "run", "-w", str(tmp_path / "workspace.yaml"))
 
         try:
-            _wait(lambda: _webserver_up(web_port), 60, "the webserver", procs)
+            wait_for(lambda: webserver_up(web_port), 60, "the webserver", procs)
 
             def location_loaded():
                 try:
-                    data = _graphql(web_port, WORKSPACE_QUERY)["workspaceOrError"]
+                    data = graphql(web_port, WORKSPACE_QUERY)["workspaceOrError"]
                 except urllib.error.HTTPError as exc:  # the workspace is (re)loading
                     if exc.code < 500:
                         raise
@@ -219,17 +111,17 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
                     if "UNAVAILABLE" not in loc["message"]:
                         pytest.fail(f"code location failed to load: {loc['message']}")
                     # The server bound its port but was not serving yet: ask for a reload.
-                    _graphql(web_port, RELOAD_MUTATION, {"name": "research_pipeline"})
+                    graphql(web_port, RELOAD_MUTATION, {"name": "research_pipeline"})
                     return None
                 return loc if loc and loc["__typename"] == "RepositoryLocation" else None
 
-            location = _wait(location_loaded, 60, "the code location over gRPC", procs)
+            location = wait_for(location_loaded, 60, "the code location over gRPC", procs)
             repo = location["repositories"][0]
             jobs = {j["name"] for j in repo["jobs"]}
             assert {"ingest_job", "embed_job"} <= jobs
             assert "new_papers_sensor" in {s["name"] for s in repo["sensors"]}
 
-            launched = _graphql(
+            launched = graphql(
                 web_port,
                 LAUNCH_MUTATION,
                 {
@@ -255,13 +147,13 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
             assert launched["run"]["status"] in ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
 
             def finished():
-                status = _graphql(web_port, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
+                status = graphql(web_port, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
                 return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
 
-            status = _wait(finished, 150, f"run {run_id}", procs)
+            status = wait_for(finished, 150, f"run {run_id}", procs)
             assert status == "SUCCESS", (logs / "grpc.log").read_text()[-4000:]
         finally:
-            _stop(procs)
+            stop_process_groups(procs)
 
         for name, proc in procs.items():
             assert proc.poll() is not None, f"{name} still running"

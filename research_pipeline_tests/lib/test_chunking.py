@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,36 +16,13 @@ from research_pipeline.lib.ingest.chunking import (
     chunk_documents,
     detect_sections,
 )
-from research_pipeline.lib.ingest.pipeline import ingest
-from research_pipeline.lib.ingest.sources import sources_for
-from research_pipeline_tests.conftest import DEMO_PAPERS
+from research_pipeline_tests.shared import ingest_demo
 
 #: Papers with numbered headings (ReScience) and with JOSS-style unnumbered ones.
 RESCIENCE = "rescience-2019-variational-sparse-coding.pdf"
 JOSS = "joss-2024-pdr-planetary-data-reader.pdf"
 LONG = "rescience-2020-mathematical-analysis-depolarization-block.pdf"
 BUDGET = 254  # MiniLM's 256 word pieces minus [CLS] and [SEP]
-
-
-def ingest_demo(names: list[str], workdir: Path) -> dict[str, dict]:
-    """documents rows of demo papers, by file name, made by the real ingest (parse, clean, metadata)."""
-    inbox = workdir / "inbox"
-    inbox.mkdir(parents=True)
-    for name in names:
-        shutil.copyfile(DEMO_PAPERS / name, inbox / name)
-    engine = store.make_engine(f"sqlite:///{workdir / 'ingest.db'}")
-    store.create_schema(engine)
-    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
-    assert report.documents_new == len(names), report
-    d, s = store.documents, store.document_sources
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(s.c.uri, d).join(d, d.c.doc_id == s.c.doc_id)).mappings().all()
-    engine.dispose()
-    out = {}
-    for row in rows:
-        name = next(n for n in names if row["uri"].endswith(n))
-        out[name] = {k: v for k, v in row.items() if k != "uri"}
-    return out
 
 
 @pytest.fixture(scope="module")

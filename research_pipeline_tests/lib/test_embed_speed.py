@@ -16,8 +16,7 @@ from research_pipeline.lib.embed import model as model_mod
 from research_pipeline.lib.embed.embeddings import backlog, embed_missing
 from research_pipeline.lib.embed.model import SAME_VECTORS_COSINE, Embedder, native_bf16
 from research_pipeline.lib.ingest.chunking import chunk_document
-from research_pipeline_tests.conftest import IR, require_shared
-from research_pipeline_tests.lib.test_embeddings import SHORT, add_documents, papers  # noqa: F401 - fixture
+from research_pipeline_tests.shared import IR, SHORT, add_documents, require_shared
 
 
 @pytest.fixture(scope="module")

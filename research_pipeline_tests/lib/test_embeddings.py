@@ -21,16 +21,7 @@ from research_pipeline.lib.embed.embeddings import (
 )
 from research_pipeline.lib.embed.model import resolve_model_path
 from research_pipeline.lib.ingest.chunking import chunk_document
-from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
-from research_pipeline_tests.lib.test_chunking import ingest_demo
-
-SHORT = ["joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf", "jose-2018-short-course-about-fitting-models-scipy.pdf"]
-
-
-@pytest.fixture(scope="module")
-def papers(tmp_path_factory) -> dict[str, dict]:
-    names = sorted({*SHORT, *(p.name for p in DEMO_PAPERS.glob("jose-*.pdf"))})
-    return ingest_demo(names, tmp_path_factory.mktemp("demo"))
+from research_pipeline_tests.shared import REPO, SHORT, add_documents
 
 
 class RenamedModel:
@@ -42,14 +33,6 @@ class RenamedModel:
 
     def encode(self, texts, batch_size=64):
         return self.inner.encode(texts, batch_size=batch_size)
-
-
-def add_documents(engine, docs, count_tokens, max_tokens=256) -> list[dict]:
-    rows = [r for doc in docs for r in chunk_document(doc, count_tokens, max_tokens, max_tokens // 8)]
-    with engine.begin() as conn:
-        store.upsert(conn, store.documents, docs, ["doc_id"])
-        store.upsert(conn, store.chunks, rows, ["chunk_id"])
-    return rows
 
 
 def stored(engine, model_id: str) -> dict[str, bytes]:

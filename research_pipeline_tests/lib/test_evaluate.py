@@ -19,7 +19,7 @@ from research_pipeline.lib.release.ir_metrics import (
     percentile,
     recall_at_k,
 )
-from research_pipeline_tests.conftest import IR, require_shared
+from research_pipeline_tests.shared import IR, require_shared
 
 #: Acceptance floors on SciFact test (parameters were tuned on train only; see docs/SEARCH.md).
 SCIFACT_FLOORS = {"bm25": 0.66, "dense": 0.64, "hybrid": 0.70}

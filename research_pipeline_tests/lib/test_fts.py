@@ -11,54 +11,17 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from research_pipeline.lib.core import store, util
+from research_pipeline.lib.core import store
 from research_pipeline.lib.search import analyzer, fts
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
     IR,
     drop_pg_database,
+    load_records,
     make_pg_database,
-    require_shared,
+    scifact_records,
 )
 
 N_DOCS = 300
-
-
-def scifact_records(n: int = N_DOCS) -> list[dict]:
-    """The first `n` SciFact abstracts (real text)."""
-    corpus = require_shared(IR / "scifact" / "corpus.jsonl")
-    out = []
-    with open(corpus, encoding="utf-8") as fh:
-        for line in fh:
-            out.append(json.loads(line))
-            if len(out) >= n:
-                break
-    return out
-
-
-def load_records(engine: sa.Engine, records: list[dict]) -> dict[str, str]:
-    """Documents and one chunk per record in the agreed row shapes; returns chunk_id -> _id."""
-    now = util.utcnow()
-    docs, chunks, ids = [], [], {}
-    for rec in records:
-        doc_id = util.sha256_hex(json.dumps(rec, sort_keys=True))
-        text = rec["text"]
-        content_hash = util.sha256_hex(text)
-        chunk_id = util.sha256_hex(f"{doc_id}|0|{content_hash}")
-        docs.append(
-            dict(doc_id=doc_id, shard=doc_id[0], source_kind="record", title=rec["title"], authors="[]",
-                 year=None, abstract=None, text=text, page_offsets="[0]", parser="test", parser_version="1",
-                 quality=1.0, page_count=1, extra=json.dumps({"_id": rec["_id"]}), ingested_at=now)
-        )
-        chunks.append(
-            dict(chunk_id=chunk_id, doc_id=doc_id, shard=doc_id[0], ordinal=0, section="Body", is_references=False,
-                 page_start=1, page_end=1, char_start=0, char_end=len(text), n_tokens=len(text.split()),
-                 content_hash=content_hash, text=text)
-        )
-        ids[chunk_id] = rec["_id"]
-    with engine.begin() as conn:
-        store.upsert(conn, store.documents, docs, ["doc_id"])
-        store.upsert(conn, store.chunks, chunks, ["chunk_id"])
-    return ids
 
 
 def rare_word_queries(records: list[dict], n: int = 25) -> list[tuple[str, str]]:
@@ -81,7 +44,7 @@ def rare_word_queries(records: list[dict], n: int = 25) -> list[tuple[str, str]]
 
 @pytest.fixture
 def indexed(engine):
-    records = scifact_records()
+    records = scifact_records(N_DOCS)
     ids = load_records(engine, records)
     n = fts.build_fts(engine, "fts_test")
     return engine, records, ids, n
@@ -190,7 +153,7 @@ def test_fuzzed_queries_never_raise(indexed, query):
 
 def test_sqlite_and_postgresql_rank_alike(tmp_path, pg_server):
     """One analyzer, one BM25: the same top-10, scores included, on real SciFact test queries."""
-    records = scifact_records()
+    records = scifact_records(N_DOCS)
     queries = []
     with open(IR / "scifact" / "queries.jsonl", encoding="utf-8") as fh:
         for line in fh:

@@ -15,7 +15,7 @@ from research_pipeline.lib.release.ir_metrics import (
     percentiles,
     rank_biased_overlap,
 )
-from research_pipeline_tests.conftest import DEMO_PAPERS, REPO
+from research_pipeline_tests.shared import DEMO_PAPERS, REPO
 
 
 def test_percentiles_interpolate_between_ranks():

@@ -4,99 +4,28 @@ Four small demo papers are ingested, chunked and embedded once per module (real 
 model) into SQLite; each test copies those rows into a fresh SQLite or PostgreSQL database.
 """
 
-import fcntl
 import json
 import logging
-import os
-import pickle
-import shutil
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
-from research_pipeline.lib.core.objectstore import LocalObjectStore, fsync_write
+from research_pipeline.lib.core.objectstore import LocalObjectStore
 from research_pipeline.lib.release import build, gates, publish, registry, searchers
-from research_pipeline_tests.conftest import DEMO_PAPERS
-
-#: Small demo papers that answer four of the bundled probe queries (q01 PyCM, q02 NiaAML,
-#: q07 CFD Python, q19 game theory).
-SAMPLE = (
-    "joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf",
-    "joss-2021-niaaml-automl-framework-based-stochastic.pdf",
-    "jose-2018-cfd-python-12-steps-navier-stokes.pdf",
-    "jose-2021-game-theory-python-educational-tutorial-game.pdf",
+from research_pipeline_tests.shared import (
+    RELAXED,
+    SAMPLE,
+    SEARCH_GROUP,
+    gated,
+    load_corpus_rows,
+    sample_corpus,
 )
-CORPUS_TABLES = (store.documents, store.document_sources, store.chunks, store.embeddings)
-#: The machine is shared: latency is the subject of its own test, the others must not trip on it.
-RELAXED = gates.GateThresholds(latency_p95_ms=600_000.0)
-#: One worker runs every module that uses the sample corpus, so it is built once.
-SEARCH_GROUP = "search_sample_corpus"
+
 pytestmark = pytest.mark.xdist_group(SEARCH_GROUP)
-
-
-def build_corpus_rows(tmp_dir, embedder) -> dict[str, list[dict]]:
-    """Ingest, chunk and embed SAMPLE with the project's own code; the rows of the corpus tables."""
-    from research_pipeline.lib.embed.embeddings import embed_missing
-    from research_pipeline.lib.ingest.chunking import chunk_documents
-    from research_pipeline.lib.ingest.pipeline import ingest
-    from research_pipeline.lib.ingest.sources import sources_for
-
-    inbox = tmp_dir / "inbox"
-    inbox.mkdir()
-    for name in SAMPLE:
-        shutil.copy(DEMO_PAPERS / name, inbox / name)
-    engine = store.make_engine(f"sqlite:///{tmp_dir / 'corpus.db'}")
-    store.create_schema(engine)
-    report = ingest(engine, sources_for(inbox), workers=1, ocr=False)
-    assert report.documents_new == len(SAMPLE), report
-    chunk_documents(engine, embedder.count_tokens)
-    embed_missing(engine, embedder)
-    with engine.connect() as conn:
-        rows = {t.name: [dict(r._mapping) for r in conn.execute(sa.select(t))] for t in CORPUS_TABLES}
-    engine.dispose()
-    return rows
-
-
-def load_corpus_rows(engine, rows) -> None:
-    with engine.begin() as conn:
-        for t in CORPUS_TABLES:
-            if rows[t.name]:
-                conn.execute(sa.insert(t), rows[t.name])
-
-
-_CORPUS: dict[str, list[dict]] = {}
-
-
-def sample_corpus(tmp_path_factory) -> dict[str, list[dict]]:
-    """The SAMPLE corpus rows, built once per test session and shared by the search test modules.
-
-    Under xdist every worker's temp folder sits in one session folder: the first worker builds
-    the rows under a file lock and pickles them there; the others (and later modules) load them.
-    Callers must not modify the rows.
-    """
-    if _CORPUS:
-        return _CORPUS
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    data = root / "rp_sample_corpus.pickle"
-    with open(root / "rp_sample_corpus.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if data.exists():
-            rows = pickle.loads(data.read_bytes())
-        else:
-            from research_pipeline.lib.embed.model import load_embedder
-
-            with tempfile.TemporaryDirectory(prefix="rp_sample_corpus_") as tmp:
-                rows = build_corpus_rows(Path(tmp), load_embedder())
-            fsync_write(data, pickle.dumps(rows))
-    _CORPUS.update(rows)
-    return _CORPUS
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +42,6 @@ def env(engine, corpus, tmp_path):
 
 def doc_id_of(corpus, filename) -> str:
     return next(s["doc_id"] for s in corpus["document_sources"] if s["uri"].endswith(filename))
-
-
-def gated(engine, obj, embedder, thresholds=RELAXED, probes=4) -> dict:
-    """A new candidate generation with its gates evaluated and recorded."""
-    gen = build.build_generation(engine, obj, embedder)
-    gates.evaluate_generation(engine, obj, embedder, gen["gen_id"], thresholds=thresholds, max_probe_queries=probes)
-    return registry.get_generation(engine, gen["gen_id"])
 
 
 def fts_exists(engine, table) -> bool:

@@ -14,8 +14,7 @@ import sqlalchemy as sa
 from research_pipeline.lib.core import store
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import FolderSource, sources_for
-from research_pipeline_tests.conftest import DEMO_PAPERS, HOSTILE, require_shared
-from research_pipeline_tests.shared import on_log
+from research_pipeline_tests.shared import DEMO_PAPERS, HOSTILE, on_log, require_shared
 
 GOOD = sorted(DEMO_PAPERS.glob("*.pdf"))[:5]
 

@@ -29,14 +29,14 @@ from research_pipeline.lib.ingest.sources import (
     canonical_json,
     sources_for,
 )
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
     DEMO_PAPERS,
     IR,
     PAPERS,
     REPO,
+    on_log,
     require_shared,
 )
-from research_pipeline_tests.shared import on_log
 
 PWL = "papers-we-love"
 SUBSET = [
@@ -248,7 +248,7 @@ def test_kill_9_mid_ingest_then_rerun_matches_uninterrupted(backend, request, tm
         killed_url, clean_url = f"sqlite:///{tmp_path / 'killed.db'}", f"sqlite:///{tmp_path / 'clean.db'}"
     else:
         request.getfixturevalue("pg_server")
-        from research_pipeline_tests.conftest import drop_pg_database, make_pg_database
+        from research_pipeline_tests.shared import drop_pg_database, make_pg_database
 
         killed_url, clean_url = make_pg_database(), make_pg_database()
         request.addfinalizer(lambda: (drop_pg_database(killed_url), drop_pg_database(clean_url)))

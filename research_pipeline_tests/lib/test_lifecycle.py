@@ -21,7 +21,7 @@ from research_pipeline.lib.ingest import lifecycle
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import FolderSource, inbox_files, sources_for
 from research_pipeline.lib.search.querylog import QueryLog
-from research_pipeline_tests.conftest import DEMO_PAPERS
+from research_pipeline_tests.shared import DEMO_PAPERS
 
 PAPERS = sorted(DEMO_PAPERS.glob("*.pdf"))[:4]
 A, B, C, D = PAPERS

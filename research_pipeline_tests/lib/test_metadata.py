@@ -17,7 +17,7 @@ from research_pipeline.lib.ingest.page_lines import Glyph, PageLine
 from research_pipeline.lib.ingest.pdf import parse_pdf
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
-from research_pipeline_tests.conftest import PAPERS, REPO, require_shared
+from research_pipeline_tests.shared import PAPERS, REPO, require_shared
 
 FIXTURE = REPO / "research_pipeline_tests" / "fixtures" / "metadata_sample.tsv"
 TRUTH = REPO / "research_pipeline_tests" / "fixtures" / "metadata_truth.tsv"

@@ -41,7 +41,7 @@ from research_pipeline.lib.migration.tables import (
     expected_states,
 )
 from research_pipeline.lib.migration.verify import verify
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
     IR,
     drop_pg_database,
     make_pg_database,

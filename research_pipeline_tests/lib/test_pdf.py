@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from research_pipeline.lib.ingest import cleanup, pdf, sandbox
-from research_pipeline_tests.conftest import (
+from research_pipeline_tests.shared import (
     DEMO_PAPERS,
     HOSTILE,
     PAPERS,

@@ -19,7 +19,7 @@ from research_pipeline.lib.core.objectstore import LocalObjectStore
 from research_pipeline.lib.release import build, gates, probes, publish, registry
 from research_pipeline.lib.search import fts
 from research_pipeline.lib.search.analyzer import analyze
-from research_pipeline_tests.conftest import IR, require_shared
+from research_pipeline_tests.shared import IR, require_shared
 
 #: SciFact records in the test corpus: enough that a random ranking rarely puts the target in
 #: the top 10 (chance 10/N), few enough to embed in seconds.

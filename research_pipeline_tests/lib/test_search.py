@@ -20,7 +20,7 @@ from research_pipeline.lib.search.searcher import (
     SearchFilters,
     make_snippet,
 )
-from research_pipeline_tests.lib.test_fts import load_records, scifact_records
+from research_pipeline_tests.shared import load_records, scifact_records
 
 N_DOCS = 40
 

@@ -12,8 +12,7 @@ import pytest
 from research_pipeline.lib.core.objectstore import LocalObjectStore, S3ObjectStore
 from research_pipeline.lib.embed import vectors
 from research_pipeline.lib.embed.model import load_embedder
-from research_pipeline_tests.conftest import IR, require_shared
-from research_pipeline_tests.moto_server import s3_endpoint  # noqa: F401 - module fixture
+from research_pipeline_tests.shared import IR, require_shared
 
 
 @pytest.fixture(scope="module")
