@@ -1,0 +1,1 @@
+"""Processes of the production-rehearsal topology and the drills (PostgreSQL clusters, ...)."""
