@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def stored(engine, model_id: str) -> dict[str, bytes]:
     return {h: bytes(v) for h, v, _ in rows}
 
 
-def test_embeds_each_text_once_per_model(engine, embedder, papers):
+def test_embeds_each_text_once_per_model(engine, embedder, papers, caplog):
     paper = papers[SHORT[0]]
     # The same paper under a second doc_id (another copy): identical chunk texts, embedded once.
     shard = "1" if paper["shard"] == "0" else "0"
@@ -66,9 +67,15 @@ def test_embeds_each_text_once_per_model(engine, embedder, papers):
     new_rows = add_documents(engine, [other], embedder.count_tokens, max_tokens=64)
     new = {r["content_hash"] for r in new_rows} - distinct
     assert new
-    stats = embed_missing(engine, embedder, batch_size=8)
+    with caplog.at_level(logging.INFO, logger="research_pipeline.lib.embed.embeddings"):
+        stats = embed_missing(engine, embedder, batch_size=8)
     assert (stats["embedded"], stats["cached"]) == (len(new), len(distinct))
     assert stats["chunks_per_s"] > 0
+    # Progress is standard logging: one record to start, one per committed batch, with fields.
+    records = [r for r in caplog.records if r.name == "research_pipeline.lib.embed.embeddings"]
+    assert records[0].done == 0 and records[0].total == len(new) and records[0].cached == len(distinct)
+    assert [r.done for r in records[1:]] == [min(n, len(new)) for n in range(8, len(new) + 8, 8)]
+    assert all(r.model_id == embedder.model_id and r.chunks_per_s > 0 for r in records[1:])
 
     # Another model id has its own key space and leaves the first model's rows alone.
     before = stored(engine, embedder.model_id)
@@ -115,24 +122,28 @@ def test_vectors_equal_sentence_transformers(sqlite_url, embedder, papers):
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import logging, sys, time
     from research_pipeline.lib.core import store
     from research_pipeline.lib.embed.model import load_embedder
     from research_pipeline.lib.embed.embeddings import embed_missing
 
-    class Progress:
-        # Reports each line to the parent; after the second committed batch it stalls, so the
-        # parent's kill -9 lands in the middle of the run whatever the machine's speed.
+    class Progress(logging.Handler):
+        # Reports each progress record to the parent; after the second committed batch it
+        # stalls, so the parent's kill -9 lands in the middle of the run whatever the speed.
         batches = 0
 
-        def info(self, msg):
-            print(msg, flush=True)
-            if msg.startswith("embedded "):
+        def emit(self, record):
+            print(record.getMessage(), flush=True)
+            if record.getMessage().startswith("embedded "):
+                assert record.done == 16 * (self.batches + 1), record.done
                 self.batches += 1
                 if self.batches == 2:
                     time.sleep(600)
 
-    embed_missing(store.make_engine(sys.argv[1]), load_embedder(), batch_size=16, log=Progress())
+    logger = logging.getLogger("research_pipeline.lib.embed.embeddings")
+    logger.addHandler(Progress())
+    logger.setLevel(logging.INFO)
+    embed_missing(store.make_engine(sys.argv[1]), load_embedder(), batch_size=16)
     print("finished", flush=True)
     """
 )

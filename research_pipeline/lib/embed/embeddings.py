@@ -8,6 +8,7 @@ committed batch by batch, so a crash loses at most the batch in flight and a re-
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store, util
-from research_pipeline.lib.core.progress import emit
+
+log = logging.getLogger(__name__)
 
 #: Embeddings are stored as little-endian float32 so bytes are portable across machines.
 _DTYPE = np.dtype("<f4")
@@ -81,7 +83,6 @@ def embed_missing(
     embedder: Any,
     shard: str | None = None,
     batch_size: int = 64,
-    log: Any = None,
 ) -> dict[str, Any]:
     """Embed every chunk text that has no vector for `embedder.model_id`; returns stats.
 
@@ -93,7 +94,9 @@ def embed_missing(
     vector), backlog (texts of the scope still without a vector when the run ended: 0 unless
     chunks arrived meanwhile), seconds, chunks_per_s, model_id, and numeric_path (which forward
     pass ran, e.g. ``cpu/bf16-autocast``; ``unknown`` for an embedder that does not say).
-    `log` is a logger (with .info) or a callable.
+    Progress goes to this module's logger at INFO, once at the start and once per committed
+    batch, each record with structured fields (`extra`: model_id, shard, done, total, and
+    chunks_per_s per batch) for handlers that want numbers rather than the message.
 
     Scaling out: each process embeds the shards it is given, so a backfill of the 16 shards
     spreads over as many processes (pods) as the run queue allows; inside a process the model
@@ -114,7 +117,11 @@ def embed_missing(
     todo.sort(key=lambda t: (-t[1], t[0]))
     total = len(todo)
     path = getattr(embedder, "numeric_path", "unknown")
-    emit(log, f"embedding {total} chunk texts with {model_id} on {path} ({in_scope - total} cached)")
+    fields = {"model_id": model_id, "shard": shard, "numeric_path": path, "total": total}
+    log.info(
+        "embedding %d chunk texts with %s on %s (%d cached)", total, model_id, path, in_scope - total,
+        extra={**fields, "done": 0, "cached": in_scope - total},
+    )
     done = 0
     for i in range(0, total, batch_size):
         hashes = [h for h, _ in todo[i : i + batch_size]]
@@ -138,7 +145,11 @@ def embed_missing(
             store.upsert(conn, store.embeddings, rows, ["content_hash", "model_id"], update=())
         done += len(batch)
         elapsed = time.perf_counter() - started
-        emit(log, f"embedded {done}/{total} chunk texts, {done / max(elapsed, 1e-9):.1f} chunks/s")
+        rate = done / max(elapsed, 1e-9)
+        log.info(
+            "embedded %d/%d chunk texts, %.1f chunks/s", done, total, rate,
+            extra={**fields, "done": done, "chunks_per_s": round(rate, 2)},
+        )
     seconds = time.perf_counter() - started
     remaining = len(_missing(engine, model_id, shard))
     return {
