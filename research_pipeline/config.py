@@ -13,6 +13,7 @@ read from `RP_GATE_<FIELD>` (or the name in the field's `env` metadata).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -59,6 +60,16 @@ def _float(name: str, raw: str) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _seconds(allow_zero: bool) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        value = _float(name, raw)
+        if not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+            raise ConfigError(f"{name}={raw!r} must be a finite number of seconds {'>= 0' if allow_zero else 'above 0'}")
+        return value
+
+    return parse
 
 
 def _device(name: str, raw: str) -> str:
@@ -149,6 +160,10 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     dagster_home: Path | None = None  # None: $RP_HOME/dagster
+    search_concurrency: int | None = None  # None: one search thread per usable core, at least 2
+    search_queue: int = 16
+    search_timeout_s: float = 10.0
+    search_drain_s: float = 5.0
     gates: GateThresholds = field(default_factory=GateThresholds)
     migration: MigrationTarget = field(default_factory=MigrationTarget)
     aws: AwsCredentials = field(default_factory=AwsCredentials)
@@ -188,6 +203,10 @@ class Settings:
             nightly_cron=values.get("RP_NIGHTLY_CRON", DEFAULT_NIGHTLY_CRON),
             log_format=values.get("RP_LOG_FORMAT", "text"),
             log_level=values.get("RP_LOG_LEVEL", "INFO"),
+            search_concurrency=values.get("RP_SEARCH_CONCURRENCY"),
+            search_queue=values.get("RP_SEARCH_QUEUE", 16),
+            search_timeout_s=values.get("RP_SEARCH_TIMEOUT_S", 10.0),
+            search_drain_s=values.get("RP_SEARCH_DRAIN_S", 5.0),
             gates=GateThresholds(**gate_values),
             migration=MigrationTarget(
                 database_url=values.get("RP_TARGET_DATABASE_URL", ""),
@@ -239,6 +258,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RP_NIGHTLY_CRON", _cron, "UTC cron of nightly_reindex (default 0 2 * * *)"),
     Variable("RP_LOG_FORMAT", _choice("text", "json"), "log lines of the CLI and the search service"),
     Variable("RP_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
+    Variable("RP_SEARCH_CONCURRENCY", _int(minimum=1), "searches run at once per service process (default: cores, >= 2)"),
+    Variable("RP_SEARCH_QUEUE", _int(minimum=0), "searches waiting per process before 503 + Retry-After (default 16)"),
+    Variable("RP_SEARCH_TIMEOUT_S", _seconds(allow_zero=False), "seconds before a search answers 504 (default 10)"),
+    Variable("RP_SEARCH_DRAIN_S", _seconds(allow_zero=True), "seconds in-flight requests may finish after SIGTERM (default 5)"),
     Variable("RP_TARGET_DATABASE_URL", _database_url, "migration target PostgreSQL database"),
     Variable("RP_S3_BUCKET", _text, "migration target bucket"),
     Variable("RP_S3_PREFIX", _text, "migration target key prefix"),

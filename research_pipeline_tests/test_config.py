@@ -26,6 +26,10 @@ BAD_VALUES = {
     "RP_NIGHTLY_CRON": "every night",
     "RP_LOG_FORMAT": "xml",
     "RP_LOG_LEVEL": "LOUD",
+    "RP_SEARCH_CONCURRENCY": "0",
+    "RP_SEARCH_QUEUE": "-1",
+    "RP_SEARCH_TIMEOUT_S": "0",
+    "RP_SEARCH_DRAIN_S": "nan",
 }
 
 
@@ -33,6 +37,18 @@ BAD_VALUES = {
 def test_a_bad_value_fails_naming_the_variable(name):
     with pytest.raises(ConfigError, match=re.escape(name)):
         Settings.from_env({name: BAD_VALUES[name]})
+
+
+def test_the_search_service_takes_its_scheduling_from_the_configuration():
+    from research_pipeline.api.app import ServiceOptions
+
+    settings = Settings.from_env(
+        {"RP_SEARCH_CONCURRENCY": "3", "RP_SEARCH_QUEUE": "0", "RP_SEARCH_TIMEOUT_S": "2.5", "RP_SEARCH_DRAIN_S": "0"}
+    )
+    options = ServiceOptions.from_settings(settings)
+    assert (options.concurrency, options.queue, options.timeout_s, options.drain_s) == (3, 0, 2.5, 0.0)
+    # A flag given to `serve` wins over the variable.
+    assert ServiceOptions.from_settings(settings, concurrency=5).concurrency == 5
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GateThresholds)])

@@ -86,14 +86,13 @@ class ServiceOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ServiceOptions:
-        """Options from Settings where it carries them (`search_*` fields), else the defaults."""
+        """Options from the configuration (RP_SEARCH_*); `overrides` win (the CLI's flags)."""
         values = {
-            "concurrency": getattr(settings, "search_concurrency", None) or max(2, usable_cores()),
-            "queue": getattr(settings, "search_queue", None),
-            "timeout_s": getattr(settings, "search_timeout_s", None),
-            "drain_s": getattr(settings, "search_drain_s", None),
+            "concurrency": settings.search_concurrency or max(2, usable_cores()),
+            "queue": settings.search_queue,
+            "timeout_s": settings.search_timeout_s,
+            "drain_s": settings.search_drain_s,
         }
-        values = {k: v for k, v in values.items() if v is not None}
         return cls(**{**values, **overrides})
 
 
