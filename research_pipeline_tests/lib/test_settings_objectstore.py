@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
 from research_pipeline.config import DEFAULT_MODEL, Settings
-from research_pipeline.lib.core.objectstore import LocalObjectStore, open_object_store
+from research_pipeline.lib.core.objectstore import (
+    LocalObjectStore,
+    S3ObjectStore,
+    open_object_store,
+)
 
 
 def test_defaults_live_under_rp_home(tmp_path):
@@ -65,3 +70,21 @@ def test_open_object_store_rejects_unknown_schemes():
         open_object_store("ftp://host/x")
     with pytest.raises(ValueError, match="no bucket"):
         open_object_store("s3:///prefix")
+
+
+@pytest.mark.parametrize("prefix", ["", "indexes/", "indexes/g1/", "indexes/g", "papers", "nothing/"])
+def test_s3_and_local_stores_list_the_same_keys(tmp_path, s3_endpoint, prefix):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"list-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    stores = [LocalObjectStore(tmp_path / "objects"), S3ObjectStore(bucket, "rp/live", client=client)]
+    keys = ["indexes/g1/index.faiss", "indexes/g1/manifest.json", "indexes/g2/index.faiss", "papers/ab.pdf"]
+    for store in stores:
+        for key in keys:
+            store.put_bytes(key, key.encode())
+    local, s3 = ([*store.list(prefix)] for store in stores)
+    assert sorted(s3) == local == sorted(k for k in keys if k.startswith(prefix))
+    with pytest.raises(ValueError, match="prefix"):
+        list(stores[1].list("../other"))

@@ -103,7 +103,7 @@ class LocalObjectStore:
 class S3ObjectStore:
     """An S3 bucket (or any S3-compatible endpoint) under an optional key prefix."""
 
-    def __init__(self, bucket: str, prefix: str = "", client=None, endpoint_url: str | None = None):  # noqa: ANN001
+    def __init__(self, bucket: str, prefix: str = "", client=None, endpoint_url: str | None = None):
         import boto3
 
         self.bucket = bucket
@@ -144,7 +144,10 @@ class S3ObjectStore:
         return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        # A listing prefix is not a key: "indexes/" (a folder) and "indexes/g" (a name start) are both fine.
+        if prefix.startswith("/") or any(p in (".", "..") for p in prefix.split("/")):
+            raise ValueError(f"invalid object key prefix {prefix!r}: use a relative path without '.' or '..'")
+        full = (self.prefix + "/" if self.prefix else "") + prefix
         paginator = self.client.get_paginator("list_objects_v2")
         strip = len(self.prefix) + 1 if self.prefix else 0
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
@@ -155,7 +158,7 @@ class S3ObjectStore:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
-def open_object_store(url: str, endpoint_url: str | None = None, client=None) -> ObjectStore:  # noqa: ANN001
+def open_object_store(url: str, endpoint_url: str | None = None, client=None) -> ObjectStore:
     """`s3://bucket/prefix` opens S3; anything else is a local folder path."""
     if url.startswith("s3://"):
         rest = url[len("s3://") :]
@@ -165,4 +168,4 @@ def open_object_store(url: str, endpoint_url: str | None = None, client=None) ->
         return S3ObjectStore(bucket, prefix, client=client, endpoint_url=endpoint_url)
     if "://" in url and not url.startswith("file://"):
         raise ValueError(f"RP_OBJECT_STORE_URL {url!r}: use a local path, file:///path or s3://bucket/prefix")
-    return LocalObjectStore(url[len("file://") :] if url.startswith("file://") else url)
+    return LocalObjectStore(url.removeprefix("file://"))
