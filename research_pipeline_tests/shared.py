@@ -54,6 +54,24 @@ PG_ADMIN_URL = os.environ.get("RP_TEST_PG_URL", "postgresql+psycopg://postgres@1
 BIN = Path(sys.executable).parent
 
 
+def write_deployed_instance(home: Path) -> Path:
+    """docker/dagster.yaml in `home`, its run launcher swapped for Dagster's default one.
+
+    Compose launches each run in a container (DockerRunLauncher); this machine has no Docker
+    engine, so the loopback topology runs each run as a process of the code server instead.
+    Everything else (PostgreSQL storage, queue limits, retries, monitoring, python logs) is the
+    shipped file's.
+    """
+    import yaml
+
+    config = yaml.safe_load((REPO / "docker" / "dagster.yaml").read_text())
+    config["run_launcher"] = {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"}
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "dagster.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def require_shared(path: Path) -> Path:
     """`path` if the shared test data holds it; otherwise the test fails saying where it belongs."""
     if not path.exists():
@@ -399,7 +417,7 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return out["data"]
 
 
-def wait_for(predicate, timeout: float, what: str, procs):  # noqa: ANN001
+def wait_for(predicate, timeout: float, what: str, procs):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in procs.items():

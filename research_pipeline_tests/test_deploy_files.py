@@ -341,3 +341,96 @@ def test_helm_values_for_the_official_chart():
     code = "".join(p.read_text() for p in (REPO / "research_pipeline" / "defs").rglob("*.py"))
     for key in launch_tags - {"dagster/backfill"}:
         assert key in code, f"the chart limits runs tagged {key}, which no job sets"
+
+
+# -- docker-compose: 3 replicas behind nginx, one container per run ------------------------------
+
+COMPOSE_ENV = {"POSTGRES_PASSWORD": "from-the-environment", "RP_INBOX_HOST": "/srv/papers", "PATH": "/usr/bin:/bin"}
+
+
+def _compose_config() -> dict:
+    """The compose file as Debian's docker-compose resolves it (interpolation, merges, validation)."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("Debian's docker-compose is not installed: apt-get install -y docker-compose")
+    proc = subprocess.run([binary, "-f", str(DOCKER / "docker-compose.yaml"), "config"], env=COMPOSE_ENV,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_compose_config_resolves_and_only_nginx_faces_users():
+    import subprocess
+    import shutil
+
+    config = _compose_config()
+    services = config["services"]
+    published = {name: [str(p.get("host_ip", "")) + ":" + str(p.get("published", "")) if isinstance(p, dict) else str(p)
+                        for p in service.get("ports", [])] for name, service in services.items()}
+    assert services["search_api"]["deploy"]["replicas"] == 3
+    assert not published["search_api"], "replicas have no host port: nginx is their only way in"
+    for internal in ("postgres", "redis", "user_code", "daemon"):
+        assert not published[internal], f"{internal} must not publish a port"
+    assert all(p.startswith("127.0.0.1:") for p in published["webserver"]), published["webserver"]
+    assert published["nginx"], "nginx is the public front"
+    # Without the password the file refuses to resolve, naming the variable.
+    env = {k: v for k, v in COMPOSE_ENV.items() if k != "POSTGRES_PASSWORD"}
+    proc = subprocess.run([shutil.which("docker-compose"), "-f", str(DOCKER / "docker-compose.yaml"), "config"],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and "POSTGRES_PASSWORD" in proc.stderr
+
+
+def test_compose_runs_each_run_in_its_own_container():
+    config = _compose_config()
+    instance = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
+    launcher = instance["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    services = config["services"]
+    for name in ("daemon", "webserver"):
+        env = set(services[name]["environment"])
+        missing = set(launcher["config"]["env_vars"]) - env
+        assert not missing, f"the run launcher passes {sorted(missing)} on, which compose's {name} does not set"
+        assert "/var/run/docker.sock" in " ".join(str(v) for v in services[name]["volumes"])
+    # Run containers join the compose network and mount the same named volumes as the code server.
+    assert launcher["config"]["network"] in {n.get("name") for n in config["networks"].values()}
+    volume_names = {v.get("name") for v in config["volumes"].values()}
+    for mount in launcher["config"]["container_kwargs"]["volumes"]:
+        volume, _, target = mount.partition(":")
+        assert volume in volume_names, f"{volume} is not a named volume of the compose file"
+        assert any(target.split(":")[0] in str(v) for v in services["user_code"]["volumes"])
+    user_code = services["user_code"]
+    assert user_code["environment"]["DAGSTER_CURRENT_IMAGE"] == user_code["image"]
+    import dagster_docker
+
+    assert hasattr(dagster_docker, "DockerRunLauncher")
+
+
+def test_compose_nginx_is_the_shipped_config_pointed_at_the_replicas(tmp_path):
+    """Run the nginx service's own command on the shipped file; the result must pass `nginx -t`."""
+    import shutil
+    import subprocess
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    service = _compose_config()["services"]["nginx"]
+    command = service["command"]
+    assert command[:2] == ["sh", "-c"]
+    script = command[2].replace("$$", "$")
+    script = script.replace("/etc/research_pipeline/nginx.conf", str(REPO / "deploy" / "nginx" / "nginx.conf"))
+    script = script.replace("/etc/nginx/nginx.conf", str(tmp_path / "nginx.conf"))
+    script = script.split("&& exec nginx")[0]
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
+    text = (tmp_path / "nginx.conf").read_text()
+    upstream = re.search(r"upstream search_replicas \{(.*?)\}", text, re.S).group(1)
+    assert re.findall(r"server (\S+)", upstream) == ["search_api:8080"]
+    assert "listen 8080;" in text and "access_log /dev/stdout;" in text
+    # Docker's DNS answers `search_api` inside compose; here it is loopback.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(text.replace("search_api:8080", "127.0.0.1:1").replace("listen 8080;",
+                                                                                                 "listen 127.0.0.1:1;"))
+    proc = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g",
+                           f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/logs/error.log;"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -7,12 +7,14 @@ VENV="${2:-.venv}"
 
 # Debian packages the pipeline and its tests use: Tesseract (OCR for image-only pages), promtool
 # (Prometheus' rule checker, package prometheus), nginx (the search tier's front) and chromium
-# (the search page's browser test). Installed when we may (root + apt).
+# (the search page's browser test), docker-compose (`config` validation of docker/; there is no
+# Docker engine here). Installed when we may (root + apt).
 need=()
 command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]}"

@@ -37,6 +37,7 @@ from research_pipeline_tests.shared import (
     stop_process_groups,
     wait_for,
     webserver_up,
+    write_deployed_instance,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,7 +89,7 @@ def test_a_16_shard_backfill_through_the_daemon_materializes_every_shard(tmp_pat
 
         home = tmp_path / "dagster_home"
         home.mkdir()
-        shutil.copy(REPO / "docker" / "dagster.yaml", home / "dagster.yaml")
+        write_deployed_instance(home)
         pg = sa.engine.make_url(dagster_db)
         grpc_port, web_port = free_port(), free_port()
         (tmp_path / "workspace.yaml").write_text(

@@ -35,6 +35,7 @@ from research_pipeline_tests.shared import (
     stop_process_groups,
     wait_for,
     webserver_up,
+    write_deployed_instance,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,7 +55,7 @@ def test_grpc_webserver_daemon_launch_a_run_on_postgres_storage(tmp_path, pg_ser
     try:
         home = tmp_path / "dagster_home"
         home.mkdir()
-        shutil.copy(REPO / "docker" / "dagster.yaml", home / "dagster.yaml")
+        write_deployed_instance(home)
         inbox = tmp_path / "inbox"
         inbox.mkdir()
         paper = min(DEMO_PAPERS.glob("*.pdf"), key=lambda p: p.stat().st_size)
