@@ -38,7 +38,10 @@ def make_engine(url: str, create_schema: bool = True) -> sa.Engine:
     except ValueError as exc:
         raise DependencyError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the drivers' errors vary; the fix is the same
-        raise DependencyError(f"cannot open the database {redact_url(url)}: {exc}") from None
+        raise DependencyError(
+            f"RP_DATABASE_URL={redact_url(url)}: cannot open the database ({exc.__class__.__name__}: {exc}); "
+            "check that the server runs at that address and accepts this user, or fix the variable"
+        ) from None
     return engine
 
 

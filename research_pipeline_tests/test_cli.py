@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,15 @@ def test_bad_inputs_fail_with_a_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RP_DATABASE_URL", "mysql://nobody@localhost/db")
     assert cli.main(["status"]) == 2
     assert "RP_DATABASE_URL" in capsys.readouterr().err
+    # A well-formed URL of a server that does not answer: named, with what to check, no traceback.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    monkeypatch.setenv("RP_DATABASE_URL", f"postgresql+psycopg://rp:hunter2@127.0.0.1:{dead_port}/rp")
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "RP_DATABASE_URL" in err and "cannot open the database" in err and "hunter2" not in err
+    assert "Traceback" not in err
     monkeypatch.delenv("RP_DATABASE_URL")
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "corpus.jsonl" in capsys.readouterr().err

@@ -46,6 +46,7 @@ from research_pipeline import logs
 from research_pipeline.api import page, papers
 from research_pipeline.api.metrics import ServiceMetrics, live_generation_info
 from research_pipeline.config import Settings
+from research_pipeline.lib.core.util import redact_url
 from research_pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,11 @@ class SearchService:
                     conn.execute(sa.text("select 1"))
                 live = live_generation_info(self.engine)
             except Exception as exc:  # noqa: BLE001 - reported to the probe
-                state = Readiness(False, f"database unreachable: {exc.__class__.__name__}: {exc}")
+                state = Readiness(
+                    False,
+                    f"database unreachable (RP_DATABASE_URL={redact_url(self.settings.database_url)}): "
+                    f"{exc.__class__.__name__}: {exc}",
+                )
             else:
                 if live is None:
                     state = Readiness(False, "no index generation is published yet: materialize reindex_job")

@@ -221,7 +221,7 @@ def test_live_but_not_ready_without_a_database(tmp_path, pg_server):
     with running_service(settings) as svc:
         assert svc.get("/healthz")[0] == 200
         status, body = svc.json("/readyz")
-        assert status == 503 and "database unreachable" in body["reason"]
+        assert status == 503 and "database unreachable" in body["reason"] and "RP_DATABASE_URL" in body["reason"]
         status, _, raw = svc.get("/search", {"q": "anything"})
         assert status == 503 and "database unreachable" in json.loads(raw)["error"]
         status, _, raw = svc.get("/metrics")
