@@ -12,11 +12,21 @@ float32 vectors to cosine >= `SAME_VECTORS_COSINE`. This is checked when the Emb
 on probe texts, so a device whose bf16 kernels drift further gets its own key space (`auto`
 falls back to float32 instead). Dynamic int8 quantisation was measured too (mean cosine 0.92)
 and is not offered: it would need its own model id and fails the retrieval gates.
+
+Threads and concurrency. torch's intra-op thread count is the process's choice, made once when
+the Embedder is built (`threads`: batch work uses every core; a search service builds it with
+`threads=1`, or sets one thread once at start, because its parallelism comes from concurrent
+searches). No method changes it afterwards, so `encode`, `encode_query` and `count_tokens`
+may run at once from several threads (a search service's pool, a backfill beside queries) and
+return what they return alone: the forward pass holds no state between calls, every encode
+asks the tokenizer for the same truncation and padding (so its settings are never rewritten
+mid-call), and token counting, which asks for other settings, has its own tokenizer copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -103,9 +113,13 @@ class Embedder:
         self.name = model
         if not device.startswith("cuda"):
             torch.set_num_threads(max(1, threads or available_cores()))
-        self._batch_threads = torch.get_num_threads()
         self.device = device
         self.tokenizer = self.model.tokenizer
+        # Counting (no truncation) on its own copy: switching the shared tokenizer's truncation
+        # off and on would race with an encode in another thread. Warmed once, so its settings
+        # are fixed before any thread counts.
+        self._counter = copy.deepcopy(self.tokenizer)
+        self.count_tokens("warm up")
         self.max_seq_length = int(self.model.max_seq_length)
         self.dim = int(self.model.get_embedding_dimension())
         # The key space of cached embeddings: a new model (or a changed length) never reuses vectors.
@@ -116,6 +130,9 @@ class Embedder:
         self.model_id = base_id
         self.probe_min_cosine = 1.0
         self.numeric_path, self.path_reason = self._choose_path(precision, base_id)
+        # The shared tokenizer's truncation and padding are set by the first encode; done here,
+        # so concurrent first calls never rewrite them under one another.
+        self._encode_sorted(["warm up"], 1)
 
     def _choose_path(self, precision: str, base_id: str) -> tuple[str, str]:
         """Pick the numeric path for `precision`; sets the autocast flag and, if needed, the model id."""
@@ -167,7 +184,7 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Word pieces the model sees for `text`, without special tokens."""
-        return len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        return len(self._counter(text, add_special_tokens=False, truncation=False)["input_ids"])
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts in length-sorted batches (less padding); rows come back in input order."""
@@ -180,19 +197,15 @@ class Embedder:
         return out
 
     def encode_query(self, query: str) -> np.ndarray:
-        """Embed one query on a single thread.
+        """Embed one query: the row `encode([query])` gives, safe beside concurrent encodes.
 
-        A one-row forward pass gains nothing from intra-op parallelism, and on a busy 2-core
-        machine a second torch thread waits for a core: measured p50 14 ms on one thread against
-        35 ms (p95 99 ms) on two. Batch encoding keeps the process's thread count.
+        It runs on the process's thread count and changes no process-wide state (an earlier
+        version switched torch to one thread per call and back, which a concurrent batch or a
+        service that had set one thread saw flip under it). A one-row forward pass gains little
+        from intra-op threads (measured on the busy 2-core machine: p50 14 ms on one thread,
+        35 ms on two), so a search process sets one thread once (see the module docstring).
         """
-        import torch
-
-        torch.set_num_threads(1)
-        try:
-            return self.encode([query], batch_size=1)[0]
-        finally:
-            torch.set_num_threads(self._batch_threads)
+        return self.encode([query], batch_size=1)[0]
 
 
 @functools.lru_cache(maxsize=4)
