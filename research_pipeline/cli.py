@@ -392,6 +392,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The capacity plan computed from the measured benchmark results (docs/bench/*.json)."""
+    from research_pipeline.lib.capacity import options
+    from research_pipeline.lib.capacity.plan import render
+
+    try:
+        result = options.plan_of(args)
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        raise CliError(f"plan: {exc}") from None
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -458,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9108)
     p.set_defaults(func=cmd_exporter)
+
+    from research_pipeline.lib.capacity.options import add_arguments as plan_arguments
+
+    p = sub.add_parser("plan", help="capacity plan for N papers at Q queries/s, from the measured benchmarks")
+    plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -5,10 +5,13 @@ each run's measured reindex time, disk and search latency (docs/bench/embed-*-cp
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from research_pipeline.lib.capacity import cli
+from research_pipeline import cli
 from research_pipeline.lib.capacity.plan import BENCH_DIR, Measurements, Shape, plan, render
 
 TOLERANCE = 0.30
@@ -81,11 +84,23 @@ def test_gpus_without_a_measured_gpu_run_say_so():
     assert fig["value"] is None and "RP_DEVICE=cuda" in fig["formula"]
 
 
-def test_cli(capsys, tmp_path):
-    assert cli.main(["--documents", "10000", "--qps", "5", "--json"]) == 0
+def test_plan_command_of_the_main_cli(capsys, tmp_path):
+    assert cli.main(["plan", "--documents", "10000", "--qps", "5", "--gpus", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["inputs"]["documents"] == 10_000 and "reindex_s" in out["figures"]
-    assert cli.main(["--documents", "10000", "--qps", "5", "--bench-dir", str(tmp_path)]) == 2
+    assert out["inputs"]["documents"] == 10_000 and out["inputs"]["qps"] == 5
+    assert out["figures"]["chunks"]["value"] > 0 and "reindex_s" in out["figures"]
+    assert cli.main(["plan", "--documents", "10000", "--qps", "5", "--bench-dir", str(tmp_path)]) == 2
     assert "make bench BENCH=embed" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="documents must be > 0"):
-        plan(0, qps=1)
+    assert cli.main(["plan", "--documents", "0", "--qps", "1"]) == 2
+    assert "documents must be > 0" in capsys.readouterr().err
+
+
+def test_plan_through_the_console_script():
+    script = Path(sys.executable).with_name("research-pipeline")
+    assert script.exists(), f"the package is not installed in {sys.executable}'s environment (pip install -e .)"
+    done = subprocess.run(
+        [str(script), "plan", "--documents", "100000", "--qps", "20"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Capacity plan: 100,000 papers, 20 qps")
+    assert "one machine stops at (memory)" in done.stdout and "search_replicas" in done.stdout
