@@ -218,3 +218,38 @@ def test_gates_rerun_on_their_own_let_the_publish_proceed(deployment):
         published = materialize(deployment, instance=instance, selection=[published_index.key], run_config=None)
         assert published.success
         assert store.live_generation(engine)["gen_id"] == gen_id
+
+
+def test_a_rejected_candidate_publishes_after_a_passing_gate_rerun(deployment):
+    """A transient latency failure rejects the candidate; re-running that gate alone, passing, lets
+    automation publish it without rebuilding vector_index."""
+    defs = dg.Definitions(
+        assets=[fts_index, vector_index, published_index],
+        asset_checks=[release_gates_check],
+        resources=with_gates(deployment),
+    )
+    selection = dg.AssetSelection.assets(published_index)
+    engine = deployment["database"].get_engine()
+    with dg.instance_for_test() as instance:
+        build = dg.AssetSelection.assets(fts_index, vector_index)
+        failed = materialize(deployment, instance=instance, selection=build, latency_p95_ms=0.0)
+        gen_id = run_gen_id(failed)
+        latency = check_evaluations(failed)["vector_index_latency"]
+        assert not latency.passed
+        assert "live_gen_id" not in latency.metadata, "no generation is live: none is named"
+        assert registry.get_generation(engine, gen_id)["status"] == "rejected"
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        assert tick.get_num_requested(published_index.key) == 0
+
+        key = dg.AssetCheckKey(vector_index.key, "vector_index_latency")
+        rerun = materialize(deployment, instance=instance, selection=dg.AssetSelection.checks(key), run_config=GATES_ONLY)
+        assert rerun.success and check_evaluations(rerun)["vector_index_latency"].passed
+        assert not materialized_keys(rerun)
+        assert registry.get_generation(engine, gen_id)["status"] == "candidate"
+        tick = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=tick.cursor
+        )
+        assert tick.get_num_requested(published_index.key) == 1, "the passing re-run lets automation publish"
+        published = materialize(deployment, instance=instance, selection=[published_index.key], run_config=None)
+        assert published.success
+        assert store.live_generation(engine)["gen_id"] == gen_id

@@ -1,9 +1,12 @@
-"""A release gate re-run on its own through the webserver's GraphQL API.
+"""A release gate re-run on its own through the webserver's GraphQL API lets the publish proceed.
 
-A candidate generation is built (fts_index and vector_index, no gates) on a sample corpus; a real
-`dagster-webserver` (with a `dagster-daemon` to launch the queued run) then gets `launchRun` with only the
-`vector_index_latency` check selected. The run executes that one check against the candidate,
-which records the latency gate on the generation; no asset is materialized.
+A candidate generation is built on a sample corpus (fts_index, vector_index and the gates, in
+process) under a latency SLA nothing meets, so the latency gate rejects it. A real
+`dagster-webserver` (with a `dagster-daemon` that launches the queued run and evaluates the
+automation sensor) then gets `launchRun` with only the `vector_index_latency` check selected,
+under the real SLA. The run executes that one check against the candidate and materializes
+nothing; the passing result makes the candidate publishable again, and the daemon's
+`publish_automation_sensor` publishes it (`published_index` in a run of its own).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from research_pipeline.config import Settings
 from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
 from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
 from research_pipeline.defs.search.checks import release_gates_check
+from research_pipeline.lib.core import store
 from research_pipeline.lib.release import registry
 from research_pipeline_tests.shared import (
     BIN,
@@ -55,15 +59,20 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
     engine = resources["database"].get_engine()
     load_corpus_rows(engine, sample_corpus(tmp_path_factory))
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # A transient latency failure: an SLA of 0 ms that no search meets.
         built = dg.materialize(
             [fts_index, vector_index, published_index, release_gates_check],
-            resources={**resources, "release_gates": ReleaseGatesResource(latency_p95_ms=600_000.0)},
+            resources={**resources, "release_gates": ReleaseGatesResource(latency_p95_ms=0.0)},
             instance=instance,
-            selection=dg.AssetSelection.assets(fts_index, vector_index).without_checks(),
+            selection=dg.AssetSelection.assets(fts_index, vector_index),
+            run_config={"ops": {"release_gates_check": {"config": {"max_probe_queries": 2}}}},
+            raise_on_error=False,
         )
-        assert built.success
+        assert not built.success, "the latency gate failed the run"
         gen_id = built.asset_materializations_for_node("vector_index")[0].metadata["gen_id"].value
-    assert "latency" not in (registry.get_generation(engine, gen_id)["checks"] or {})
+    gen = registry.get_generation(engine, gen_id)
+    assert gen["status"] == "rejected" and gen["checks"]["latency"]["passed"] is False
+    assert gen["checks"]["volume"]["passed"] and gen["checks"]["quality"]["passed"]
 
     port = free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), RP_HOME=str(tmp_path), RP_DATABASE_URL=corpus_url,
@@ -111,6 +120,14 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         assert wait_for(finished, 300, f"run {run_id}", procs) == "SUCCESS", (tmp_path / "webserver.log").read_text()[-4000:]
         run = graphql(port, CHECK_RUNS_QUERY, {"runId": run_id})["runOrError"]
         assert [c["name"] for c in run["assetCheckSelection"]] == ["vector_index_latency"]
+        assert registry.get_generation(engine, gen_id)["status"] == "candidate", "the passing re-run re-admits it"
+
+        # The daemon's automation sensor (every 30 s) sees the blocking gates pass and publishes.
+        def published():
+            live = store.live_generation(engine)
+            return live is not None and live["gen_id"] == gen_id
+
+        wait_for(published, 240, f"publish_automation_sensor to publish {gen_id}", procs)
     finally:
         stop_process_groups(procs)
         log.close()
@@ -126,5 +143,8 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         )[dg.AssetCheckKey(vector_index.key, "vector_index_latency")]
         assert record.run_id == run_id
         assert instance.get_latest_materialization_event(vector_index.key).run_id == built.run_id
+        publish_event = instance.get_latest_materialization_event(published_index.key)
+        assert publish_event.run_id not in (built.run_id, run_id), "published by a run of its own"
+        assert publish_event.asset_materialization.metadata["live_gen_id"].value == gen_id
     engine.dispose()
 

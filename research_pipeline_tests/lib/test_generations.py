@@ -126,6 +126,52 @@ def test_failed_gate_rejects_and_keeps_live(env, corpus, embedder):
     assert store.live_generation(engine)["gen_id"] == live["gen_id"]
 
 
+def test_a_passing_rerun_of_the_failed_gates_lets_a_rejected_candidate_publish(env, embedder):
+    """A transient gate failure is not final: re-running the failed gates alone re-admits the candidate."""
+    engine, obj = env
+    gen_id = build.build_generation(engine, obj, embedder)["gen_id"]
+    # The latency SLA missed (an SLA nothing meets) and nDCG@10 under a floor nothing reaches.
+    strict = gates.GateThresholds(latency_p95_ms=0.0, ndcg_floor=1.01)
+    first = gates.evaluate_generation(engine, obj, embedder, gen_id, thresholds=strict, max_probe_queries=2)
+    assert first["volume"]["passed"] and not first["latency"]["passed"] and not first["quality"]["passed"]
+    assert registry.get_generation(engine, gen_id)["status"] == "rejected"
+    with pytest.raises(registry.GenerationError, match="rejected by its release gates"):
+        publish.publish(engine, gen_id, store=obj)
+    recorded = registry.get_generation(engine, gen_id)["checks"]
+
+    # Only the latency gate re-runs (as from the UI); quality still fails, so it stays rejected.
+    rerun = gates.evaluate_generation(engine, obj, embedder, gen_id, thresholds=RELAXED, max_probe_queries=2,
+                                      only=["latency"])
+    assert set(rerun) == {"latency"} and rerun["latency"]["passed"]
+    gen = registry.get_generation(engine, gen_id)
+    assert gen["status"] == "rejected"
+    assert gen["checks"]["quality"] == recorded["quality"] and gen["checks"]["volume"] == recorded["volume"]
+    assert gen["checks"]["latency"]["passed"] is True
+
+    # Quality re-run under the real floor: every blocking gate passes, the candidate publishes.
+    gates.evaluate_generation(engine, obj, embedder, gen_id, thresholds=RELAXED, max_probe_queries=2, only=["quality"])
+    assert registry.get_generation(engine, gen_id)["status"] == "candidate"
+    assert publish.publish(engine, gen_id, store=obj).gen_id == gen_id
+    assert store.live_generation(engine)["gen_id"] == gen_id
+    with pytest.raises(ValueError, match="unknown release gates"):
+        gates.evaluate_generation(engine, obj, embedder, gen_id, only=["speed"])
+
+
+def test_a_rejected_generation_without_its_files_stays_rejected(env, embedder):
+    engine, obj = env
+    old = build.build_generation(engine, obj, embedder)["gen_id"]
+    gates.evaluate_generation(engine, obj, embedder, old, thresholds=gates.GateThresholds(latency_p95_ms=0.0),
+                              max_probe_queries=1)
+    assert registry.get_generation(engine, old)["status"] == "rejected"
+    # A newer generation goes live: retention drops the older rejected one's files.
+    publish.publish(engine, gated(engine, obj, embedder, probes=1)["gen_id"], store=obj)
+    assert registry.get_generation(engine, old)["fts_table"] == ""
+    rerun = gates.evaluate_generation(engine, obj, embedder, old, thresholds=RELAXED, max_probe_queries=1,
+                                      only=["latency"])
+    assert not rerun["latency"]["passed"] and "not a complete candidate" in rerun["latency"]["description"]
+    assert registry.get_generation(engine, old)["status"] == "rejected"
+
+
 def test_concurrent_searches_during_five_swaps(env, corpus, embedder):
     engine, obj = env
     first = gated(engine, obj, embedder, probes=1)

@@ -81,6 +81,11 @@ def release_gates_check(
         raise dg.Failure(description="vector_index has never been materialized: run reindex_job")
     engine = database.get_engine()
     live = store.live_generation(engine)
+    gate_of = {check_name(gate): gate for gate in (*gates.BLOCKING_GATES, *gates.ADVISORY_GATES)}
+    selected = [gate_of[key.name] for key in context.selected_asset_check_keys]
+    # Only the selected gates run and are recorded on the generation; the others keep their
+    # recorded result. A re-run in which every blocking gate passes makes a candidate that the
+    # gates had rejected publishable again (lib/release/registry.record_gates).
     results = gates.evaluate_generation(
         engine,
         object_store.get_store(),
@@ -88,16 +93,13 @@ def release_gates_check(
         gen_id,
         thresholds=thresholds_of(release_gates),
         max_probe_queries=config.max_probe_queries,
+        only=selected,
     )
-    selected = {key.name for key in context.selected_asset_check_keys}
     for gate, res in results.items():
-        if check_name(gate) not in selected:
-            continue
-        metadata: dict[str, dg.MetadataValue] = {
-            "gen_id": dg.MetadataValue.text(gen_id),
+        metadata: dict[str, dg.MetadataValue] = {"gen_id": dg.MetadataValue.text(gen_id)}
+        if live is not None:
             # Which generation stays live if this gate blocks the candidate.
-            "live_gen_id": dg.MetadataValue.text(live["gen_id"] if live else ""),
-        }
+            metadata["live_gen_id"] = dg.MetadataValue.text(live["gen_id"])
         for key, value in res["metadata"].items():
             if isinstance(value, str):  # e.g. live_status: "compared", "unreadable: <reason>"
                 metadata[key] = dg.MetadataValue.text(value)

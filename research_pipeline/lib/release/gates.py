@@ -20,7 +20,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -493,13 +493,21 @@ def evaluate_generation(
     probe: ProbeSet | None = None,
     record: bool = True,
     max_probe_queries: int = 0,
+    only: Collection[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run every gate on candidate `gen_id` (against the live generation) and record the results on it.
+    """Run the gates on candidate `gen_id` (against the live generation) and record the results on it.
 
     Returns gate name -> {"passed", "blocking", "metadata", "description"}. A blocking failure
-    marks the generation rejected (see registry.record_gates). `max_probe_queries` > 0
-    limits the probe set (answerable queries first) to keep small test runs fast.
+    marks the generation rejected; a re-run in which every blocking gate passes makes a rejected
+    generation a candidate again (see registry.record_gates). `only` runs (and records) just
+    those gates, e.g. the one a user re-runs from the UI; the others keep their recorded result.
+    `max_probe_queries` > 0 limits the probe set (answerable queries first) to keep small test
+    runs fast.
     """
+    wanted = set(only) if only is not None else {*BLOCKING_GATES, *ADVISORY_GATES}
+    unknown = wanted - {*BLOCKING_GATES, *ADVISORY_GATES}
+    if unknown:
+        raise ValueError(f"unknown release gates {sorted(unknown)}: the gates are {[*BLOCKING_GATES, *ADVISORY_GATES]}")
     thresholds = thresholds or GateThresholds()
     probe = probe or load_probe_set()
     gen = registry.get_generation(engine, gen_id)
@@ -511,32 +519,43 @@ def evaluate_generation(
     def put(name: str, res: GateResult, blocking: bool) -> None:
         results[name] = {"passed": res.passed, "blocking": blocking, **res._asdict()}
 
-    if gen["status"] != registry.GenerationStatus.CANDIDATE or not gen["vector_key"] or not gen["fts_table"]:
+    blocking = wanted & set(BLOCKING_GATES)
+    complete = gen["status"] in registry.JUDGEABLE and gen["vector_key"] and gen["fts_table"]
+    if blocking and not complete:
         reason = (
             f"generation {gen_id} is {gen['status']}, not a complete candidate (full-text table "
             f"{gen['fts_table'] or 'missing'}, vectors {gen['vector_key'] or 'missing'}): rerun reindex_job"
         )
-        for name in BLOCKING_GATES:
+        for name in blocking:
             put(name, GateResult(False, {}, reason), True)
-    else:
+    elif blocking:
         recorder = RecordingEmbedder(embedder)
         searcher = searchers.open_searcher(engine, object_store, recorder, gen_id=gen_id)
-        put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
-        present = indexed_doc_ids(engine, probe.doc_ids)
-        probe = probe.limited(max_probe_queries, present)
-        latencies, rankings = run_probes(searcher, probe.queries)
-        put("latency", latency_gate(list(latencies.values()), thresholds.latency_p95_ms), True)
-        qrels = answerable_qrels(probe, present)
-        run = probes.ProbeRun(probes.draw_probes(engine, thresholds.probe_documents, thresholds.probe_seed))
-        run.rankings = probes.search_probes(searcher, run.probes)
-        live_rankings = _live_comparison(
-            engine, object_store, recorder, live, run, {q: probe.queries[q] for q in qrels}
-        )
-        quality = quality_gate(run, thresholds, rankings, qrels, live_rankings, probe_queries_total=len(probe.queries))
-        logger.info("generation %s quality gate: %s", gen_id, quality.description)
-        put("quality", quality, True)
-    put("parse_quality", parse_quality_gate(engine, thresholds), False)
-    put("freshness", freshness_gate(engine, live, thresholds), False)
+        if "volume" in wanted:
+            put("volume", volume_gate(engine, gen, live, thresholds, searcher.vector_index), True)
+        if wanted & {"latency", "quality"}:
+            present = indexed_doc_ids(engine, probe.doc_ids)
+            probe = probe.limited(max_probe_queries, present)
+            latencies, rankings = run_probes(searcher, probe.queries)
+        if "latency" in wanted:
+            put("latency", latency_gate(list(latencies.values()), thresholds.latency_p95_ms), True)
+        if "quality" in wanted:
+            qrels = answerable_qrels(probe, present)
+            run = probes.ProbeRun(probes.draw_probes(engine, thresholds.probe_documents, thresholds.probe_seed))
+            run.rankings = probes.search_probes(searcher, run.probes)
+            live_rankings = _live_comparison(
+                engine, object_store, recorder, live, run, {q: probe.queries[q] for q in qrels}
+            )
+            quality = quality_gate(
+                run, thresholds, rankings, qrels, live_rankings, probe_queries_total=len(probe.queries)
+            )
+            logger.info("generation %s quality gate: %s", gen_id, quality.description)
+            put("quality", quality, True)
+    if "parse_quality" in wanted:
+        put("parse_quality", parse_quality_gate(engine, thresholds), False)
+    if "freshness" in wanted:
+        put("freshness", freshness_gate(engine, live, thresholds), False)
+    results = {name: results[name] for name in (*BLOCKING_GATES, *ADVISORY_GATES) if name in results}
     if record:
         registry.record_gates(engine, gen_id, results)
     return results

@@ -48,7 +48,8 @@ def _refuse_unpublishable(gen: Mapping[str, Any]) -> None:
         reasons = "; ".join(f"{n}: {gen['checks'][n]['description']}" for n in failed) or "see its checks"
         raise GenerationError(
             f"cannot publish index generation {gen_id}: it was rejected by its release gates ({reasons}); "
-            "the live generation is unchanged. Fix the cause and run reindex_job"
+            "the live generation is unchanged. Fix the cause, then re-run the failed gates (vector_index -> "
+            "Checks in the UI) or run reindex_job"
         )
     if gen["status"] == S.RETIRED and gen["published_at"] is None:
         raise GenerationError(

@@ -4,8 +4,9 @@ A generation is a full-text table `fts_<gen_id>` plus a FAISS index under the ob
 prefix `indexes/<gen_id>/`, recorded in `index_generations`; the `live` row of `index_pointer`
 names the generation that searches use (`store.live_generation`). Its status moves
 building -> candidate -> published (-> retired, its files dropped), or candidate -> rejected
-when a blocking release gate fails. This module owns those moves; `build`, `publish` and the
-gates call it.
+when a blocking release gate fails, and rejected -> candidate again when a re-run of the gates
+(e.g. a transient latency failure re-run from the UI) finds every blocking gate passing while
+its files still exist. This module owns those moves; `build`, `publish` and the gates call it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class GenerationStatus(enum.StrEnum):
 S = GenerationStatus
 #: A generation in these states may still be built into (a re-executed run finishes it).
 OPEN = (S.BUILDING, S.CANDIDATE)
+#: A generation in these states may be judged by the release gates (again): a rejected one is
+#: re-admitted as a candidate when a re-run finds every blocking gate passing.
+JUDGEABLE = (S.CANDIDATE, S.REJECTED)
 
 
 class GenerationError(ValueError):
@@ -172,13 +176,17 @@ def finish_part(engine: Engine, gen_id: str, values: Mapping[str, Any]) -> Gener
 
 
 def record_gates(engine: Engine, gen_id: str, results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Store gate results on the generation (merged with earlier ones) and reject it if a blocking gate failed.
+    """Store gate results on the generation (merged with earlier ones) and decide its status.
 
     `results` maps gate name -> {"passed": bool, "blocking": bool, "metadata": {...}, "description": str}.
-    Returns the updated generation row.
+    A candidate with a failing blocking gate becomes rejected. A rejected generation whose
+    blocking gates all pass after the merge (every required one recorded, e.g. a latency gate
+    re-run after a transient failure) is a candidate again, if its files are still there
+    (retention drops a rejected generation's files once a newer one is live). Returns the
+    updated generation row.
     """
     with engine.begin() as conn:
-        stmt = sa.select(G.c.status, G.c.checks).where(G.c.gen_id == gen_id)
+        stmt = sa.select(G.c.status, G.c.checks, G.c.fts_table, G.c.vector_key).where(G.c.gen_id == gen_id)
         if conn.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         row = conn.execute(stmt).first()
@@ -193,10 +201,12 @@ def record_gates(engine: Engine, gen_id: str, results: Mapping[str, Mapping[str,
                 "description": str(res.get("description") or ""),
                 "at": util.utcnow().isoformat(),
             }
-        failed = any(c["blocking"] and not c["passed"] for c in checks.values())
         values: dict[str, Any] = {"checks": db.dumps(checks)}
+        missing, failed = gate_status({"checks": checks})
         if failed and row.status == S.CANDIDATE:
             values["status"] = S.REJECTED.value
+        elif not failed and not missing and row.status == S.REJECTED and row.fts_table and row.vector_key:
+            values["status"] = S.CANDIDATE.value
         conn.execute(sa.update(G).where(G.c.gen_id == gen_id).values(**values))
     return get_generation(engine, gen_id)
 

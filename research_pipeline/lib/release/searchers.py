@@ -1,15 +1,21 @@
-"""Opening a Searcher on an index generation, with a per-process cache of loaded vector indexes.
+"""Opening a Searcher on an index generation, with a per-process cache of loaded indexes.
 
-A Searcher holds its generation's table name and loaded vectors, so a search that started on
-it finishes on it even if another generation is published meanwhile. A generation's files
-never change, so a process loads each vector index once however many Searchers it opens;
-retention forgets an index when it drops its files (`forget_vectors`).
+A Searcher holds its generation's table name, loaded vectors and full-text index, so a search
+that started on it finishes on it even if another generation is published meanwhile. A
+generation's files never change, so a process loads each index once however many Searchers it
+opens; retention forgets them when it drops their files (`forget_vectors`).
+
+The full-text list comes from the generation's Tantivy index (`release.fulltext`) where one was
+published, fetched into a local cache folder (`cache_dir`, by default `DEFAULT_CACHE_DIR`) and
+memory-mapped; a generation built before that is searched through its SQL table.
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -23,13 +29,43 @@ from research_pipeline.lib.release.registry import GenerationStatus as S
 _VECTORS: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _VECTORS_LOCK = threading.Lock()
 _VECTORS_MAX = 4
+# Opened full-text indexes by (store url, manifest key); their local folders.
+_FULLTEXT: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+#: Where replicas keep their copies of published full-text indexes.
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "rp-fulltext-cache"
 
 
 def forget_vectors(key: str | None) -> None:
-    """Drop the cached vector index of manifest key `key` (its files are being deleted)."""
+    """Drop the cached indexes of the generation whose vector manifest key is `key` (its files
+    are being deleted): the vector index and the full-text index published beside it."""
+    gen_prefix = key.rsplit("/", 1)[0] + "/" if key else None
     with _VECTORS_LOCK:
         for k in [k for k in _VECTORS if k[1] == key]:
             del _VECTORS[k]
+        for k in [k for k in _FULLTEXT if gen_prefix and k[1].startswith(gen_prefix)]:
+            del _FULLTEXT[k]
+
+
+def load_fulltext(object_store: Any, key: str, cache_dir: Path | str | None = None) -> Any:
+    """The opened full-text index of manifest `key`: fetched once into `cache_dir`, cached per process."""
+    from research_pipeline.lib.release import fulltext
+    from research_pipeline.lib.search.fts_tantivy import FulltextIndex
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    ident = (getattr(object_store, "url", str(id(object_store))), key)
+    with _VECTORS_LOCK:
+        if ident in _FULLTEXT:
+            _FULLTEXT.move_to_end(ident)
+            return _FULLTEXT[ident]
+    index = FulltextIndex(fulltext.fetch(object_store, key, cache_dir))
+    with _VECTORS_LOCK:
+        _FULLTEXT[ident] = index
+        while len(_FULLTEXT) > _VECTORS_MAX:
+            _FULLTEXT.popitem(last=False)
+        in_use = {i.path for i in _FULLTEXT.values()}
+    fulltext.prune_cache(cache_dir, in_use)
+    return index
 
 
 def load_vectors(object_store: Any, key: str) -> Any:
@@ -49,8 +85,20 @@ def load_vectors(object_store: Any, key: str) -> Any:
     return index
 
 
-def open_searcher(engine: Engine, object_store: Any, embedder: Any, gen_id: str | None = None, **tuning: Any) -> Any:
-    """A Searcher over generation `gen_id` (the live one by default); it has `.gen_id` and `.generation`."""
+def open_searcher(
+    engine: Engine,
+    object_store: Any,
+    embedder: Any,
+    gen_id: str | None = None,
+    cache_dir: Path | str | None = None,
+    **tuning: Any,
+) -> Any:
+    """A Searcher over generation `gen_id` (the live one by default); it has `.gen_id` and `.generation`.
+
+    Its full-text list comes from the generation's published Tantivy index where there is one
+    (`.fulltext_engine` says which: "tantivy" or the SQL dialect).
+    """
+    from research_pipeline.lib.release import fulltext
     from research_pipeline.lib.search.searcher import Searcher
 
     if gen_id is None:
@@ -62,17 +110,22 @@ def open_searcher(engine: Engine, object_store: Any, embedder: Any, gen_id: str 
         gen = registry.record(live)
     else:
         gen = registry.get_generation(engine, gen_id)
-    if gen["status"] not in (S.PUBLISHED, S.CANDIDATE) or not gen["fts_table"] or not gen["vector_key"]:
+    # A rejected generation keeps its files until retention drops them: its gates can re-run on it.
+    if gen["status"] not in (S.PUBLISHED, *registry.JUDGEABLE) or not gen["fts_table"] or not gen["vector_key"]:
         raise GenerationError(
             f"index generation {gen['gen_id']} is {gen['status']} and cannot be searched; "
-            "use a published or candidate generation (`research-pipeline index list`)"
+            "use a published, candidate or rejected generation (`research-pipeline index list`)"
         )
     if gen["model_id"] != embedder.model_id:
         raise GenerationError(
             f"index generation {gen['gen_id']} was built with {gen['model_id']} but the embedder is "
             f"{embedder.model_id}; set RP_MODEL to match or run reindex_job"
         )
-    searcher = Searcher(engine, gen["fts_table"], load_vectors(object_store, gen["vector_key"]), embedder, **tuning)
+    ft_key = fulltext.manifest_key(gen["gen_id"])
+    ft_index = load_fulltext(object_store, ft_key, cache_dir) if object_store.exists(ft_key) else None
+    searcher = Searcher(
+        engine, gen["fts_table"], load_vectors(object_store, gen["vector_key"]), embedder, fulltext=ft_index, **tuning
+    )
     searcher.gen_id = gen["gen_id"]
     searcher.generation = gen
     return searcher
