@@ -107,6 +107,10 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
         chunk_ids,
         {"gen_id": gen_id, "model": embedder.model_id, "n_documents": n_documents, "build_params": params},
     )
+    # The generation's full-text index (Tantivy), published beside the FAISS files: replicas search it.
+    from research_pipeline.lib.release import fulltext
+
+    fulltext.publish_generation(engine, object_store, gen_id)
     seconds = time.perf_counter() - started
     embedded = int(embed_stats.get("embedded", 0))
     manifest = {"build_params": params, "embedded": embedded, "seconds": round(seconds, 3)}

@@ -61,7 +61,7 @@ _SOURCE_SELECT = """
 """
 
 
-def _analyzed_rows(conn: sa.Connection) -> Iterator[tuple[int, str, list[list[str]]]]:
+def analyzed_rows(conn: sa.Connection) -> Iterator[tuple[int, str, list[list[str]]]]:
     """(row id, chunk_id, [title, abstract, body terms]) for every chunk of a live document, in chunk_id order.
 
     Row ids count from 1 in chunk_id order, so both backends number rows alike.
@@ -110,7 +110,7 @@ def build_tables(
         drop_tables(conn, table)
         for statement in create:
             conn.execute(sa.text(statement))
-        for batch in _batches(_analyzed_rows(conn)):
+        for batch in _batches(analyzed_rows(conn)):
             rows = []
             for rid, cid, fields in batch:
                 counts = _term_counts(fields)

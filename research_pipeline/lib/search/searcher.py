@@ -149,11 +149,16 @@ def make_snippet(text: str, terms: list[str], width: int) -> str:
 
 
 class Searcher:
-    """Searches one generation: a full-text table, a vector index and the embedding model."""
+    """Searches one generation: a full-text index, a vector index and the embedding model.
 
-    def __init__(self, engine: Engine, fts_table: str | None, vector_index, embedder, **tuning: Any):  # noqa: ANN001
+    The full-text list comes from `fulltext` (an opened `fts_tantivy.FulltextIndex`) when given,
+    else from the SQL full-text table `fts_table`.
+    """
+
+    def __init__(self, engine: Engine, fts_table: str | None, vector_index, embedder, fulltext=None, **tuning: Any):  # noqa: ANN001
         self.engine = engine
         self.fts_table = fts_table
+        self.fulltext = fulltext
         self.vector_index = vector_index
         self.embedder = embedder
         unknown = set(tuning) - set(BASE_TUNING)
@@ -164,10 +169,26 @@ class Searcher:
             raise ValueError(f"fusion must be 'rrf' or 'score', got {self.tuning['fusion']!r}")
         if self.tuning["norm"] not in ("minmax", "zscore"):
             raise ValueError(f"norm must be 'minmax' or 'zscore', got {self.tuning['norm']!r}")
+        if fulltext is not None and not fulltext.accepts(self.tuning["field_weights"]):
+            if not fts_table:
+                raise ValueError(
+                    f"field weights {self.tuning['field_weights']} differ from the ones the full-text index "
+                    f"was built with ({fulltext.weights}) and there is no SQL table to search instead"
+                )
+            self.fulltext = None  # query-time weights: the SQL table scores them
+
+    @property
+    def fulltext_engine(self) -> str | None:
+        """What answers the full-text list: "tantivy", the SQL dialect, or None."""
+        if self.fulltext is not None:
+            return "tantivy"
+        return self.engine.dialect.name if self.fts_table else None
 
     # -- candidate lists ------------------------------------------------------------------
 
     def _bm25(self, query: str, depth: int) -> list[tuple[str, float]]:
+        if self.fulltext is not None:
+            return self.fulltext.search(query, k=depth)
         if not self.fts_table:
             return []
         return fts_search(self.engine, self.fts_table, query, k=depth, weights=self.tuning["field_weights"])
