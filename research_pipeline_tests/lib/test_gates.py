@@ -249,3 +249,33 @@ def test_advisory_gates(engine):
     stale = gates.freshness_gate(engine, None, gates.GateThresholds(max_staleness_hours=0.5))
     assert not stale.passed and "inbox sensor" in stale.description
     json.dumps(stale.metadata)  # plain numbers only
+
+
+def test_figures_that_do_not_exist_are_left_out_not_written_as_0_or_minus_1(engine):
+    """An empty store, no live generation, no probe query: no age, share, quantile or percentile
+    is reported (a -1 h age or a 0 ms p95 would plot as data), and the gates say why."""
+    th = gates.GateThresholds()
+    fresh = gates.freshness_gate(engine, None, th)
+    assert not fresh.passed and "no document has been ingested" in fresh.description
+    assert set(fresh.metadata) == {"max_staleness_hours"}
+    parse = gates.parse_quality_gate(engine, th)
+    assert not parse.passed and "nothing has been ingested" in parse.description
+    assert set(parse.metadata) == {"documents", "quarantined", "low_quality_documents", "ocr_documents"}
+    latency = gates.latency_gate([], 100.0)
+    assert not latency.passed and "not measured" in latency.description
+    assert set(latency.metadata) == {"probe_queries", "sla_p95_ms"}
+
+    with engine.begin() as conn:
+        conn.execute(sa.insert(store.documents), [_doc(util.sha256_hex("a"), 0.8, hours_ago=3)])
+    gen = {"gen_id": "g", "model_id": "m", "n_documents": 1, "n_chunks": 0, "fts_table": ""}
+    volume = gates.volume_gate(engine, gen, None, th, None)
+    assert "live_documents" not in volume.metadata and "document_drop_share" not in volume.metadata
+    assert gates.volume_gate(engine, gen, {"n_documents": 2}, th, None).metadata["document_drop_share"] == 0.5
+    fresh = gates.freshness_gate(engine, None, th)
+    assert fresh.passed and "hours_since_live_published" not in fresh.metadata
+    assert 2.9 < fresh.metadata["hours_since_newest_document"] < 3.5
+    live = {"published_at": util.utcnow() - timedelta(hours=5)}
+    assert 4.9 < gates.freshness_gate(engine, live, th).metadata["hours_since_live_published"] < 5.5
+    parse = gates.parse_quality_gate(engine, th)
+    assert parse.passed and parse.metadata["quality_p50"] == parse.metadata["quality_min"] == 0.8
+    assert parse.metadata["quarantine_share"] == 0.0, "a share of a real corpus, 0 quarantined"

@@ -115,23 +115,23 @@ def documents(
 
 
 def chunk_stats(engine: sa.Engine) -> dict[str, float | int]:
-    """Totals over the `chunks` table: count, references share and mean tokens per chunk."""
+    """Totals over the `chunks` table: count, references share and mean tokens per chunk (the last
+    two only when there are chunks)."""
     c = store.chunks
     with engine.connect() as conn:
         total, refs, mean_tokens, docs = conn.execute(
             sa.select(
                 sa.func.count(),
                 sa.func.coalesce(sa.func.sum(sa.case((c.c.is_references, 1), else_=0)), 0),
-                sa.func.coalesce(sa.func.avg(c.c.n_tokens), 0.0),
+                sa.func.avg(c.c.n_tokens),
                 sa.func.count(sa.distinct(c.c.doc_id)),
             )
         ).one()
-    return {
-        "chunks": int(total),
-        "documents_with_chunks": int(docs),
-        "references_share": float(refs) / total if total else 0.0,
-        "mean_tokens": float(mean_tokens),
-    }
+    out: dict[str, float | int] = {"chunks": int(total), "documents_with_chunks": int(docs)}
+    if total:
+        out["references_share"] = float(refs) / total
+        out["mean_tokens"] = float(mean_tokens)
+    return out
 
 
 def chunks_digest(engine: sa.Engine) -> str:
@@ -176,19 +176,22 @@ def chunks(
         f"chunking: {stats.get('documents_chunked', 0)} documents -> {stats.get('chunks', 0)} new chunks; "
         f"{totals['chunks']} chunks in total"
     )
+    metadata = {
+        "chunks": dg.MetadataValue.int(totals["chunks"]),
+        "dagster/row_count": dg.MetadataValue.int(totals["chunks"]),
+        "chunks_new": dg.MetadataValue.int(int(stats.get("chunks", 0))),
+        "chunks_removed": dg.MetadataValue.int(int(stats.get("chunks_removed", 0))),
+        "documents_chunked": dg.MetadataValue.int(int(stats.get("documents_chunked", 0))),
+        "documents_with_chunks": dg.MetadataValue.int(totals["documents_with_chunks"]),
+    }
+    # A share and a mean of no chunks do not exist: left out rather than plotted as 0.
+    if "references_share" in totals:
+        metadata["references_chunks_share"] = dg.MetadataValue.float(totals["references_share"])
+        metadata["mean_tokens"] = dg.MetadataValue.float(totals["mean_tokens"])
     return dg.MaterializeResult(
         # Unchanged chunks keep their data version, so the catalog shows downstream as up to date.
         data_version=dg.DataVersion(chunks_digest(engine)),
-        metadata={
-            "chunks": dg.MetadataValue.int(totals["chunks"]),
-            "dagster/row_count": dg.MetadataValue.int(totals["chunks"]),
-            "chunks_new": dg.MetadataValue.int(int(stats.get("chunks", 0))),
-            "chunks_removed": dg.MetadataValue.int(int(stats.get("chunks_removed", 0))),
-            "documents_chunked": dg.MetadataValue.int(int(stats.get("documents_chunked", 0))),
-            "documents_with_chunks": dg.MetadataValue.int(totals["documents_with_chunks"]),
-            "references_chunks_share": dg.MetadataValue.float(totals["references_share"]),
-            "mean_tokens": dg.MetadataValue.float(totals["mean_tokens"]),
-        }
+        metadata=metadata,
     )
 
 

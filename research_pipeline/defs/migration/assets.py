@@ -40,11 +40,14 @@ class MigrationConfig(dg.Config):
 
 
 def as_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue]:
-    """Plain result values as metadata the UI can plot (numbers) or show (text, tables)."""
+    """Plain result values as metadata the UI can plot (numbers) or show (text, tables); a value
+    that does not exist (None) is left out rather than shown as an empty text."""
     out: dict[str, dg.MetadataValue] = {}
     for name, value in values.items():
-        if isinstance(value, bool) or value is None or isinstance(value, str):
-            out[name] = dg.MetadataValue.text("" if value is None else str(value))
+        if value is None:
+            continue
+        if isinstance(value, bool) or isinstance(value, str):
+            out[name] = dg.MetadataValue.text(str(value))
         elif isinstance(value, int):
             out[name] = dg.MetadataValue.int(value)
         elif isinstance(value, float):
@@ -93,7 +96,9 @@ def migrated_rows(
         return
     with migration_endpoints(database, object_store, inbox, migration_target) as (source, target):
         result = migrate_rows(source, target, context.partition_key, force=config.force, batch_rows=config.batch_rows)
-    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), "rows_per_s": result.rows_per_s}))
+    # A rate only when rows were copied: a shard already verified would plot as a 0 rows/s slowdown.
+    rate = {"rows_per_s": result.rows_per_s} if result.rows and result.seconds > 0 else {}
+    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), **rate}))
 
 
 @dg.asset(
@@ -121,7 +126,8 @@ def migrated_objects(
         return
     with migration_endpoints(database, object_store, inbox, migration_target, migration_s3) as (source, target):
         result = migrate_objects(source, target, context.partition_key, force=config.force, workers=config.workers)
-    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), "mb_per_s": result.mb_per_s}))
+    rate = {"mb_per_s": result.mb_per_s} if result.bytes and result.seconds > 0 else {}
+    yield dg.MaterializeResult(metadata=as_metadata({**asdict(result), **rate}))
 
 
 @dg.asset(

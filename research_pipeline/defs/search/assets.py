@@ -211,20 +211,19 @@ def vector_index(
     gen_id = run_generation_id(context)
     part = build.build_vector_part(engine, object_store.get_store(), model, gen_id, batch_size=embedder.batch_size)
     params = part.build_params or {}
-    yield dg.MaterializeResult(
-        data_version=dg.DataVersion(digest),
-        metadata={
-            "gen_id": dg.MetadataValue.text(gen_id),
-            "corpus_digest": dg.MetadataValue.text(digest),
-            "manifest_key": dg.MetadataValue.text(part.vector_key),
-            "index_type": dg.MetadataValue.text(str(params.get("type", ""))),
-            "dagster/row_count": dg.MetadataValue.int(part.n_vectors),
-            "vectors": dg.MetadataValue.int(part.n_vectors),
-            "chunks": dg.MetadataValue.int(part.n_chunks),
-            "documents": dg.MetadataValue.int(part.n_documents),
-            "seconds": dg.MetadataValue.float(float(part.seconds)),
-        },
-    )
+    metadata = {
+        "gen_id": dg.MetadataValue.text(gen_id),
+        "corpus_digest": dg.MetadataValue.text(digest),
+        "manifest_key": dg.MetadataValue.text(part.vector_key),
+        "dagster/row_count": dg.MetadataValue.int(part.n_vectors),
+        "vectors": dg.MetadataValue.int(part.n_vectors),
+        "chunks": dg.MetadataValue.int(part.n_chunks),
+        "documents": dg.MetadataValue.int(part.n_documents),
+        "seconds": dg.MetadataValue.float(float(part.seconds)),
+    }
+    if params.get("type"):
+        metadata["index_type"] = dg.MetadataValue.text(str(params["type"]))
+    yield dg.MaterializeResult(data_version=dg.DataVersion(digest), metadata=metadata)
 
 
 #: When automation publishes: after the candidate's halves were built (eager), or when its blocking

@@ -129,12 +129,10 @@ def volume_gate(
             )
         }
     n_embedded = sum(1 for i in ids if i in embedded_ids)
-    live_docs = int(live["n_documents"]) if live else 0
+    live_docs = int(live["n_documents"] or 0) if live else 0
     drop = max(0.0, (live_docs - docs) / live_docs) if live_docs else 0.0
     meta: dict[str, float | int] = {
         "documents": docs,
-        "live_documents": live_docs,
-        "document_drop_share": round(drop, 4),
         "chunks": n_chunks,
         "fts_rows": fts_rows,
         "vectors": n_vectors,
@@ -142,6 +140,10 @@ def volume_gate(
         "min_documents": thresholds.min_documents,
         "max_document_drop_share": thresholds.max_document_drop_share,
     }
+    if live:
+        # Compared with a live generation only: without one there is no drop to report.
+        meta["live_documents"] = live_docs
+        meta["document_drop_share"] = round(drop, 4)
     problems = []
     if docs < thresholds.min_documents:
         problems.append(
@@ -210,6 +212,14 @@ def run_probes(
 def latency_gate(latencies_ms: Sequence[float], sla_p95_ms: float) -> GateResult:
     """p50/p95/p99 of the probe searches' wall-clock latency against the p95 SLA."""
     lat = list(latencies_ms)
+    if not lat:
+        # Nothing was measured: no figures (a p95 of 0 would plot as a fast index), and no pass.
+        return GateResult(
+            False,
+            {"probe_queries": 0, "sla_p95_ms": float(sla_p95_ms)},
+            "latency gate failed: no probe query was searched, so latency was not measured: check the "
+            "bundled probe set (lib/release/gates.PROBE_EVAL_DIR) and max_probe_queries",
+        )
     pct = percentiles(lat)
     meta: dict[str, float | int] = {
         "probe_queries": len(lat),
@@ -396,31 +406,35 @@ def parse_quality_gate(engine: Engine, thresholds: GateThresholds) -> GateResult
         quarantined = _count(conn, sa.select(sa.func.count()).select_from(q))
         ocr_docs = _count(conn, sa.select(sa.func.count()).select_from(d).where(d.c.ocr_pages > 0))
     total = len(quality) + quarantined
-    share = quarantined / total if total else 0.0
-    pct = percentiles(quality)
-    p10 = quality[int(0.1 * (len(quality) - 1))] if quality else 0.0
     low = sum(1 for v in quality if v < 0.5)
     meta: dict[str, float | int] = {
         "documents": len(quality),
         "quarantined": quarantined,
-        "quarantine_share": round(share, 4),
-        "quality_p10": round(p10, 4),
-        "quality_p50": round(pct["p50"], 4),
-        "quality_min": round(quality[0], 4) if quality else 0.0,
         "low_quality_documents": low,
         "ocr_documents": ocr_docs,
     }
+    # Shares and quantiles exist only over something: none is written as 0 for an empty corpus.
+    if total:
+        meta["quarantine_share"] = round(quarantined / total, 4)
+    if quality:
+        meta["quality_p10"] = round(quality[int(0.1 * (len(quality) - 1))], 4)
+        meta["quality_p50"] = round(percentiles(quality)["p50"], 4)
+        meta["quality_min"] = round(quality[0], 4)
+    if not total:
+        return GateResult(False, meta, "advisory: nothing has been ingested or quarantined: check the inbox (RP_INBOX)")
+    share = meta["quarantine_share"]
     warnings = []
     if share > thresholds.max_quarantine_share:
         warnings.append(
             f"{share:.1%} of inputs are quarantined (> {thresholds.max_quarantine_share:.0%}): see the quarantine "
             "table reasons"
         )
-    if quality and pct["p50"] < thresholds.min_median_quality:
-        warnings.append(f"median parse quality {pct['p50']:.2f} < {thresholds.min_median_quality:.2f}")
+    if quality and meta["quality_p50"] < thresholds.min_median_quality:
+        warnings.append(f"median parse quality {meta['quality_p50']:.2f} < {thresholds.min_median_quality:.2f}")
     if warnings:
         return GateResult(False, meta, "advisory: " + "; ".join(warnings))
-    return GateResult(True, meta, f"{share:.1%} quarantined, median parse quality {pct['p50']:.2f}")
+    median = f"median parse quality {meta['quality_p50']:.2f}" if quality else "no parsed document"
+    return GateResult(True, meta, f"{share:.1%} quarantined, {median}")
 
 
 def freshness_gate(engine: Engine, live: Mapping[str, Any] | None, thresholds: GateThresholds) -> GateResult:
@@ -430,19 +444,17 @@ def freshness_gate(engine: Engine, live: Mapping[str, Any] | None, thresholds: G
         newest = conn.execute(sa.select(sa.func.max(store.documents.c.ingested_at))).scalar()
 
     def hours_since(ts: Any) -> float:
-        if ts is None:
-            return -1.0
         if ts.tzinfo is None:  # SQLite returns naive datetimes; they were written in UTC
             ts = ts.replace(tzinfo=now.tzinfo)
         return round((now - ts).total_seconds() / 3600.0, 3)
 
-    newest_h = hours_since(newest)
-    live_h = hours_since(live.get("published_at")) if live else -1.0
-    meta: dict[str, float | int] = {
-        "hours_since_newest_document": newest_h,
-        "hours_since_live_published": live_h,
-        "max_staleness_hours": thresholds.max_staleness_hours,
-    }
+    # An age that does not exist (no document, no live generation) is left out, not written as -1.
+    meta: dict[str, float | int] = {"max_staleness_hours": thresholds.max_staleness_hours}
+    if live and live.get("published_at") is not None:
+        meta["hours_since_live_published"] = hours_since(live["published_at"])
+    if newest is None:
+        return GateResult(False, meta, "advisory: no document has been ingested yet: is the inbox (RP_INBOX) empty?")
+    newest_h = meta["hours_since_newest_document"] = hours_since(newest)
     if newest_h > thresholds.max_staleness_hours:
         return GateResult(
             False,
