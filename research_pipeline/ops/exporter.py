@@ -1,4 +1,4 @@
-"""`research-pipeline exporter`: the pipeline's Prometheus endpoint (run failures, gates, lag).
+"""`research-pipeline exporter`: the pipeline's Prometheus endpoint (run failures, gates, lag, backlog).
 
 One small process beside the daemon: it reads Dagster's instance (DAGSTER_HOME) and the corpus
 database at each scrape and serves them with process and memory-limit metrics on /metrics.
@@ -44,7 +44,12 @@ def build_registry(settings: Settings) -> CollectorRegistry:
     ProcessCollector(registry=registry)
     registry.register(MemoryLimitCollector())
     engine = runtime.make_engine(settings.database_url, create_schema=False)
-    registry.register(PipelineCollector(instance, engine, gate_check_keys()))
+    from research_pipeline.defs.embeddings.assets import recorded_model_id
+
+    embedder_config = f"{settings.model}@{settings.device}"  # the key chunk_embeddings records
+    registry.register(
+        PipelineCollector(instance, engine, gate_check_keys(), lambda: recorded_model_id(instance(), embedder_config))
+    )
     return registry
 
 

@@ -5,7 +5,8 @@
   prometheus_client's own `process_resident_memory_bytes`.
 - `PipelineCollector`: what the pipeline did, read at scrape time from Dagster's instance and the
   corpus database: failed runs by job, the latest verdict of each release gate, when the live
-  generation was published, and a standby's replication lag.
+  generation was published, a standby's replication lag, and the embedding backlog (distinct
+  chunk texts without a vector for the configured model, by document shard).
 Hand-written because no maintained exporter reads Dagster's instance; both are plain collectors
 (the prometheus_client protocol) so a scrape never fails because one source is down.
 """
@@ -82,10 +83,18 @@ def replica_lag_seconds(engine: sa.Engine) -> float | None:
 class PipelineCollector:
     """Run failures, gate verdicts, publish time and replica lag, read when Prometheus scrapes."""
 
-    def __init__(self, instance: Callable[[], Any] | None, engine: sa.Engine | None, gate_checks: Sequence[Any] = ()):
+    def __init__(
+        self,
+        instance: Callable[[], Any] | None,
+        engine: sa.Engine | None,
+        gate_checks: Sequence[Any] = (),
+        embedding_model: Callable[[], str | None] | None = None,
+    ):
         self.instance = instance
         self.engine = engine
         self.gate_checks = list(gate_checks)
+        # The model id the configured embedder writes under (None: no run has recorded it yet).
+        self.embedding_model = embedding_model
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("rp_pipeline_exporter_source_up", "1 when the source answered this scrape",
@@ -100,6 +109,7 @@ class PipelineCollector:
         if self.engine is not None:
             try:
                 yield from self._corpus(self.engine)
+                yield from self._backlog(self.engine)
                 up.add_metric(["database"], 1)
             except Exception:  # noqa: BLE001 - same for the corpus database
                 log.warning("corpus database unreadable at scrape", exc_info=True)
@@ -144,3 +154,23 @@ class PipelineCollector:
             gauge = GaugeMetricFamily("rp_replica_lag_seconds", "seconds this standby is behind its primary")
             gauge.add_metric([], lag)
             yield gauge
+
+    def _backlog(self, engine: sa.Engine) -> Iterator[Metric]:
+        if self.embedding_model is None:
+            return
+        try:
+            model_id = self.embedding_model()
+        except Exception:  # noqa: BLE001 - Dagster's storage down: no backlog rather than a wrong one
+            log.warning("embedding model id unreadable at scrape", exc_info=True)
+            return
+        from research_pipeline.lib.embed.embeddings import backlog
+
+        gauge = GaugeMetricFamily(
+            "rp_embedding_backlog_chunks",
+            "distinct chunk texts without a vector for the configured model, by document shard "
+            "(model_id 'unrecorded': no chunk_embeddings run with this configuration yet, every text counts)",
+            labels=["model_id", "shard"],
+        )
+        for shard, n in backlog(engine, model_id).items():
+            gauge.add_metric([model_id or "unrecorded", shard], n)
+        yield gauge

@@ -55,6 +55,7 @@ def test_two_shard_partitions_embed_their_own_chunks_once(tmp_path, db_url):
             assert md["embedded"] == len(expected), "a fresh store has no cached vectors"
             assert md["chunks_per_s"] > 0 and md["seconds"] > 0
             assert md["model_id"] == model_id
+            assert md["backlog"] == 0 and md["numeric_path"] == resources["embedder"].get_embedder().numeric_path
             assert _embedded_hashes(engine, model_id) == expected, "only the partition's own shard is embedded"
 
             empty = dg.materialize([chunk_embeddings], partition_key=idle, resources=resources, instance=instance)

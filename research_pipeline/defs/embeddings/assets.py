@@ -25,11 +25,13 @@ def _config_key(embedder: EmbedderResource) -> str:
     return f"{embedder.model}@{embedder.device}"
 
 
-def recorded_model_id(instance: dg.DagsterInstance, embedder: EmbedderResource) -> str | None:
-    """The model id the latest materialization embedded with, if it used this embedder configuration."""
+def recorded_model_id(instance: dg.DagsterInstance, embedder: EmbedderResource | str) -> str | None:
+    """The model id the latest materialization embedded with, if it used this embedder configuration
+    (a resource, or its key "model@device" as the exporter passes it)."""
+    key = embedder if isinstance(embedder, str) else _config_key(embedder)
     event = instance.get_latest_materialization_event(dg.AssetKey("chunk_embeddings"))
     metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    if "embedder_config" not in metadata or metadata["embedder_config"].value != _config_key(embedder):
+    if "embedder_config" not in metadata or metadata["embedder_config"].value != key:
         return None
     return str(metadata["model_id"].value)
 
@@ -89,6 +91,7 @@ def chunk_embeddings(
                 "shards": dg.MetadataValue.text(",".join(shards)),
                 "embedded": dg.MetadataValue.int(0),
                 "cached": dg.MetadataValue.int(cached),
+                "backlog": dg.MetadataValue.int(0),
                 "dagster/row_count": dg.MetadataValue.int(cached),
                 "model_id": dg.MetadataValue.text(known_id),
                 "embedder_config": dg.MetadataValue.text(_config_key(embedder)),
@@ -96,12 +99,13 @@ def chunk_embeddings(
         )
     model = embedder.get_embedder()
     context.log.info(f"embedding shards {','.join(shards)} with {model.model_id} (batch size {embedder.batch_size})")
-    embedded = cached = 0
+    embedded = cached = left = 0
     seconds = 0.0
     for shard in shards:
         stats = embed_missing(engine, model, shard=shard, batch_size=embedder.batch_size)
         embedded += int(stats["embedded"])
         cached += int(stats["cached"])
+        left += int(stats["backlog"])
         seconds += float(stats["seconds"])
         if stats["embedded"]:
             context.log.info(f"shard {shard}: {stats['embedded']} embedded, {stats['cached']} already cached")
@@ -109,9 +113,13 @@ def chunk_embeddings(
         "shards": dg.MetadataValue.text(",".join(shards)),
         "embedded": dg.MetadataValue.int(embedded),
         "cached": dg.MetadataValue.int(cached),
+        # Chunk texts of these shards still without a vector when the run ended (chunks that
+        # arrived meanwhile); the live figure is the exporter's rp_embedding_backlog_chunks.
+        "backlog": dg.MetadataValue.int(left),
         "dagster/row_count": dg.MetadataValue.int(embedded + cached),
         "seconds": dg.MetadataValue.float(round(seconds, 3)),
         "model_id": dg.MetadataValue.text(model.model_id),
+        "numeric_path": dg.MetadataValue.text(model.numeric_path),
         "embedder_config": dg.MetadataValue.text(_config_key(embedder)),
     }
     # A rate only when something was embedded: 0 chunks/s would plot as a (false) slowdown.

@@ -59,19 +59,18 @@ def _missing(engine: Engine, model_id: str, shard: str | None) -> list[tuple[str
         return [(h, int(n)) for h, n in conn.execute(query)]
 
 
-def backlog(engine: Engine, model_id: str) -> dict[str, int]:
+def backlog(engine: Engine, model_id: str | None) -> dict[str, int]:
     """Distinct chunk texts not yet embedded for `model_id`, per document shard ('0'..'f', all 16).
 
     The backfill's progress metric: the sum is what a full backfill still has to embed, and a
     shard at 0 is done. A text that occurs in two shards counts in both (each shard's run would
-    find it missing until one of them embeds it).
+    find it missing until one of them embeds it). `model_id=None` (no run has recorded which id
+    the configured model embeds under) counts every distinct text.
     """
     c = store.chunks
-    query = (
-        sa.select(c.c.shard, sa.func.count(sa.distinct(c.c.content_hash)))
-        .where(_no_vector(model_id))
-        .group_by(c.c.shard)
-    )
+    query = sa.select(c.c.shard, sa.func.count(sa.distinct(c.c.content_hash))).group_by(c.c.shard)
+    if model_id is not None:
+        query = query.where(_no_vector(model_id))
     out = dict.fromkeys(store.SHARDS, 0)
     with engine.connect() as conn:
         out.update({shard: int(n) for shard, n in conn.execute(query)})
