@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test dev serve bench clean
+.PHONY: setup demo test dev serve bench rehearsal clean
 
 $(BIN)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -35,6 +35,11 @@ serve: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+# The production topology on loopback, exercised (migration, reindex, backfill, 1x/10x load),
+# stopped; its JSON summary is the last line (figures in docs/BENCHMARKS.md). --smoke: make test's.
+rehearsal: setup
+	nice -n 5 $(BIN)/python -m bench.rehearsal $(REHEARSAL_ARGS)
 
 clean:
 	rm -rf "$(RP_HOME)"

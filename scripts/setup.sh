@@ -14,6 +14,9 @@ command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The rehearsal's (make rehearsal) private Redis and the exporters Prometheus scrapes there.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+for e in postgres redis nginx; do command -v "prometheus-$e-exporter" >/dev/null 2>&1 || need+=("prometheus-$e-exporter"); done
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
