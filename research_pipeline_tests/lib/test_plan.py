@@ -1,6 +1,6 @@
 """The capacity plan against measured runs: calibrated on the other measured corpora, it predicts
-each run's measured reindex time, disk and search latency (docs/bench/embed-*-cpu.json) within
-+-30%."""
+each run's measured reindex time and disk (docs/bench/embed-*-cpu.json) within +-30%; its search
+latency is bench_search's curve levelled by machine, and misses the loaded runs' (xfail, measured)."""
 
 from __future__ import annotations
 
@@ -33,29 +33,65 @@ def test_two_measured_corpora():
     assert {"demo", "shared"} <= corpora, f"run bench_embed on both corpora; found {[p.name for p in RUNS]}"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15 open: the plan's search-latency model misses the measured runs "
-    "(p50 predicted/measured 0.58x demo, 1.71x shared on a loaded machine); reindex time and disk hold",
-)
-@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
-def test_plan_predicts_a_run_it_was_not_computed_from(path):
+def _predicted(path) -> tuple[dict, dict]:
+    """The plan's figures for a measured run, computed from the other runs only, and the run."""
     run = measured(path)
     r = run["reindex"]
-    target = r["corpus"]
-    m = Measurements.from_dir(BENCH_DIR, exclude_corpora=[target])
-    assert all(p["reindex"]["corpus"] != target for p in m.profiles)
+    m = Measurements.from_dir(BENCH_DIR, exclude_corpora=[r["corpus"]])
+    assert all(p["reindex"]["corpus"] != r["corpus"] for p in m.profiles)
     # The corpus's shape (chunks, pages, bytes per paper) is an input; the rates are not.
     result = plan(r["papers"], qps=1, measurements=m, shape=Shape.of(run))
-    f = {k: v["value"] for k, v in result["figures"].items()}
+    return {k: v["value"] for k, v in result["figures"].items()}, r
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_plan_predicts_reindex_time_and_disk_of_a_run_it_was_not_computed_from(path):
+    f, r = _predicted(path)
     assert f["chunks"] == r["chunks"]
     checks = {
         "reindex_s": (f["reindex_s"], r["reindex_s"]),
         "disk_bytes": (f["storage_one_generation_gib"] * 2**30, r["db_bytes"] + r["vector_bytes"]),
-        "search_p50_ms": (f["search_p50_ms"], r["search_p50_ms"]),
     }
     off = {k: round(p / a, 2) for k, (p, a) in checks.items() if not within(p, a)}
-    assert not off, f"predicted/measured outside +-{TOLERANCE:.0%} for {target}: {off}"
+    assert not off, f"predicted/measured outside +-{TOLERANCE:.0%} for {r['corpus']}: {off}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 open, measured miss: the plan gives bench_search's idle curve (16.8 ms p50 at <=10k chunks, "
+    "load 0.8) and the runs measured p50 48.3 ms (demo, 1,024 chunks; 0.35x) and 25.6 ms (shared-8, 553 chunks; "
+    "0.66x) at load average 7.4 and 7.2 on 2 cores. The two loaded runs also disagree with each other by 1.9x at "
+    "near-equal sizes, so no model of size and machine predicts both: re-measure both corpora on an idle machine "
+    "(bench_embed --profile-only) and this passes or names the real miss",
+)
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_plan_predicts_search_latency_of_a_measured_run(path):
+    f, r = _predicted(path)
+    assert within(f["search_p50_ms"], r["search_p50_ms"]), (
+        f"p50 predicted/measured {f['search_p50_ms'] / r['search_p50_ms']:.2f} for {r['corpus']}"
+    )
+
+
+def test_search_latency_is_bench_search_levelled_by_machine():
+    m = Measurements.from_dir(BENCH_DIR)
+    shape = Shape.of(m.reference("cpu"))
+    same = plan(600, qps=1, measurements=m, shape=shape)["figures"]
+    # On the machine bench_search ran on, the plan is its measured curve.
+    point = next(p for p in m.search_points if p["backend"] == "sqlite" and p["chunks"] == 10_000)
+    small = plan(200, qps=1, measurements=m)["figures"]
+    assert small["chunks"]["value"] <= 10_000 and small["search_p50_ms"]["value"] == point["p50_ms"]
+    # A CPU measured at half the per-core embedding rate runs each search twice as long.
+    ref = m.reference("cpu")
+    slower = {**ref, "machine": {**ref["machine"], "cpu_model": "Slower CPU"},
+              "pipeline_chunks_per_s": max(p["pipeline_chunks_per_s"] for p in m.profiles) / 2,
+              "reindex": {**ref["reindex"], "chunks": ref["reindex"]["chunks"] * 10}}
+    m2 = Measurements(profiles=[*m.profiles, slower], search_points=m.search_points,
+                      search_machine=m.search_machine, sources=m.sources)
+    assert m2.reference("cpu") is slower
+    other = plan(600, qps=1, measurements=m2, shape=shape)["figures"]
+    assert other["chunks"] == same["chunks"] and 10_000 < same["chunks"]["value"] < 20_000  # one index shard
+    assert other["search_p50_ms"]["value"] == pytest.approx(2 * same["search_p50_ms"]["value"], rel=0.01)
+    assert "Slower CPU" in other["search_p50_ms"]["formula"]
 
 
 def test_every_figure_has_its_formula_and_scale_moves_the_limits():

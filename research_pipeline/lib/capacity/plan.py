@@ -7,13 +7,18 @@ latency, build times and database size at 10k, 100k and 1M chunks). Assumptions 
 and which the benchmarks do not prove: throughput scales linearly with cores (ingest and
 embedding run one worker or thread per core; the measured 2-worker ingest reached 1.80x of one);
 a new corpus has the reference corpus's chunks, pages and PDF bytes per paper unless told;
-search latency follows bench_search's curve over size (straight lines on log-log axes between
-measured sizes, linear in chunks beyond the largest, where full-text scoring dominates), at the
-level the reference run measured on its own machine and load.
+search latency is bench_search's measured curve over size (straight lines on log-log axes
+between measured sizes, linear in chunks beyond the largest, where full-text scoring dominates,
+flat below the smallest),
+levelled by machine: 1.0 on the machine bench_search ran on (same CPU model and architecture),
+else the ratio of the two machines' measured per-core embedding rates (a query is one forward
+pass plus the full-text stage, both single-threaded), assumed 1.0 where no embedding run was
+measured on both. The curve is one query on one thread of an idle machine (bench_search's load
+average is printed): it is a replica's service time, not what a saturated machine shows.
 
-All rates come from one reference run (the largest corpus measured on the device), so a plan is
-as loaded or idle as that run was: its load average is printed with the plan, and re-running
-`make bench BENCH=embed` on the target machine re-calibrates it.
+All other rates come from one reference run (the largest corpus measured on the device), so a
+plan is as loaded or idle as that run was: its load average is printed with the plan, and
+re-running `make bench BENCH=embed` on the target machine re-calibrates it.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Measurements:
 
     profiles: list[dict[str, Any]] = field(default_factory=list)  # bench_embed results
     search_points: list[dict[str, Any]] = field(default_factory=list)  # bench_search points
+    search_machine: dict[str, Any] = field(default_factory=dict)  # the machine bench_search ran on
     sources: list[str] = field(default_factory=list)
 
     @classmethod
@@ -72,6 +78,7 @@ class Measurements:
                 out.profiles.append(data)
             elif data.get("bench") == "search":
                 out.search_points.extend(data["points"])
+                out.search_machine = dict(data.get("machine") or {})
             else:
                 continue
             out.sources.append(f.name)
@@ -111,9 +118,10 @@ class Shape:
 
 
 def _curve(points: list[tuple[int, float, float]], chunks: float, col: int) -> float:
-    """Latency at `chunks` on the measured curve: straight lines on log-log axes between sizes
-    (the first segment's slope below the smallest), linear in chunks beyond the largest."""
-    if len(points) == 1:
+    """Latency at `chunks` on the measured curve: straight lines on log-log axes between sizes,
+    linear in chunks beyond the largest, and the smallest size's figure below it (a smaller index
+    is no slower, and the floor, one query's encoding, does not shrink with the index)."""
+    if len(points) == 1 or chunks <= points[0][0]:
         return points[0][col]
     if chunks >= points[-1][0]:
         return points[-1][col] * chunks / points[-1][0]
@@ -126,23 +134,36 @@ def _curve(points: list[tuple[int, float, float]], chunks: float, col: int) -> f
     return math.exp(math.log(lo[col]) + t * (math.log(hi[col]) - math.log(lo[col])))
 
 
-def _latency(points: list[tuple[int, float, float]], ref: Mapping[str, Any], chunks: float, col: int) -> tuple[float, str]:
-    """Search latency at `chunks`: bench_search's curve, levelled by the reference run's own search.
+def _same_cpu(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("cpu_model", "arch"))
 
-    The curve gives how latency grows with size (idle machine, SciFact claims); the reference run,
-    measured on the same machine state as the plan's other rates, gives the level.
-    """
-    key = "search_p50_ms" if col == 1 else "search_p95_ms"
-    measured = float(ref[key])
+
+def machine_level(m: Measurements, target: Mapping[str, Any]) -> tuple[float, str]:
+    """How many times longer one search takes on `target` than on the machine bench_search ran on."""
+    bench = m.search_machine
+    if not bench or _same_cpu(bench, target):
+        return 1.0, f"x 1.00 (bench_search ran on this machine: {target.get('cpu_model')}, {target.get('arch')})"
+
+    def per_core(machine: Mapping[str, Any]) -> float | None:
+        runs = [p for p in m.profiles if p["machine"]["device"] == "cpu" and _same_cpu(p["machine"], machine)]
+        # The fastest run of a machine is the least loaded one: the nearest to its idle speed.
+        return max((p["pipeline_chunks_per_s"] / p["machine"]["cores"] for p in runs), default=None)
+
+    there, here = per_core(bench), per_core(target)
+    if there is None or here is None:
+        return 1.0, (f"x 1.00 (assumed: bench_search ran on {bench.get('cpu_model')}, no embedding run measured on "
+                     "both machines to compare them)")
+    return there / here, (f"x {there / here:.2f} (per-core embedding rate {there:.2f} chunks/s on bench_search's "
+                          f"{bench.get('cpu_model')} / {here:.2f} on {target.get('cpu_model')})")
+
+
+def _latency(points: list[tuple[int, float, float]], level: tuple[float, str], chunks: float, col: int) -> tuple[float, str]:
+    """Search latency at `chunks`: bench_search's curve (idle machine, one query thread) x the machine level."""
     if not points:
-        return measured, f"{measured:.1f} ms measured at {ref['chunks']:,} chunks ({ref['corpus']} run), taken as flat"
-    level = measured / _curve(points, ref["chunks"], col)
-    value = _curve(points, chunks, col) * level
+        raise LookupError("no bench_search result (docs/bench/search.json): run bench/bench_search.py and record it")
+    value = _curve(points, chunks, col) * level[0]
     sizes = ", ".join(f"{p[col]:.1f} ms at {p[0]:,}" for p in points)
-    return value, (
-        f"bench_search curve ({sizes} chunks; log-log between sizes, linear beyond) x {level:.2f} "
-        f"(the {ref['corpus']} run measured {measured:.1f} ms at {ref['chunks']:,} chunks)"
-    )
+    return value, f"bench_search curve ({sizes} chunks; log-log between sizes, linear beyond) {level[1]}"
 
 
 def _gib(b: float) -> float:
@@ -272,8 +293,10 @@ def plan(
     resident_per_chunk = vec_per_chunk + fts_per_chunk + db_per_chunk
     budget = mem_bytes * MEMORY_SHARE
 
+    level = machine_level(m, host)
+
     def p95_at(ch: float) -> float:
-        return _latency(pts, r, ch, 2)[0]
+        return _latency(pts, level, ch, 2)[0]
 
     # No shard smaller than the smallest size bench_search measured: below it the curve is a guess.
     smallest = pts[0][0] if pts else r["chunks"]
@@ -283,8 +306,8 @@ def plan(
     ):
         index_shards *= 2
     shard_chunks = chunks / index_shards
-    p50, p50_f = _latency(pts, r, shard_chunks, 1)
-    p95, p95_f = _latency(pts, r, shard_chunks, 2)
+    p50, p50_f = _latency(pts, level, shard_chunks, 1)
+    p95, p95_f = _latency(pts, level, shard_chunks, 2)
     fig["search_index_shards"] = Figure(
         index_shards, "index shards",
         f"smallest power of two S with p95(chunks / S) <= {target_p95_ms:g} ms and process + resident index of chunks / S "
@@ -294,8 +317,8 @@ def plan(
         fig["search_p95_ms_one_index"] = Figure(round(p95_at(chunks), 1), "ms", "the same curve at all chunks in one index")
     fig["search_p50_ms"] = Figure(round(p50, 1), "ms", p50_f)
     fig["search_p95_ms"] = Figure(round(p95, 1), "ms", p95_f + (
-        f"; ABOVE the {target_p95_ms:g} ms target even at the smallest shard: the reference run's level (load "
-        f"{host['load_average'][0]}) is too slow" if p95 > target_p95_ms else ""))
+        f"; ABOVE the {target_p95_ms:g} ms target even at the smallest shard: this machine is too slow per query"
+        if p95 > target_p95_ms else ""))
     per_replica = cores * 1000.0 / p50 * UTILISATION
     per_shard = max(1, math.ceil(qps / per_replica)) if qps else 1
     replicas = index_shards * per_shard
@@ -378,6 +401,9 @@ def plan(
             "documents": documents, "qps": qps, "gpus": gpus, "cores": cores, "memory_gib": _gib(mem_bytes),
             "reindex_window_h": reindex_window_h, "daily_papers": daily, "shape": asdict(shape),
             "reference_run": f"{r['corpus']} corpus, {ref['when']}, {ref['numeric_path']}, load {host['load_average'][0]}",
+            "search_run": "bench_search, idle machine (load average "
+            + ", ".join(f"{p['load_average']:g}" for p in m.search_points if p["backend"] == "sqlite" and "load_average" in p)
+            + f" at its sqlite sizes), one query thread; machine level {level[0]:.2f}",
             "sources": m.sources,
         },
         "figures": {k: asdict(v) for k, v in fig.items()},
@@ -392,6 +418,7 @@ def render(result: Mapping[str, Any]) -> str:
         f"Capacity plan: {i['documents']:,} papers, {i['qps']:g} qps, {i['gpus']} GPUs; machine {i['cores']} cores, "
         f"{i['memory_gib']} GiB; reindex window {i['reindex_window_h']:g} h; daily +{i['daily_papers']:,} papers",
         f"From: {i['reference_run']} ({', '.join(i['sources'])})",
+        f"Search: {i['search_run']}",
         "",
     ]
     for name, f in result["figures"].items():
