@@ -167,3 +167,31 @@ def test_reindex_job_end_to_end(tmp_path, monkeypatch):
     hits = searcher.search("repeated games tutorial in Python", k=2)
     assert hits and searcher.gen_id == gen_id
     engine.dispose()
+
+
+def test_vector_index_embeds_nothing_and_names_what_to_materialize(tmp_path, tmp_path_factory):
+    """chunk_embeddings is the only producer of vectors: vector_index fails on a chunk without one."""
+    import sqlalchemy as sa
+
+    from research_pipeline_tests.shared import load_corpus_rows, sample_corpus
+
+    settings = Settings(home=tmp_path, inbox=tmp_path / "inbox", database_url=f"sqlite:///{tmp_path / 'rp.db'}",
+                        object_store_url=str(tmp_path / "objects"))
+    resources = build_resources(settings)
+    engine = resources["database"].get_engine()
+    rows = sample_corpus(tmp_path_factory)
+    load_corpus_rows(engine, rows)
+    victim = rows["chunks"][0]
+    e = store.embeddings
+    with engine.begin() as conn:
+        conn.execute(sa.delete(e).where(e.c.content_hash == victim["content_hash"]))
+    result = dg.materialize([vector_index], resources=resources, raise_on_error=False)
+    assert not result.success
+    description = result.failure_data_for_node("vector_index").user_failure_data.description
+    assert f"shards {victim['shard']} (1)" in description and "chunk_embeddings" in description
+    assert not result.get_asset_materialization_events()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(e).where(
+            e.c.content_hash == victim["content_hash"])).scalar_one() == 0, "vector_index embedded nothing"
+    assert registry.list_generations(engine) == [], "no generation was started"
+    engine.dispose()

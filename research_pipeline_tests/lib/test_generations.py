@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore
+from research_pipeline.lib.embed import embeddings
 from research_pipeline.lib.release import build, gates, publish, registry, searchers
 from research_pipeline_tests.shared import (
     RELAXED,
@@ -170,6 +171,31 @@ def test_a_rejected_generation_without_its_files_stays_rejected(env, embedder):
                                       only=["latency"])
     assert not rerun["latency"]["passed"] and "not a complete candidate" in rerun["latency"]["description"]
     assert registry.get_generation(engine, old)["status"] == "rejected"
+
+
+def test_the_vector_half_embeds_nothing_and_names_the_shards_without_vectors(env, corpus, embedder):
+    """Vectors come from the embedding step alone: a chunk without one stops the build, before
+    anything is recorded, with the shards and what to run."""
+    engine, obj = env
+    e = store.embeddings
+    gone = sorted({c["content_hash"] for c in corpus["chunks"]})[:2]
+    with engine.begin() as conn:
+        conn.execute(sa.delete(e).where(e.c.content_hash.in_(gone)))
+        n_vectors = conn.execute(sa.select(sa.func.count()).select_from(e)).scalar_one()
+    shards = {c["shard"] for c in corpus["chunks"] if c["content_hash"] in gone}
+    gen_id = registry.new_generation_id()
+    with pytest.raises(build.MissingVectorsError, match="materialize those chunk_embeddings partitions") as err:
+        build.build_vector_part(engine, obj, embedder, gen_id)
+    assert set(err.value.missing) == shards and sum(err.value.missing.values()) == len(gone)
+    assert all(f"{s} (" in str(err.value) for s in shards)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(e)).scalar_one() == n_vectors, "nothing embedded"
+    with pytest.raises(KeyError):
+        registry.get_generation(engine, gen_id)
+    # The embedding step (chunk_embeddings' call) stores them; then the build goes ahead.
+    embeddings.embed_missing(engine, embedder)
+    assert build.missing_vectors(engine, embedder.model_id) == {}
+    assert build.build_vector_part(engine, obj, embedder, gen_id).n_vectors == len(corpus["chunks"])
 
 
 def test_concurrent_searches_during_five_swaps(env, corpus, embedder):

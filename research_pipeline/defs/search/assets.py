@@ -192,24 +192,20 @@ def vector_index(
     vectors, HNSW above (see the build parameters in the manifest). Not built when the corpus
     is the live generation's (see the module docstring).
     """
-    from research_pipeline.lib.embed.embeddings import backlog
-
     engine = database.get_engine()
     skip, digest = unchanged_since_live(context, engine, embedder, config.force)
     if skip:
         return
     model = embedder.get_embedder()
-    missing = {shard: n for shard, n in backlog(engine, model.model_id).items() if n}
-    if missing:
-        shards = ", ".join(f"{s} ({n})" for s, n in sorted(missing.items()))
-        raise dg.Failure(
-            description=(
-                f"chunk texts without a {model.model_id} vector in shards {shards}: materialize those "
-                "chunk_embeddings partitions first (reindex_job covers all 16 shards in one run)"
-            )
-        )
-    gen_id = run_generation_id(context)
-    part = build.build_vector_part(engine, object_store.get_store(), model, gen_id, batch_size=embedder.batch_size)
+    try:
+        # Embeds nothing: chunk_embeddings is the one producer of vectors (the graph's lineage).
+        missing = build.missing_vectors(engine, model.model_id)
+        if missing:
+            raise build.MissingVectorsError(model.model_id, missing)
+        gen_id = run_generation_id(context)
+        part = build.build_vector_part(engine, object_store.get_store(), model, gen_id)
+    except build.MissingVectorsError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     params = part.build_params or {}
     metadata = {
         "gen_id": dg.MetadataValue.text(gen_id),

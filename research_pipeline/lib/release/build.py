@@ -2,7 +2,9 @@
 
 The two halves are built by separate steps (they may run in parallel) from the chunks current
 at build time; `registry.finish_part` makes the generation a candidate once both are recorded.
-Progress goes to this module's logger.
+The vector half embeds nothing: it reads the vectors that `lib/embed/embeddings.embed_missing`
+stored (in Dagster: the `chunk_embeddings` asset, the only producer of vectors) and refuses to
+build, naming the shards, while a chunk has none. Progress goes to this module's logger.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store as db
 from research_pipeline.lib.release import registry
-from research_pipeline.lib.release.registry import GenerationStatus
+from research_pipeline.lib.release.registry import GenerationError, GenerationStatus
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,29 @@ class FtsPart:
     status: GenerationStatus
 
 
+class MissingVectorsError(GenerationError):
+    """Chunks of the generation-to-be have no stored vector for the model: embed them first."""
+
+    def __init__(self, model_id: str, missing: dict[str, int]):
+        self.model_id = model_id
+        self.missing = missing
+        shards = ", ".join(f"{s} ({n})" for s, n in sorted(missing.items()))
+        super().__init__(
+            f"{sum(missing.values())} chunk texts have no {model_id} vector, in shards {shards}: materialize "
+            "those chunk_embeddings partitions first (reindex_job covers all 16 shards in one run; without "
+            "Dagster: research_pipeline.lib.embed.embeddings.embed_missing)"
+        )
+
+
 @dataclass(frozen=True)
 class VectorPart:
-    """The vector half of a generation, as built (with what was embedded for it first)."""
+    """The vector half of a generation, as built."""
 
     gen_id: str
     vector_key: str
     n_vectors: int
     n_chunks: int
     n_documents: int
-    embedded: int
-    cached: int
     build_params: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     status: GenerationStatus = GenerationStatus.BUILDING
@@ -80,15 +94,37 @@ def generation_chunks(engine: Engine) -> tuple[list[str], list[str], int]:
     return [r.chunk_id for r in rows], [r.content_hash for r in rows], len({r.doc_id for r in rows})
 
 
-def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: str, batch_size: int = 64) -> VectorPart:
-    """Embed any chunk without a vector, then build and write the FAISS index of generation `gen_id`."""
+def missing_vectors(engine: Engine, model_id: str) -> dict[str, int]:
+    """Distinct chunk texts a new generation would hold (see `generation_chunks`) without a stored
+    `model_id` vector, by document shard; empty when every one has its vector."""
+    c, d, e = db.chunks, db.documents, db.embeddings
+    no_vector = ~sa.exists().where(e.c.content_hash == c.c.content_hash, e.c.model_id == model_id)
+    query = (
+        sa.select(c.c.shard, sa.func.count(sa.distinct(c.c.content_hash)))
+        .join(d, d.c.doc_id == c.c.doc_id)
+        .where(d.c.retired_at.is_(None), no_vector)
+        .group_by(c.c.shard)
+    )
+    with engine.connect() as conn:
+        return {shard: int(n) for shard, n in conn.execute(query) if n}
+
+
+def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: str) -> VectorPart:
+    """Build and write the FAISS index of generation `gen_id` from the stored vectors of its chunks.
+
+    Embeds nothing: raises MissingVectorsError (before recording anything) if a chunk of a live
+    document has no vector for `embedder.model_id`. The embedder is only asked for its model id
+    and dimension.
+    """
     import numpy as np
 
     from research_pipeline.lib.embed import embeddings, vectors
 
+    missing = missing_vectors(engine, embedder.model_id)
+    if missing:
+        raise MissingVectorsError(embedder.model_id, missing)
     registry.start_generation(engine, gen_id, embedder.model_id)
     started = time.perf_counter()
-    embed_stats = embeddings.embed_missing(engine, embedder, batch_size=batch_size)
     chunk_ids, hashes, n_documents = generation_chunks(engine)
     # Chunks that share a text share one vector; the index still holds one row per chunk so a
     # hit maps straight back to its paper.
@@ -112,8 +148,7 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
 
     fulltext.publish_generation(engine, object_store, gen_id)
     seconds = time.perf_counter() - started
-    embedded = int(embed_stats.get("embedded", 0))
-    manifest = {"build_params": params, "embedded": embedded, "seconds": round(seconds, 3)}
+    manifest = {"build_params": params, "seconds": round(seconds, 3)}
     logger.info(
         "generation %s: %d vectors of %d documents -> %s (%.1fs)", gen_id, len(chunk_ids), n_documents, key, seconds
     )
@@ -132,8 +167,6 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
         n_vectors=int(index.ntotal),
         n_chunks=len(chunk_ids),
         n_documents=n_documents,
-        embedded=embedded,
-        cached=int(embed_stats.get("cached", 0)),
         build_params=params,
         seconds=seconds,
         status=status,
@@ -141,7 +174,15 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
 
 
 def build_generation(engine: Engine, object_store: Any, embedder: Any, gen_id: str | None = None) -> dict[str, Any]:
-    """Build a complete candidate generation (full-text table + vector index); returns its record."""
+    """Embed what has no vector, then build a complete candidate generation (full-text table +
+    vector index); returns its record.
+
+    The whole reindex without Dagster (tests, benchmarks): the embedding is the same call the
+    `chunk_embeddings` asset makes per shard, made here over every shard before the build.
+    """
+    from research_pipeline.lib.embed import embeddings
+
+    embeddings.embed_missing(engine, embedder)
     gen_id = gen_id or registry.new_generation_id()
     build_fts_part(engine, gen_id, embedder.model_id)
     build_vector_part(engine, object_store, embedder, gen_id)
