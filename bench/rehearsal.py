@@ -338,7 +338,16 @@ class Rehearsal:
             ok = ok and s["backfill_ok"] and s.get("cutover_ok") and s.get("reindex_ok")
         return bool(ok)
 
+    def product_warnings(self) -> None:
+        """Known product problems the logs show (reported, not failed on): query-log writes a
+        read-only standby refused, per replica."""
+        refused = 0
+        for log in self.logs.glob("search_*.log"):
+            refused += log.read_text(errors="replace").count("cannot execute INSERT in a read-only transaction")
+        self.summary["query_log_flushes_refused_by_standby"] = refused
+
     def down(self) -> None:
+        self.product_warnings()
         if self.args.keep_logs:
             shutil.copytree(self.logs, self.args.keep_logs, dirs_exist_ok=True)
             if (self.work / "nginx" / "logs").is_dir():
