@@ -38,6 +38,7 @@ from research_pipeline.lib.release.ir_metrics import (
     percentile,
     recall_at_k,
 )
+from research_pipeline.lib.search import fts_tantivy
 from research_pipeline.lib.search.fts import INDEX_FORMAT, build_fts
 from research_pipeline.lib.search.searcher import MODES, Searcher
 
@@ -83,6 +84,7 @@ class EvalIndex:
     corpus_id: dict[str, str]  # doc_id -> the collection's _id
     documents: int
     chunks: int
+    fulltext: Any = None  # the Tantivy index (search.fts_tantivy) of the same chunks
 
 
 def _ingest_corpus(engine: Engine, beir_dir: Path) -> None:
@@ -186,6 +188,12 @@ def prepare(
         state["fts"] = fts_fp
         save_state()
 
+    # The generation's full-text engine (search/fts_tantivy), keyed on its format and field weights.
+    ft_salt = f"tantivy{fts_tantivy.FORMAT}{sorted(fts_tantivy.FIELD_WEIGHTS.items())}"
+    fulltext = work_dir / "fulltext" / _fingerprint(chunk_ids, ft_salt)[:16]
+    if not fulltext.is_dir():
+        fts_tantivy.build_index(engine, fulltext)
+
     vectors = None
     if need_vectors:
         objects = LocalObjectStore(work_dir / "objects")
@@ -209,6 +217,7 @@ def prepare(
         corpus_id=_corpus_ids(engine),
         documents=int(n_docs),
         chunks=len(chunk_ids),
+        fulltext=fts_tantivy.FulltextIndex(fulltext),
     )
 
 
@@ -253,11 +262,13 @@ def evaluate(
     mode: str = "hybrid",
     work_dir: Path | str | None = None,
     embedder: Any = None,
+    fulltext_engine: str = "tantivy",
     **tuning: Any,
 ) -> dict[str, Any]:
     """nDCG@10, recall@100, MRR@10 and latency p50/p95 of `mode` on one split of a BEIR folder.
 
-    `tuning` overrides the Searcher's fusion parameters (see lib/search/searcher.py).
+    `tuning` overrides the Searcher's fusion parameters (see lib/search/searcher.py);
+    `fulltext_engine` "sql" searches the SQL full-text table instead of the Tantivy index.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -267,10 +278,14 @@ def evaluate(
     if embedder is None:
         embedder = _default_embedder()
     index = prepare(beir_dir, work_dir, embedder, need_vectors)
-    searcher = Searcher(index.engine, index.fts_table, index.vectors, embedder if need_vectors else None, **tuning)
+    fulltext = index.fulltext if fulltext_engine == "tantivy" else None
+    searcher = Searcher(
+        index.engine, index.fts_table, index.vectors, embedder if need_vectors else None, fulltext=fulltext, **tuning
+    )
     result = run_queries(index, searcher, queries, qrels, mode)
     result.update(
-        {"dataset": beir_dir.resolve().name, "split": split, "mode": mode, "documents": index.documents, "chunks": index.chunks}
+        {"dataset": beir_dir.resolve().name, "split": split, "mode": mode, "fulltext": searcher.fulltext_engine,
+         "documents": index.documents, "chunks": index.chunks}
     )
     index.engine.dispose()
     return result
@@ -325,7 +340,9 @@ def tune(
     for params in grid:
         mode = params.get("mode", "hybrid")
         tuning = {k: v for k, v in params.items() if k != "mode"}
-        searcher = _SweepSearcher(index.engine, index.fts_table, index.vectors, embedder, candidates=candidates, **tuning)
+        searcher = _SweepSearcher(
+            index.engine, index.fts_table, index.vectors, embedder, fulltext=index.fulltext, candidates=candidates, **tuning
+        )
         metrics = run_queries(index, searcher, queries, qrels, mode)
         row = {"params": params, **{k: metrics[k] for k in ("ndcg@10", "recall@100", "mrr@10")}}
         logger.info("%s", json.dumps(row, sort_keys=True))

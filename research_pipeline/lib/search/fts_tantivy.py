@@ -11,11 +11,12 @@ What is indexed (one document per chunk, numbered as `fts_tables.analyzed_rows` 
 
 - `text`: the terms of our shared analyzer (`analyzer.analyze`), joined by spaces and split again
   by Tantivy's ``whitespace`` tokenizer, which cannot change them: the paper's title terms
-  `FIELD_WEIGHTS["title"]` times, then the abstract terms (first chunk only) and the body
-  terms. Repeating the title is how a field weight of 2 enters a single-field BM25: the term
-  frequency is ``2 * title + abstract + body``, as in FTS5's ``bm25()`` with weights (2, 1, 1),
+  `FIELD_WEIGHTS["title"]` (3) times, then the abstract terms (first chunk only) and the body
+  terms. Repeating the title is how a field weight enters a single-field BM25: the term
+  frequency is ``3 * title + abstract + body``, as in FTS5's ``bm25()`` with weights (3, 1, 1),
   with one saturation per term. Three fields with query-time boosts (Tantivy's per-field BM25,
-  summed) scored 0.605 nDCG@10 on SciFact train against 0.707 for this layout (docs/SEARCH.md).
+  summed) scored 0.605 nDCG@10 on SciFact train against 0.707 for this layout (both with
+  title weight 2; docs/SEARCH.md).
 - `rid`: the row id (fast field), mapped to the chunk id by ``chunk_ids.json``.
 
 Differences from `bm25` (the SQL backends' exact FTS5 formula), all inside Tantivy's scorer:
@@ -53,6 +54,10 @@ RID = "rid"
 #: Files beside Tantivy's own in the index folder.
 IDS_NAME = "chunk_ids.json"
 INFO_NAME = "rp_fulltext.json"
+#: Field weights of the index (whole numbers: how often a field's terms are written). Title 3
+#: was the best on SciFact train and Cranfield together (bm25 mode, docs/SEARCH.md); the SQL
+#: backends' FTS5 formula has its best at 2 (`bm25.FIELD_WEIGHTS`).
+FIELD_WEIGHTS: dict[str, float] = {"title": 3.0, "abstract": 1.0, "body": 1.0}
 #: Memory of the (single-threaded, deterministic) index writer before it writes a segment.
 WRITER_HEAP_BYTES = 1_000_000_000
 
@@ -63,7 +68,7 @@ class FulltextIndexError(RuntimeError):
 
 def repeats(weights: Mapping[str, float] | None = None) -> tuple[int, int, int]:
     """How often the title, abstract and body terms are written for `weights` (whole numbers >= 1)."""
-    w = {**bm25.FIELD_WEIGHTS, **(weights or {})}
+    w = {**FIELD_WEIGHTS, **(weights or {})}
     out = []
     for key in bm25.FIELDS:
         value = float(w[key])
@@ -170,8 +175,10 @@ class FulltextIndex:
         return len(self.chunk_ids)
 
     def accepts(self, weights: Mapping[str, float] | None) -> bool:
-        """Whether a search with field `weights` (None: the defaults) can run on this index."""
-        wanted = {**bm25.FIELD_WEIGHTS, **(weights or {})}
+        """Whether a search with field `weights` (None: the index's own) can run on this index."""
+        if weights is None:
+            return True
+        wanted = {**bm25.FIELD_WEIGHTS, **weights}
         return all(float(wanted[k]) == self.weights[k] for k in bm25.FIELDS)
 
     def search(self, query: str, k: int = 100) -> list[tuple[str, float]]:
