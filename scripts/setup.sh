@@ -14,6 +14,7 @@ command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v pgbackrest >/dev/null 2>&1 || need+=(pgbackrest)  # PostgreSQL backups to S3 (the restore test)
 # The rehearsal's (make rehearsal) private Redis and the exporters Prometheus scrapes there.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 for e in postgres redis nginx; do command -v "prometheus-$e-exporter" >/dev/null 2>&1 || need+=("prometheus-$e-exporter"); done
