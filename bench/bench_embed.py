@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -49,11 +48,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from bench.machine import machine
 from research_pipeline.config import Settings
 from research_pipeline.lib.core import store
 from research_pipeline.lib.core.objectstore import LocalObjectStore
 from research_pipeline.lib.embed.embeddings import embed_missing, load_embeddings
-from research_pipeline.lib.embed.model import available_cores, load_embedder, native_bf16, resolve_model_path
+from research_pipeline.lib.embed.model import available_cores, load_embedder, resolve_model_path
 from research_pipeline.lib.ingest.chunking import chunk_documents
 from research_pipeline.lib.ingest.pipeline import ingest
 from research_pipeline.lib.ingest.sources import sources_for
@@ -72,42 +72,6 @@ def _timed(fn):
     started = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - started
-
-
-def machine(device: str) -> dict[str, Any]:
-    """What the figures were measured on: CPU model and flags, cores, memory, load, library versions."""
-    import torch
-
-    cpu_model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu_model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    mem = 0
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        mem = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1)) * 1024
-    except (OSError, AttributeError):
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "arch": platform.machine(),
-        "cores": available_cores(),
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": mem,
-        "cpu_bf16": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16")),
-        "native_bf16": native_bf16(device),
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def _disk(path: Path) -> int:

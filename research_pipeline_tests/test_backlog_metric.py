@@ -42,7 +42,7 @@ def test_backlog_per_shard_for_the_recorded_model(engine, embedder, papers, tmp_
         collector = PipelineCollector(None, engine, embedding_model=lambda: recorded_model_id(instance, CONFIG))
         # No chunk_embeddings run with this configuration yet: every text is backlog.
         before = _backlog(collector)
-        assert len(before) == 16 and set(m for m, _ in before) == {"unrecorded"}
+        assert len(before) == 16 and {m for m, _ in before} == {"unrecorded"}
         assert {s: before[("unrecorded", s)] for s in texts} == texts
         assert sum(before.values()) == sum(texts.values())
 

@@ -112,11 +112,19 @@ def test_every_figure_has_its_formula_and_scale_moves_the_limits():
     assert "one machine stops at (memory)" in render(big)
 
 
-def test_gpus_without_a_measured_gpu_run_say_so():
+def test_gpus_use_the_measured_gpu_run_and_say_so_without_one():
     m = Measurements.from_dir(BENCH_DIR)
-    if any(p["machine"]["device"].startswith("cuda") for p in m.profiles):
-        pytest.skip("a GPU run is measured here")
-    fig = plan(100_000, qps=10, gpus=2, measurements=m)["figures"]["reindex_embed_gpu_s"]
+    assert m.gpu_runs, "docs/bench/embed-demo-cuda.json (bench_embed_gpu) is the measured GPU run"
+    gpu = max(m.gpu_runs, key=lambda p: p["pipeline_chunks_per_s"])
+    cpu_only = plan(100_000, qps=10, measurements=m)["figures"]
+    two = plan(100_000, qps=10, gpus=2, measurements=m)["figures"]
+    chunks = two["chunks"]["value"]
+    assert two["reindex_embed_s"]["value"] == pytest.approx(chunks / (2 * gpu["pipeline_chunks_per_s"]), rel=0.01)
+    assert two["reindex_embed_s"]["value"] < cpu_only["reindex_embed_s"]["value"] / 100
+    assert "measured GPU run" in two["reindex_embed_s"]["formula"] and "database" in two["reindex_embed_s"]["formula"]
+    # Without a GPU run under the bench folder, the plan says what to measure instead of guessing.
+    none = Measurements(profiles=m.profiles, search_points=m.search_points, search_machine=m.search_machine)
+    fig = plan(100_000, qps=10, gpus=2, measurements=none)["figures"]["reindex_embed_gpu_s"]
     assert fig["value"] is None and "RP_DEVICE=cuda" in fig["formula"]
 
 

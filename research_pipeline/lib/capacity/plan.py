@@ -59,7 +59,8 @@ class Figure:
 class Measurements:
     """The benchmark results a plan is computed from."""
 
-    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench_embed results
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench_embed reindex profiles
+    gpu_runs: list[dict[str, Any]] = field(default_factory=list)  # embedding rates measured on a GPU
     search_points: list[dict[str, Any]] = field(default_factory=list)  # bench_search points
     search_machine: dict[str, Any] = field(default_factory=dict)  # the machine bench_search ran on
     sources: list[str] = field(default_factory=list)
@@ -72,9 +73,12 @@ class Measurements:
         skip = set(exclude_corpora)
         for f in sorted(path.glob("*.json")):
             data = json.loads(f.read_text())
-            if data.get("bench") == "embed" and "reindex" in data:
-                if data["reindex"]["corpus"] in skip:
-                    continue
+            corpus = (data.get("reindex") or {}).get("corpus", data.get("corpus"))
+            if data.get("bench") == "embed" and corpus in skip:
+                continue
+            if data.get("bench") == "embed" and data.get("machine", {}).get("device", "").startswith("cuda"):
+                out.gpu_runs.append(data)  # bench_embed_gpu: a rate, no reindex profile
+            elif data.get("bench") == "embed" and "reindex" in data:
                 out.profiles.append(data)
             elif data.get("bench") == "search":
                 out.search_points.extend(data["points"])
@@ -206,8 +210,8 @@ def plan(
     chunk_rate = r["chunks"] / r["chunk_s"]  # one process
     embed_per_core = ref["pipeline_chunks_per_s"] / ref_cores
     embed_cpu = embed_per_core * cores
-    gpu_runs = [p for p in m.profiles if p["machine"]["device"].startswith("cuda")]
-    gpu_rate = max((p["pipeline_chunks_per_s"] for p in gpu_runs), default=None)
+    gpu_run = max(m.gpu_runs, key=lambda p: p["pipeline_chunks_per_s"], default=None)
+    gpu_rate = gpu_run["pipeline_chunks_per_s"] if gpu_run else None
 
     def chunks_of(n: float) -> float:
         return n * shape.chunks_per_paper
@@ -228,7 +232,11 @@ def plan(
 
     def embed_rate() -> tuple[float, str]:
         if gpus and gpu_rate:
-            return gpus * gpu_rate, f"{gpus} GPU x {gpu_rate:.0f} chunks/s (measured GPU run)"
+            return gpus * gpu_rate, (
+                f"{gpus} GPU x {gpu_rate:.0f} chunks/s (measured GPU run: {gpu_run['machine'].get('gpu')}, "
+                f"{gpu_run['numeric_path']}, batch {gpu_run['batch_size']}; the model alone, embed_missing's database "
+                "round trips not in it)"
+            )
         return embed_cpu, f"{cores} cores x {embed_per_core:.2f} chunks/s per core ({ref['numeric_path']}, {ref['machine']['cpu_model']})"
 
     def reindex(n: float) -> tuple[float, dict[str, tuple[float, str]]]:
@@ -251,9 +259,9 @@ def plan(
         fig[f"reindex_{name}_s"] = Figure(round(v, 1), "s", f)
     fig["reindex_s"] = Figure(round(total_s, 1), "s", "ingest + chunk + embed + full-text build + vector build")
     if gpus and not gpu_rate:
-        fig["reindex_embed_gpu_s"] = Figure(None, "s", "no measured GPU run under docs/bench: run `RP_DEVICE=cuda make bench BENCH=embed` on the GPU machine")
+        fig["reindex_embed_gpu_s"] = Figure(None, "s", "no measured GPU run under docs/bench: run `python -m bench.bench_embed_gpu` (or `RP_DEVICE=cuda make bench BENCH=embed`) on the GPU machine")
     new_chunks = chunks_of(daily)
-    rate, rate_f = embed_rate()
+    rate, _ = embed_rate()
     inc_ingest = daily * shape.pages_per_paper / (pages_per_core_s * cores)
     inc = inc_ingest + new_chunks / chunk_rate + new_chunks / rate + parts["fts"][0] + parts["vectors"][0]
     fig["daily_increment_s"] = Figure(
