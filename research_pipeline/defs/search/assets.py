@@ -142,9 +142,11 @@ def fts_index(
     context: dg.AssetExecutionContext,
     config: IndexBuildConfig,
     database: DatabaseResource,
+    object_store: ObjectStoreResource,
     embedder: EmbedderResource,
 ) -> Iterator[dg.MaterializeResult]:
-    """The full-text (BM25) table of this run's candidate index generation, `fts_<gen_id>`.
+    """The full-text (BM25) table of this run's candidate index generation, `fts_<gen_id>`,
+    and its Tantivy index under `indexes/<gen_id>/fulltext/` in the object store (what searches read).
 
     Built beside the live generation's table from the current chunks and their papers'
     titles and abstracts; searches keep using the live table until `published_index` flips
@@ -155,7 +157,7 @@ def fts_index(
     if skip:
         return
     gen_id = run_generation_id(context)
-    part = build.build_fts_part(engine, gen_id)
+    part = build.build_fts_part(engine, gen_id, object_store=object_store.get_store())
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(digest),
         metadata={

@@ -63,14 +63,20 @@ class VectorPart:
     status: GenerationStatus = GenerationStatus.BUILDING
 
 
-def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None) -> FtsPart:
-    """Build the full-text table of generation `gen_id` from the current chunks."""
+def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None, object_store: Any = None) -> FtsPart:
+    """Build the full-text table of generation `gen_id` from the current chunks; with
+    `object_store`, its Tantivy index in the same pass, published beside the vector files
+    (release/fulltext.py: what replicas search)."""
+    from research_pipeline.lib.release import fulltext
     from research_pipeline.lib.search import fts
 
     registry.start_generation(engine, gen_id, model_id)
     table = registry.fts_table_name(gen_id)
     started = time.perf_counter()
-    n_rows = int(fts.build_fts(engine, table))
+    if object_store is None:
+        n_rows = int(fts.build_fts(engine, table))
+    else:
+        n_rows, _ = fulltext.build_fts_and_publish(engine, object_store, gen_id, table)
     seconds = time.perf_counter() - started
     logger.info("generation %s: full-text table %s has %d rows (%.1fs)", gen_id, table, n_rows, seconds)
     status = registry.finish_part(engine, gen_id, {"fts_table": table, "n_fts_rows": n_rows})
@@ -143,10 +149,6 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
         chunk_ids,
         {"gen_id": gen_id, "model": embedder.model_id, "n_documents": n_documents, "build_params": params},
     )
-    # The generation's full-text index (Tantivy), published beside the FAISS files: replicas search it.
-    from research_pipeline.lib.release import fulltext
-
-    fulltext.publish_generation(engine, object_store, gen_id)
     seconds = time.perf_counter() - started
     manifest = {"build_params": params, "seconds": round(seconds, 3)}
     logger.info(
@@ -184,6 +186,6 @@ def build_generation(engine: Engine, object_store: Any, embedder: Any, gen_id: s
 
     embeddings.embed_missing(engine, embedder)
     gen_id = gen_id or registry.new_generation_id()
-    build_fts_part(engine, gen_id, embedder.model_id)
+    build_fts_part(engine, gen_id, embedder.model_id, object_store)
     build_vector_part(engine, object_store, embedder, gen_id)
     return registry.get_generation(engine, gen_id)

@@ -1,7 +1,7 @@
 """A generation's full-text index (`search.fts_tantivy`) in the object store and on replicas.
 
-Build: `publish_generation` builds the index of the current chunks in a temporary folder and
-uploads its files under ``<vector prefix>/fulltext/``, beside the FAISS files of the same
+Build: `build_fts_and_publish` (the generation's full-text step) feeds the analyzed chunks to the
+SQL full-text table and the index in one pass, in a temporary folder, and uploads the index files under ``<vector prefix>/fulltext/``, beside the FAISS files of the same
 generation, then a manifest naming every file with its size and sha256 (written last, so a
 manifest never names a missing file). Retention deletes the whole prefix.
 
@@ -77,6 +77,31 @@ def publish_generation(engine: Engine, object_store: Any, gen_id: str) -> str:
         key = publish(object_store, prefix(gen_id), folder, info)
     logger.info("generation %s: full-text index of %d rows -> %s", gen_id, info["rows"], key)
     return key
+
+
+def build_fts_and_publish(engine: Engine, object_store: Any, gen_id: str, table: str) -> tuple[int, str]:
+    """Build generation `gen_id`'s SQL full-text table `table` and its Tantivy index in one pass
+    over the analyzed chunks (the same rows and terms in both), then publish the index.
+
+    Returns (rows, manifest key). The SQL table keeps the row counts the gates read and answers
+    where no index is published (older generations, query-time field weights).
+    """
+    from research_pipeline.lib.search import fts
+
+    with tempfile.TemporaryDirectory(prefix="rp-fulltext-build-") as tmp:
+        folder = Path(tmp) / "index"
+        builder = fts_tantivy.IndexBuilder(folder)
+        try:
+            n_rows = int(fts.build_fts(engine, table, sink=builder.add))
+        except BaseException:
+            builder.abort()
+            raise
+        info = builder.finish()
+        if info["rows"] != n_rows:
+            raise FulltextArtifactError(f"the full-text table {table} has {n_rows} rows, its Tantivy index {info['rows']}")
+        key = publish(object_store, prefix(gen_id), folder, info)
+    logger.info("generation %s: full-text index of %d rows -> %s", gen_id, n_rows, key)
+    return n_rows, key
 
 
 def read_manifest(object_store: Any, key: str) -> tuple[dict[str, Any], bytes]:

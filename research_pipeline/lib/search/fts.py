@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.search import bm25, fts_postgres, fts_sqlite
 from research_pipeline.lib.search.analyzer import query_terms
-from research_pipeline.lib.search.fts_tables import aux_tables, check_table_name, drop_tables
+from research_pipeline.lib.search.fts_tables import Sink, aux_tables, check_table_name, drop_tables
 
 #: Query terms in more than this share of rows are "common": rows are found by the other
 #: terms, and the common terms' share of the score is added to the best `CANDIDATES` of those
@@ -63,15 +63,16 @@ def drop_fts(engine: Engine, table: str) -> None:
         drop_tables(conn, table)
 
 
-def build_fts(engine: Engine, table: str) -> int:
+def build_fts(engine: Engine, table: str, sink: Sink | None = None) -> int:
     """Build the full-text table `table` from the current chunks joined to documents.
 
     The tables are dropped and rebuilt inside one transaction, so a crash leaves either no
     index or a complete one and a re-run after a partial build starts clean. Returns the row
-    count.
+    count. `sink(rid, chunk_id, [title, abstract, body terms])` gets every analyzed row (the
+    generation's Tantivy index is built from them: `fts_tantivy.IndexBuilder.add`).
     """
     check_table_name(table)
-    return _backend(engine).build(engine, table)
+    return _backend(engine).build(engine, table, sink)
 
 
 def fts_search(

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.search.bm25 import B, K1, Stats
-from research_pipeline.lib.search.fts_tables import Row, build_tables, parse_counts, tf_json
+from research_pipeline.lib.search.fts_tables import Row, Sink, build_tables, parse_counts, tf_json
 
 
-def build(engine: Engine, table: str) -> int:
+def build(engine: Engine, table: str, sink: Sink | None = None) -> int:
     """Build the table `table`, its GIN index and the tables beside it; returns the row count."""
 
     def insert(conn: sa.Connection, rows: list[Row]) -> None:
@@ -37,6 +37,7 @@ def build(engine: Engine, table: str) -> int:
             "lexemes tsvector NOT NULL, tf jsonb NOT NULL, dl integer NOT NULL)",
         ],
         insert,
+        sink,
     )
     with engine.begin() as conn:
         conn.execute(sa.text(f'CREATE INDEX "{table}_gin" ON "{table}" USING gin (lexemes)'))

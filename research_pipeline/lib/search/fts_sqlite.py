@@ -10,10 +10,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.search.bm25 import Stats
-from research_pipeline.lib.search.fts_tables import Row, aux_tables, build_tables, parse_counts, tf_json
+from research_pipeline.lib.search.fts_tables import Row, Sink, aux_tables, build_tables, parse_counts, tf_json
 
 
-def build(engine: Engine, table: str) -> int:
+def build(engine: Engine, table: str, sink: Sink | None = None) -> int:
     """Build the FTS5 table `table` and the tables beside it; returns the row count."""
     rows_table = aux_tables(table)["rows"]
 
@@ -38,6 +38,7 @@ def build(engine: Engine, table: str) -> int:
             f'CREATE TABLE "{rows_table}" (rid INTEGER PRIMARY KEY, chunk_id TEXT NOT NULL, dl INTEGER NOT NULL, tf TEXT NOT NULL)',
         ],
         insert,
+        sink,
     )
     with engine.begin() as conn:
         # One b-tree segment: fewer segments to merge per query.

@@ -24,6 +24,8 @@ _BATCH = 2000
 
 #: One row to write: (row id, chunk_id, [title, abstract, body terms], {term: [3 counts]}, row length).
 Row = tuple[int, str, list[list[str]], dict[str, list[int]], int]
+#: Called with every analyzed row as it is written: (row id, chunk_id, [title, abstract, body terms]).
+Sink = Callable[[int, str, list[list[str]]], None]
 
 
 def check_table_name(table: str) -> str:
@@ -98,11 +100,16 @@ def _term_counts(fields: list[list[str]]) -> dict[str, list[int]]:
 
 
 def build_tables(
-    engine: Engine, table: str, create: list[str], insert_rows: Callable[[sa.Connection, list[Row]], None]
+    engine: Engine,
+    table: str,
+    create: list[str],
+    insert_rows: Callable[[sa.Connection, list[Row]], None],
+    sink: Sink | None = None,
 ) -> int:
     """The build both backends share: drop and create the tables, analyze every chunk once,
     write the backend's rows through `insert_rows(conn, batch)`, then the document frequencies
-    and totals every query reads. One transaction; returns the row count."""
+    and totals every query reads. One transaction; returns the row count. `sink` (e.g. a
+    Tantivy index builder) gets the same analyzed rows, so both indexes hold the same terms."""
     aux = aux_tables(table)
     df: Counter[str] = Counter()
     n = tokens = 0
@@ -113,6 +120,8 @@ def build_tables(
         for batch in _batches(analyzed_rows(conn)):
             rows = []
             for rid, cid, fields in batch:
+                if sink is not None:
+                    sink(rid, cid, fields)
                 counts = _term_counts(fields)
                 dl = sum(len(terms) for terms in fields)
                 df.update(counts.keys())

@@ -88,54 +88,86 @@ def _schema() -> tantivy.Schema:
     return builder.build()
 
 
-def build_index(engine: Engine, path: Path | str, weights: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """Build the index of the current chunks into the new folder `path`; returns its info.
+class IndexBuilder:
+    """Writes one index folder from analyzed rows given in row-id order (`add`), then `finish`.
 
-    The index is written in a temporary folder beside `path` and renamed into place, so `path`
-    holds either a complete index or nothing. One writer thread: the same chunks give the same
-    documents in the same order.
+    The index is written in a temporary folder beside `path` and renamed into place by
+    `finish`, so `path` holds either a complete index or nothing (`abort` removes the
+    temporary folder). One writer thread: the same rows give the same documents in the same order.
     """
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists: a full-text index folder is written once")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rt, ra, rb = repeats(weights)
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+
+    def __init__(self, path: Path | str, weights: Mapping[str, float] | None = None):
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} exists: a full-text index folder is written once")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repeats = repeats(weights)
+        self._started = time.perf_counter()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self._writer = tantivy.Index(_schema(), str(self._tmp), reuse=False).writer(WRITER_HEAP_BYTES, 1)
+        self.chunk_ids: list[str] = []
+        self.tokens = 0
+
+    def add(self, rid: int, chunk_id: str, fields: list[list[str]]) -> None:
+        """Index row `rid` (rows are numbered 1, 2, ... as `fts_tables.analyzed_rows` numbers them)."""
+        if rid != len(self.chunk_ids) + 1:
+            raise ValueError(f"rows must come in row-id order: got {rid} after {len(self.chunk_ids)}")
+        rt, ra, rb = self._repeats
+        title, abstract, body = fields
+        terms = title * rt + abstract * ra + body * rb
+        self.chunk_ids.append(chunk_id)
+        self.tokens += len(terms)
+        doc = tantivy.Document()
+        doc.add_unsigned(RID, rid)
+        doc.add_text(TEXT, " ".join(terms))
+        self._writer.add_document(doc)
+
+    def finish(self) -> dict[str, Any]:
+        """Commit, write the chunk ids and info, move the folder into place; returns the info."""
+        try:
+            self._writer.commit()
+            self._writer.wait_merging_threads()
+            (self._tmp / IDS_NAME).write_text(json.dumps(self.chunk_ids), "utf-8")
+            info = {
+                "engine": ENGINE,
+                "format": FORMAT,
+                "tantivy": tantivy.__version__,
+                "rows": len(self.chunk_ids),
+                "tokens": self.tokens,
+                "weights": dict(zip(bm25.FIELDS, (float(r) for r in self._repeats))),
+                "seconds": round(time.perf_counter() - self._started, 3),
+            }
+            (self._tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True), "utf-8")
+            os.rename(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        info["bytes"] = folder_bytes(self.path)
+        logger.info(
+            "full-text index %s: %d rows, %.1f MiB (%.1fs)", self.path, info["rows"], info["bytes"] / 2**20, info["seconds"]
+        )
+        return info
+
+    def abort(self) -> None:
+        """Remove the unfinished index (nothing was put at `path`)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def build_index(engine: Engine, path: Path | str, weights: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Build the index of the current chunks into the new folder `path` alone; returns its info.
+
+    (A generation's build feeds the same rows to its SQL table and this index in one pass:
+    `release.fulltext.build_fts_and_publish`.)
+    """
+    builder = IndexBuilder(path, weights)
     try:
-        index = tantivy.Index(_schema(), str(tmp), reuse=False)
-        writer = index.writer(WRITER_HEAP_BYTES, 1)
-        chunk_ids: list[str] = []
-        tokens = 0
         with engine.connect() as conn:
-            for rid, chunk_id, (title, abstract, body) in analyzed_rows(conn):
-                chunk_ids.append(chunk_id)
-                terms = title * rt + abstract * ra + body * rb
-                tokens += len(terms)
-                doc = tantivy.Document()
-                doc.add_unsigned(RID, rid)
-                doc.add_text(TEXT, " ".join(terms))
-                writer.add_document(doc)
-        writer.commit()
-        writer.wait_merging_threads()
-        (tmp / IDS_NAME).write_text(json.dumps(chunk_ids), "utf-8")
-        info = {
-            "engine": ENGINE,
-            "format": FORMAT,
-            "tantivy": tantivy.__version__,
-            "rows": len(chunk_ids),
-            "tokens": tokens,
-            "weights": dict(zip(bm25.FIELDS, (float(rt), float(ra), float(rb)))),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        (tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True), "utf-8")
-        os.rename(tmp, path)
+            for rid, chunk_id, fields in analyzed_rows(conn):
+                builder.add(rid, chunk_id, fields)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        builder.abort()
         raise
-    info["bytes"] = folder_bytes(path)
-    logger.info("full-text index %s: %d rows, %.1f MiB (%.1fs)", path, info["rows"], info["bytes"] / 2**20, info["seconds"])
-    return info
+    return builder.finish()
 
 
 def folder_bytes(path: Path | str) -> int:
