@@ -113,10 +113,14 @@ def search_latency(engine: sa.Engine, work: Path, embedder: Any) -> dict[str, An
     vectors = load_vector_index(objects, key)
     searcher = Searcher(engine, "fts_bench", vectors, embedder)
     queries = [line.split("\t")[0] for line in QUERIES.read_text().splitlines()[1:] if line.strip()]
-    # One query on one core, as the search service runs it. FAISS and torch share one OpenMP
-    # pool, so the thread count is put back for any embedding after this.
-    threads = faiss.omp_get_max_threads()
+    # One query on one core, as the search service runs it (it sets one torch thread once at
+    # start; encode_query no longer switches threads itself). FAISS and torch share one OpenMP
+    # pool, so the thread counts are put back for any embedding after this.
+    import torch
+
+    threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         for q in queries:
             searcher.search(q, k=10)
@@ -130,6 +134,7 @@ def search_latency(engine: sa.Engine, work: Path, embedder: Any) -> dict[str, An
         times = list(best.values())
     finally:
         faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
     return {
         "fts_build_s": round(fts_s, 2),
         "fts_bytes": fts_bytes,
