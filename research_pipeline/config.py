@@ -141,6 +141,21 @@ class AwsCredentials:
     session_token: str | None = None
 
 
+#: The newest PostgreSQL backup may be this old before backup_fresh fails: a daily backup plus 2 h.
+DEFAULT_BACKUP_MAX_AGE_S = 26 * 3600.0
+DEFAULT_BACKUP_CHECK_CRON = "0 6 * * *"
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """pgBackRest backups of the PostgreSQL cluster; an empty stanza: not configured (no checks)."""
+
+    stanza: str = ""
+    config: Path | None = None  # None: pgBackRest's default, /etc/pgbackrest/pgbackrest.conf
+    max_age_s: float = DEFAULT_BACKUP_MAX_AGE_S
+    check_cron: str = DEFAULT_BACKUP_CHECK_CRON
+
+
 @dataclass(frozen=True)
 class Settings:
     """The configuration of one deployment, resolved from the environment."""
@@ -157,6 +172,8 @@ class Settings:
     retracted_file: Path | None = None
     keep_generations: int = DEFAULT_KEEP_GENERATIONS
     nightly_cron: str = DEFAULT_NIGHTLY_CRON
+    #: Seconds between ticks of every sensor (None: each sensor's own default).
+    sensor_interval_s: int | None = None
     log_format: str = "text"
     log_level: str = "INFO"
     dagster_home: Path | None = None  # None: $RP_HOME/dagster
@@ -167,6 +184,7 @@ class Settings:
     gates: GateThresholds = field(default_factory=GateThresholds)
     migration: MigrationTarget = field(default_factory=MigrationTarget)
     aws: AwsCredentials = field(default_factory=AwsCredentials)
+    backup: BackupSettings = field(default_factory=BackupSettings)
     #: The variables that were set (name -> raw value), so Dagster can show them as EnvVar.
     set_variables: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -201,6 +219,7 @@ class Settings:
             retracted_file=values.get("RP_RETRACTED_FILE"),
             keep_generations=values.get("RP_KEEP_GENERATIONS", DEFAULT_KEEP_GENERATIONS),
             nightly_cron=values.get("RP_NIGHTLY_CRON", DEFAULT_NIGHTLY_CRON),
+            sensor_interval_s=values.get("RP_SENSOR_INTERVAL_S"),
             log_format=values.get("RP_LOG_FORMAT", "text"),
             log_level=values.get("RP_LOG_LEVEL", "INFO"),
             search_concurrency=values.get("RP_SEARCH_CONCURRENCY"),
@@ -218,6 +237,12 @@ class Settings:
                 access_key_id=values.get("AWS_ACCESS_KEY_ID"),
                 secret_access_key=values.get("AWS_SECRET_ACCESS_KEY"),
                 session_token=values.get("AWS_SESSION_TOKEN"),
+            ),
+            backup=BackupSettings(
+                stanza=values.get("RP_PGBACKREST_STANZA", ""),
+                config=values.get("RP_PGBACKREST_CONFIG"),
+                max_age_s=values.get("RP_BACKUP_MAX_AGE_S", DEFAULT_BACKUP_MAX_AGE_S),
+                check_cron=values.get("RP_BACKUP_CHECK_CRON", DEFAULT_BACKUP_CHECK_CRON),
             ),
             set_variables={
                 name: env[name]
@@ -256,6 +281,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RP_RETRACTED_FILE", _path, "retracted DOIs / arXiv ids / doc_ids, one per line: kept out of generations"),
     Variable("RP_KEEP_GENERATIONS", _int(minimum=2), "published index generations kept for rollback (default 3)"),
     Variable("RP_NIGHTLY_CRON", _cron, "UTC cron of nightly_reindex (default 0 2 * * *)"),
+    Variable("RP_SENSOR_INTERVAL_S", _int(minimum=1), "seconds between sensor ticks (default: 60 inbox, 30 the others)"),
     Variable("RP_LOG_FORMAT", _choice("text", "json"), "log lines of the CLI and the search service"),
     Variable("RP_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
     Variable("RP_SEARCH_CONCURRENCY", _int(minimum=1), "searches run at once per service process (default: cores, >= 2)"),
@@ -270,6 +296,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("AWS_ACCESS_KEY_ID", _text, "S3 credentials (default: boto3's chain)"),
     Variable("AWS_SECRET_ACCESS_KEY", _text, "S3 credentials"),
     Variable("AWS_SESSION_TOKEN", _text, "S3 credentials"),
+    Variable("RP_PGBACKREST_STANZA", _text, "pgBackRest stanza of the PostgreSQL cluster; set: backup checks on (unset: none)"),
+    Variable("RP_PGBACKREST_CONFIG", _path, "pgbackrest.conf (default /etc/pgbackrest/pgbackrest.conf)"),
+    Variable("RP_BACKUP_MAX_AGE_S", _seconds(allow_zero=False), "age of the newest backup before backup_fresh fails (default 26 h)"),
+    Variable("RP_BACKUP_CHECK_CRON", _cron, "UTC cron of the backup checks (default 0 6 * * *)"),
 )
 
 

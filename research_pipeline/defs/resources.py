@@ -160,6 +160,11 @@ def nightly_cron() -> str:
     return Settings.from_env().nightly_cron
 
 
+def sensor_interval(default: int) -> int:
+    """Seconds between a sensor's ticks: RP_SENSOR_INTERVAL_S if set, else the sensor's `default`."""
+    return Settings.from_env().sensor_interval_s or default
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(resources=build_resources())

@@ -138,3 +138,16 @@ def test_first_tick_starts_from_the_store(instance, tmp_path):
 
     fresh, _ = tick(instance, inbox, None, url)
     assert isinstance(fresh, dg.RunRequest), "a first tick with an unseen file requests a run"
+
+
+def test_sensor_interval_is_each_sensors_default_unless_set(monkeypatch):
+    from research_pipeline.config import ConfigError
+    from research_pipeline.defs.resources import sensor_interval
+
+    monkeypatch.delenv("RP_SENSOR_INTERVAL_S", raising=False)
+    assert sensor_interval(60) == 60
+    monkeypatch.setenv("RP_SENSOR_INTERVAL_S", "5")
+    assert sensor_interval(60) == sensor_interval(30) == 5
+    monkeypatch.setenv("RP_SENSOR_INTERVAL_S", "0")
+    with pytest.raises(ConfigError, match="RP_SENSOR_INTERVAL_S"):
+        sensor_interval(60)

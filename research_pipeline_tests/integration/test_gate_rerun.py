@@ -77,7 +77,7 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), RP_HOME=str(tmp_path), RP_DATABASE_URL=corpus_url,
                RP_OBJECT_STORE_URL=str(tmp_path / "objects"), RP_INBOX=str(tmp_path / "inbox"),
-               RP_GATE_LATENCY_P95_MS="600000")
+               RP_GATE_LATENCY_P95_MS="600000", RP_SENSOR_INTERVAL_S="5")
     log = open(tmp_path / "webserver.log", "wb")  # noqa: SIM115 - closed below
     procs = {"webserver": subprocess.Popen(
         [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m", "research_pipeline.definitions"],
@@ -120,9 +120,10 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         assert wait_for(finished, 300, f"run {run_id}", procs) == "SUCCESS", (tmp_path / "webserver.log").read_text()[-4000:]
         run = graphql(port, CHECK_RUNS_QUERY, {"runId": run_id})["runOrError"]
         assert [c["name"] for c in run["assetCheckSelection"]] == ["vector_index_latency"]
-        assert registry.get_generation(engine, gen_id)["status"] == "candidate", "the passing re-run re-admits it"
+        # Re-admitted (the daemon's automation sensor may already have published it meanwhile).
+        assert registry.get_generation(engine, gen_id)["status"] in ("candidate", "published")
 
-        # The daemon's automation sensor (every 30 s) sees the blocking gates pass and publishes.
+        # The daemon's automation sensor (every 5 s here) sees the blocking gates pass and publishes.
         def published():
             live = store.live_generation(engine)
             return live is not None and live["gen_id"] == gen_id

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from research_pipeline.defs.resources import DatabaseResource, InboxResource
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    InboxResource,
+    sensor_interval,
+)
 from research_pipeline.defs.search.jobs import reindex_job
 from research_pipeline.lib.ingest.sources import inbox_files
 
@@ -77,7 +81,7 @@ def unindexed_files(engine, root: Path, listing: list[tuple[str, int, int]]) -> 
 
 @dg.sensor(
     job=reindex_job,
-    minimum_interval_seconds=60,
+    minimum_interval_seconds=sensor_interval(60),
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Starts reindex_job when files in the inbox are added or changed.",
 )

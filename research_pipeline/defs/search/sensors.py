@@ -2,14 +2,18 @@
 
 import dagster as dg
 
-from research_pipeline.defs.resources import DatabaseResource, QueryCacheResource
+from research_pipeline.defs.resources import (
+    DatabaseResource,
+    QueryCacheResource,
+    sensor_interval,
+)
 from research_pipeline.defs.search.jobs import warm_cache_job
 from research_pipeline.lib.core import store, util
 
 
 @dg.sensor(
     job=warm_cache_job,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval(30),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches warm_cache_job once per newly live index generation (publish or rollback).",
 )
@@ -53,6 +57,6 @@ publish_automation_sensor = dg.AutomationConditionSensorDefinition(
     name="publish_automation_sensor",
     target=dg.AssetSelection.assets("published_index"),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval(30),
     description="Evaluates published_index's automation condition: publishes a candidate whose blocking gates passed.",
 )
