@@ -105,6 +105,11 @@ def test_passing_run_publishes(deployment):
     pub = result.asset_materializations_for_node("published_index")[0]
     assert pub.metadata["gen_id"].value == gen_id
     assert pub.metadata["documents"].value == len(SAMPLE)
+    assert pub.metadata["dagster/row_count"].value == 1, "index_pointer holds the live row"
+    fts = result.asset_materializations_for_node("fts_index")[0].metadata
+    columns = [c.name for c in fts["dagster/column_schema"].value.columns]
+    assert "chunk_id" in columns or {"title", "abstract", "body"} <= set(columns), columns
+    assert fts["dagster/row_count"].value == fts["fts_rows"].value > 0
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from research_pipeline.defs.ingest.assets import chunks
+from research_pipeline.defs.ingest.assets import chunks, table_metadata
 from research_pipeline.defs.resources import DatabaseResource, EmbedderResource
 from research_pipeline.lib.core import store
 
@@ -59,6 +59,7 @@ def distinct_texts(engine, shards: list[str]) -> int:  # noqa: ANN001
     owners=["team:search"],
     code_version="embed-v1",
     tags={"research_pipeline/area": "embeddings"},
+    metadata=table_metadata(store.embeddings),
 )
 def chunk_embeddings(
     context: dg.AssetExecutionContext,

@@ -20,17 +20,27 @@ OWNERS = ["team:search"]
 def table_schema(table: sa.Table) -> dg.TableSchema:
     """The catalog's column schema of a SQLAlchemy table: name, SQL type, nullability, key."""
     columns = []
+    # A column of a composite primary key (embeddings: content_hash + model_id) is not unique alone.
+    single_key = len(table.primary_key.columns) == 1
     for col in table.columns:
         # A TypeDecorator (store.UtcDateTime) is described by the SQL type it stores.
         sql_type = getattr(col.type, "impl", col.type)
+        unique = bool(col.unique) or (bool(col.primary_key) and single_key)
         columns.append(
             dg.TableColumn(
                 name=col.name,
                 type=str(sql_type.compile()).lower(),
-                constraints=dg.TableColumnConstraints(nullable=bool(col.nullable), unique=bool(col.primary_key)),
+                constraints=dg.TableColumnConstraints(nullable=bool(col.nullable), unique=unique),
             )
         )
     return dg.TableSchema(columns=columns)
+
+
+def reflected_schema(engine: sa.Engine, name: str) -> dg.TableSchema:
+    """The column schema of a table made at run time (a generation's full-text table), read back
+    from the database; its columns differ by backend."""
+    table = sa.Table(name, sa.MetaData(), autoload_with=engine)
+    return table_schema(table)
 
 
 def table_metadata(table: sa.Table) -> dict[str, object]:

@@ -30,6 +30,26 @@ from research_pipeline.lib.migration.tables import expected_states
 MIGRATION_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
+#: Who answers for the migration assets (shown in the catalog).
+OWNERS = ["team:search"]
+
+
+def require_target(migration_target: MigrationTargetResource, bucket: bool = False) -> None:
+    """Fail at once, without retries, naming the variable, when no migration target is configured
+    (e.g. "Materialize all" in the UI on a deployment that is not migrating)."""
+    missing = [] if migration_target.database_url else ["RP_TARGET_DATABASE_URL (the PostgreSQL database)"]
+    if bucket and not migration_target.bucket:
+        missing.append("RP_S3_BUCKET (the S3 bucket)")
+    if missing:
+        raise dg.Failure(
+            description=(
+                f"no migration target is configured: set {' and '.join(missing)} to migrate; the migration "
+                "assets do nothing on a deployment that is not migrating (a dry run needs no target)"
+            ),
+            allow_retries=False,
+        )
+
+
 class MigrationConfig(dg.Config):
     """Run options of a migration shard."""
 
@@ -46,7 +66,7 @@ def as_metadata(values: dict[str, Any]) -> dict[str, dg.MetadataValue]:
     for name, value in values.items():
         if value is None:
             continue
-        if isinstance(value, bool) or isinstance(value, str):
+        if isinstance(value, (bool, str)):
             out[name] = dg.MetadataValue.text(str(value))
         elif isinstance(value, int):
             out[name] = dg.MetadataValue.int(value)
@@ -71,6 +91,8 @@ def _dry_run(context: dg.AssetExecutionContext, database: DatabaseResource, obje
 @dg.asset(
     group_name="migration",
     kinds={"postgres", "sqlite"},
+    owners=OWNERS,
+    code_version="migrate-rows-v1",
     partitions_def=shard_partitions,
     retry_policy=MIGRATION_RETRY,
     output_required=False,
@@ -94,6 +116,7 @@ def migrated_rows(
     if config.dry_run:
         yield _dry_run(context, database, object_store, inbox, migration_target)
         return
+    require_target(migration_target)
     with migration_endpoints(database, object_store, inbox, migration_target) as (source, target):
         result = migrate_rows(source, target, context.partition_key, force=config.force, batch_rows=config.batch_rows)
     # A rate only when rows were copied: a shard already verified would plot as a 0 rows/s slowdown.
@@ -104,6 +127,8 @@ def migrated_rows(
 @dg.asset(
     group_name="migration",
     kinds={"s3"},
+    owners=OWNERS,
+    code_version="migrate-objects-v1",
     partitions_def=shard_partitions,
     deps=[migrated_rows],
     retry_policy=MIGRATION_RETRY,
@@ -124,6 +149,7 @@ def migrated_objects(
     if config.dry_run:
         yield _dry_run(context, database, object_store, inbox, migration_target)
         return
+    require_target(migration_target, bucket=True)
     with migration_endpoints(database, object_store, inbox, migration_target, migration_s3) as (source, target):
         result = migrate_objects(source, target, context.partition_key, force=config.force, workers=config.workers)
     rate = {"mb_per_s": result.mb_per_s} if result.bytes and result.seconds > 0 else {}
@@ -133,6 +159,8 @@ def migrated_objects(
 @dg.asset(
     group_name="migration",
     kinds={"postgres", "s3"},
+    owners=OWNERS,
+    code_version="republish-v1",
     deps=[migrated_rows, migrated_objects],
     retry_policy=MIGRATION_RETRY,
 )
@@ -144,6 +172,7 @@ def migration(
     """The migrated deployment: all 16 shards of rows and files on PostgreSQL + S3, with the
     live index generation republished there (vector manifest loaded from S3, full-text table
     rebuilt on PostgreSQL)."""
+    require_target(migration_target, bucket=True)
     target = migration_target.get_target(database.url, migration_s3)
     states = migration_states(target.engine)
     missing = sorted({shard for name, shard in expected_states() if not is_verified(states, name, shard)})
@@ -159,7 +188,7 @@ def migration(
     return dg.MaterializeResult(metadata=as_metadata({**asdict(result), "object_store": target.object_store_url}))
 
 
-@dg.asset(group_name="migration", kinds={"s3"}, deps=[migration])
+@dg.asset(group_name="migration", kinds={"s3"}, deps=[migration], owners=OWNERS, code_version="cutover-v1")
 def migration_cutover(
     context: dg.AssetExecutionContext,
     database: DatabaseResource,
@@ -171,6 +200,7 @@ def migration_cutover(
     """The cutover record (`migration/cutover.json` in the bucket): written only after a full
     verification finds the target equal to the source, and refused, naming what differs, when
     anything does. After it, point RP_DATABASE_URL and RP_OBJECT_STORE_URL at the target."""
+    require_target(migration_target, bucket=True)
     with migration_endpoints(database, object_store, inbox, migration_target, migration_s3) as (source, target):
         try:
             record = cutover(source, target)

@@ -17,6 +17,7 @@ from datetime import timedelta
 import dagster as dg
 import sqlalchemy as sa
 
+from research_pipeline.defs.ingest.assets import reflected_schema, table_metadata
 from research_pipeline.defs.resources import (
     DatabaseResource,
     EmbedderResource,
@@ -164,6 +165,7 @@ def fts_index(
             "gen_id": dg.MetadataValue.text(gen_id),
             "corpus_digest": dg.MetadataValue.text(digest),
             "dagster/table_name": dg.MetadataValue.text(part.fts_table),
+            "dagster/column_schema": dg.MetadataValue.table_schema(reflected_schema(engine, part.fts_table)),
             "dagster/row_count": dg.MetadataValue.int(part.n_fts_rows),
             "fts_table": dg.MetadataValue.text(part.fts_table),
             "fts_rows": dg.MetadataValue.int(part.n_fts_rows),
@@ -239,6 +241,7 @@ PUBLISH_CONDITION = (
     deps=[fts_index, vector_index],
     owners=OWNERS,
     code_version="publish-v1",
+    metadata=table_metadata(store.index_pointer),
     automation_condition=PUBLISH_CONDITION,
     # The age of the live generation: a week without a new one means no new papers were indexed.
     freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(days=14), warn_window=timedelta(days=7)),
@@ -286,11 +289,18 @@ def published_index(
             "action": dg.MetadataValue.text("publish"),
             "retired": dg.MetadataValue.int(len(retired)),
             "changed": dg.MetadataValue.int(int(outcome.changed)),
+            "dagster/row_count": dg.MetadataValue.int(pointer_rows(engine)),
         }
     )
     if previous:
         metadata["previous_gen_id"] = dg.MetadataValue.text(str(previous))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(gen_id))
+
+
+def pointer_rows(engine: sa.Engine) -> int:
+    """Rows of `index_pointer` (the table published_index is stored in)."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(store.index_pointer)).scalar_one())
 
 
 def record_live_generation(instance: dg.DagsterInstance, engine: sa.Engine, action: str) -> str | None:
