@@ -221,3 +221,14 @@ def test_generation_without_an_index_is_searched_in_sql(engine, tmp_path, tmp_pa
     sql_hits = searcher.search("confusion matrix", k=3, mode="bm25")
     assert sql_hits and sql_hits[0].doc_id == tantivy_hits[0].doc_id
     assert registry.get_generation(engine, gen["gen_id"])["fts_table"]
+
+
+@pytest.mark.xdist_group(SEARCH_GROUP)
+def test_generation_without_its_sql_table_does_not_open(engine, tmp_path, tmp_path_factory, embedder):
+    """Both full-text artifacts come from one build: the Tantivy index alone is a damaged generation."""
+    load_corpus_rows(engine, sample_corpus(tmp_path_factory))
+    obj = LocalObjectStore(tmp_path / "objects")
+    gen = build.build_generation(engine, obj, embedder)
+    fts.drop_fts(engine, gen["fts_table"])
+    with pytest.raises(LookupError, match=gen["fts_table"]):
+        searchers.open_searcher(engine, obj, embedder, gen_id=gen["gen_id"], cache_dir=tmp_path / "c")

@@ -18,12 +18,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from research_pipeline.lib.core import store
 from research_pipeline.lib.release import registry
 from research_pipeline.lib.release.registry import GenerationError
 from research_pipeline.lib.release.registry import GenerationStatus as S
+from research_pipeline.lib.search.fts_tables import aux_tables
 
 # Loaded vector indexes by (store url, manifest key).
 _VECTORS: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -123,6 +125,15 @@ def open_searcher(
         )
     ft_key = fulltext.manifest_key(gen["gen_id"])
     ft_index = load_fulltext(object_store, ft_key, cache_dir) if object_store.exists(ft_key) else None
+    if ft_index is not None:
+        # The SQL table is the other half of the same full-text build (gates count it, it answers
+        # query-time field weights): a generation without it is damaged, not half-searchable.
+        meta = aux_tables(gen["fts_table"])["meta"]
+        if not sa.inspect(engine).has_table(meta):
+            raise LookupError(
+                f"full-text table {gen['fts_table']!r} of generation {gen['gen_id']} is missing (no {meta!r}): "
+                "rebuild the generation (reindex_job) or roll back to one that exists"
+            )
     searcher = Searcher(
         engine, gen["fts_table"], load_vectors(object_store, gen["vector_key"]), embedder, fulltext=ft_index, **tuning
     )
