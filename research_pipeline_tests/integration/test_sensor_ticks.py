@@ -88,6 +88,12 @@ def test_inbox_and_cache_sensors_fire_once_per_change_through_the_daemon(tmp_pat
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        # Create the instance's SQLite storages here, once: the webserver and the daemon both
+        # initialising a fresh instance at the same moment race on its schema (alembic_version).
+        instance.get_runs(limit=1)
+        instance.all_instigator_state()
+        instance.get_latest_materialization_event(dg.AssetKey("documents"))
     env = dict(
         os.environ,
         DAGSTER_HOME=str(home),
@@ -118,6 +124,9 @@ def test_inbox_and_cache_sensors_fire_once_per_change_through_the_daemon(tmp_pat
             except urllib.error.HTTPError:
                 return None
             locs = [e["locationOrLoadError"] for e in data.get("locationEntries", [])]
+            for loc in locs:
+                if loc and loc["__typename"] == "PythonError":
+                    pytest.fail(f"code location failed to load: {loc['message']}")
             return next((loc for loc in locs if loc and loc["__typename"] == "RepositoryLocation"), None)
 
         location = wait_for(loaded, 120, "the code location", procs)
