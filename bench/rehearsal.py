@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -196,8 +197,18 @@ class Rehearsal:
 
         t0 = time.monotonic()
         in_process = {"execution": {"config": {"in_process": {}}}}
-        runs = [self.dagster.launch("migration_job", in_process, {"dagster/partition": s}) for s in SHARDS]
-        statuses = self.dagster.wait_runs(runs, timeout_s=1500)
+        runs = {self.dagster.launch("migration_job", in_process, {"dagster/partition": s}): s for s in SHARDS}
+        statuses = self.dagster.wait_runs(list(runs), timeout_s=1500)
+        failed = {runs[r]: r for r, st in statuses.items() if st != "SUCCESS"}
+        if failed:
+            # What an operator does: read why, launch the shard again (the migration resumes).
+            self.summary["migration_failures"] = {
+                shard: self.dagster.failure_messages(run_id) for shard, run_id in failed.items()}
+            say(f"migration shard(s) failed, relaunching once: {self.summary['migration_failures']}")
+            again = {self.dagster.launch("migration_job", in_process, {"dagster/partition": s}): s for s in failed}
+            for run_id, st in self.dagster.wait_runs(list(again), timeout_s=900).items():
+                statuses[failed[again[run_id]]] = st
+            self.summary["migration_reruns"] = len(again)
         migration_runs = self.dagster.runs({MIGRATION_TAG: "shard"})
         self.summary.update(
             migration_runs_ok=sum(s == "SUCCESS" for s in statuses.values()),
@@ -209,6 +220,8 @@ class Rehearsal:
             raise RuntimeError(f"migration runs failed: {statuses}")
         cutover = self.dagster.launch("cutover_job", in_process)
         self.summary["cutover_ok"] = self.dagster.wait_runs([cutover], 600)[cutover] == "SUCCESS"
+        if not self.summary["cutover_ok"]:
+            self.summary["cutover_failure"] = self.dagster.failure_messages(cutover)
         self.summary["migration_s"] = round(time.monotonic() - t0, 1)
         if not self.summary["cutover_ok"]:
             raise RuntimeError("cutover_job failed; see the daemon and code server logs")
@@ -221,6 +234,8 @@ class Rehearsal:
         t0 = time.monotonic()
         run = self.dagster.launch("reindex_job", {"execution": {"config": {"in_process": {}}}})
         self.summary["reindex_ok"] = self.dagster.wait_runs([run], 1200)[run] == "SUCCESS"
+        if not self.summary["reindex_ok"]:
+            self.summary["reindex_failure"] = self.dagster.failure_messages(run)
         self.summary["reindex_s"] = round(time.monotonic() - t0, 1)
         say(f"reindex_job through the daemon: {'ok' if self.summary['reindex_ok'] else 'FAILED'}")
         t0 = time.monotonic()
@@ -367,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="seconds of each load step (1x, 10x)")
     p.add_argument("--keep-logs", type=Path, help="copy every process's log here before cleaning up")
     args = p.parse_args(argv)
+    # SIGTERM (a timeout, CI cancelling) stops the topology like Ctrl-C: the finally blocks run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     summary = Rehearsal(args).run()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0 if summary.get("ok") else 1

@@ -55,6 +55,10 @@ BACKFILL_QUERY = """
 query Backfill($id: String!) { partitionBackfillOrError(backfillId: $id) { __typename
   ... on PartitionBackfill { status numPartitions } } }
 """
+LOGS_QUERY = """
+query Logs($runId: ID!) { logsForRun(runId: $runId) { __typename
+  ... on EventConnection { events { __typename ... on MessageEvent { message level } } } } }
+"""
 PARTITIONS_QUERY = """
 query Partitions($path: [String!]!) { assetNodeOrError(assetKey: {path: $path}) { __typename
   ... on AssetNode { partitionStats { numMaterialized numPartitions numFailed numMaterializing } } } }
@@ -209,6 +213,13 @@ class Dagster:
 
         poll(done, timeout_s, f"{len(run_ids)} run(s) to finish", self.alive())
         return final
+
+    def failure_messages(self, run_id: str, n: int = 3) -> list[str]:
+        """The last `n` ERROR-level messages of a run's event log (why it failed)."""
+        logs = self.graphql(LOGS_QUERY, {"runId": run_id})["logsForRun"]
+        events = logs.get("events", []) if isinstance(logs, dict) else []
+        errors = [e["message"] for e in events if e.get("level") == "ERROR" and e.get("message")]
+        return [m[:500] for m in errors[-n:]]
 
     def runs(self, tags: dict | None = None) -> list[dict]:
         flt = {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
