@@ -1,4 +1,4 @@
-"""Benchmark: hybrid query latency at 10k and 100k chunks against raw FAISS and raw FTS5 MATCH.
+"""Benchmark: hybrid query latency by full-text engine (Tantivy, SQL) against the raw engines and raw FAISS.
 
 Corpus: SciFact's chunks as the pipeline makes them (ingest -> chunk_documents ->
 embed_missing, cached under $RP_HOME/eval/scifact, or the folder given by --work-dir), with
@@ -14,13 +14,24 @@ says so. Queries: the 300 SciFact test queries. In the same run and on the same 
 - the pipeline's ``Searcher.search(query, k=10, mode='hybrid')`` end to end (encode, both
   candidate lists, fusion, SQL for metadata and snippets),
 
-and prints a markdown table with p50/p95 and the ratio of the pipeline to the sum of the raw
-parts. Run from the repo root: ``.venv/bin/python -m bench.bench_search [--sizes 10000,100000]``.
+and, with ``--engine tantivy`` (or ``both``, the default), the per-generation Tantivy index
+(`lib/search/fts_tantivy`) over the same rows: raw Tantivy search of a prepared query, the
+pipeline's ``FulltextIndex.search``, the same without pruning (every match scored: the
+exhaustive reference of the overlap figures) and the hybrid search on it. ``--engine sql``
+skips the Tantivy part, ``--engine tantivy`` the SQL full-text table (its build is the slow part
+at 1M). Prints a markdown table with p50/p95, build time, disk and peak memory, and the ratio
+of the pipeline to the sum of the raw parts; with ``--json`` the last line is one JSON object
+``{"<size>": {"hybrid": {"p50_ms": ..., "p95_ms": ...}, ...}}`` ("hybrid" is the search the
+deployment runs: on Tantivy when it was built).
+
+Run from the repo root: ``.venv/bin/python -m bench.bench_search [--sizes 10000,100000]
+[--backend sqlite|postgresql] [--engine both|tantivy|sql] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import resource
@@ -38,7 +49,7 @@ from research_pipeline.lib.embed.model import load_embedder
 from research_pipeline.lib.embed.vectors import build_vector_index
 from research_pipeline.lib.release import evaluate
 from research_pipeline.lib.release.ir_metrics import percentile
-from research_pipeline.lib.search import analyzer, bm25, fts
+from research_pipeline.lib.search import analyzer, bm25, fts, fts_tantivy
 from research_pipeline.lib.search.searcher import Searcher
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ir" / "scifact"
@@ -141,8 +152,70 @@ def _raw_queries(engine: sa.Engine, matches: list[str]) -> dict[str, list[float]
         }
 
 
+def _overlap(fast: list[str], exact: list[str], depth: int) -> float | None:
+    return len(set(fast[:depth]) & set(exact[:depth])) / len(exact[:depth]) if exact else None
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / max(1, len(values))
+
+
+def _sql_part(engine: sa.Engine, queries: list[str]) -> dict:
+    """The SQL full-text table: build, raw primitives, two-stage and exhaustive fts_search."""
+    started = time.perf_counter()
+    fts.build_fts(engine, "fts_bench")
+    build_s = time.perf_counter() - started
+    matches = [" OR ".join(f'"{t}"' for t in analyzer.query_terms(q)) for q in queries]
+    lat = _raw_queries(engine, matches)
+    lat["fts_search, every matching row scored (k=100)"] = _timed(
+        lambda q: fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0), queries)
+    lat["fts_search, two-stage as the pipeline (k=100)"] = _timed(
+        lambda q: fts.fts_search(engine, "fts_bench", q, k=100), queries)
+    exact = [[c for c, _ in fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0)] for q in queries]
+    fast = [[c for c, _ in fts.fts_search(engine, "fts_bench", q, k=100)] for q in queries]
+    return {"build_s": build_s, "lat": lat, "exact": exact,
+            "overlap": {d: _mean([_overlap(f, e, d) for f, e in zip(fast, exact)]) for d in (10, 100)}}
+
+
+def _tantivy_part(engine: sa.Engine, queries: list[str], folder: Path) -> dict:
+    """The Tantivy index over the same rows: build, raw search, pipeline search, unpruned reference."""
+    import tantivy
+
+    info = fts_tantivy.build_index(engine, folder)
+    index = fts_tantivy.FulltextIndex(folder)
+    searcher, schema = index._searcher, index._schema
+    prepared = [
+        tantivy.Query.boolean_query([(tantivy.Occur.Should, tantivy.Query.term_query(schema, fts_tantivy.TEXT, t))
+                                     for t in analyzer.query_terms(q)])
+        for q in queries
+    ]
+
+    def unpruned(q: str) -> list[str]:
+        # count=True makes Tantivy visit every matching document: the exhaustive top-100.
+        terms = analyzer.query_terms(q)
+        if not terms:
+            return []
+        query = tantivy.Query.boolean_query([(tantivy.Occur.Should, tantivy.Query.term_query(schema, fts_tantivy.TEXT, t))
+                                             for t in terms])
+        hits = searcher.search(query, 100 + bm25.TIE_MARGIN, count=True).hits
+        rids = searcher.fast_field_values(fts_tantivy.RID, [a for _, a in hits]) if hits else []
+        return [c for c, _ in bm25.top([(index.chunk_ids[r - 1], r, sc) for (sc, _), r in zip(hits, rids)], 100)]
+
+    index.search(queries[0], k=100)  # warm the page cache
+    lat = {
+        "raw Tantivy search, prepared query (k=100)": _timed(lambda q: searcher.search(q, 100, count=False), prepared),
+        "FulltextIndex.search as the pipeline (k=100)": _timed(lambda q: index.search(q, k=100), queries),
+        "Tantivy, every match scored (count=True, k=100)": _timed(unpruned, queries),
+    }
+    fast = [[c for c, _ in index.search(q, k=100)] for q in queries]
+    exact = [unpruned(q) for q in queries]
+    return {"build_s": info["seconds"], "disk_mb": info["bytes"] / 2**20, "lat": lat, "index": index, "fast": fast,
+            "overlap": {d: _mean([_overlap(f, e, d) for f, e in zip(fast, exact)]) for d in (10, 100)}}
+
+
 def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarray, embedder, tmp: Path,  # noqa: ANN001
-             pg_admin_url: str | None = None) -> dict:
+             pg_admin_url: str | None = None, engines: tuple[str, ...] = ("sql", "tantivy")) -> dict:
     d, c, v = scaled_corpus(docs, chunks, vecs, size)
     if pg_admin_url:
         url = _pg_database(pg_admin_url, True, f"rp_bench_search_{size}")
@@ -153,10 +226,13 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     with engine.begin() as conn:
         store.upsert(conn, store.documents, d, ["doc_id"])
         store.upsert(conn, store.chunks, c, ["chunk_id"])
-    started = time.perf_counter()
-    fts.build_fts(engine, "fts_bench")
-    fts_build_s = time.perf_counter() - started
-    rss_before = _rss_mb()
+    chunk_ids = [x["chunk_id"] for x in c]
+    del d, c
+    out: dict = {"size": size, "backend": engine.dialect.name, "engines": {}, "lat": {}}
+    if engine.dialect.name == "sqlite":
+        out["db_only_mb"] = os.path.getsize(tmp / f"bench_{size}.db") / 2**20
+    sql = _sql_part(engine, queries) if "sql" in engines else None
+    tv = _tantivy_part(engine, queries, tmp / f"tantivy_{size}") if "tantivy" in engines else None
     import faiss
 
     # The index is built on every core (as the vector_index asset does); queries run on one
@@ -164,52 +240,75 @@ def run_size(size: int, docs, chunks, vecs, queries: list[str], qvecs: np.ndarra
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     index, params = build_vector_index(v)
-    faiss_build_s = time.perf_counter() - started
+    out["faiss_build_s"] = time.perf_counter() - started
     faiss.omp_set_num_threads(1)
     from research_pipeline.lib.embed.vectors import VectorIndex
 
-    vi = VectorIndex(index, [x["chunk_id"] for x in c])
-    searcher = Searcher(engine, "fts_bench", vi, embedder)
-
-    matches = [" OR ".join(f'"{t}"' for t in analyzer.query_terms(q)) for q in queries]
-    raw = _raw_queries(engine, matches)
-    two_stage = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100), queries)
-    exhaustive = _timed(lambda q: fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0), queries)
-    overlap = {10: [], 100: []}
-    for q in queries:
-        fast = [cid for cid, _ in fts.fts_search(engine, "fts_bench", q, k=100)]
-        exact = [cid for cid, _ in fts.fts_search(engine, "fts_bench", q, k=100, common_df=1.0)]
-        for depth in overlap:
-            if exact:
-                overlap[depth].append(len(set(fast[:depth]) & set(exact[:depth])) / len(exact[:depth]))
-    raw_faiss = _timed(lambda i: index.search(qvecs[i : i + 1], 100), range(len(queries)))
-    encode = _timed(embedder.encode_query, queries)
-    searcher.search(queries[0], k=10)
-    hybrid = _timed(lambda q: searcher.search(q, k=10, mode="hybrid"), queries)
+    vi = VectorIndex(index, chunk_ids)
+    out["index"] = params["type"]
+    out["lat"]["raw FAISS search (k=100)"] = _timed(lambda i: index.search(qvecs[i : i + 1], 100), range(len(queries)))
+    out["lat"]["query encoding"] = _timed(embedder.encode_query, queries)
+    for name, part in (("sql", sql), ("tantivy", tv)):
+        if part is None:
+            continue
+        searcher = Searcher(engine, "fts_bench" if name == "sql" else None, vi, embedder,
+                            fulltext=part.get("index"))
+        searcher.search(queries[0], k=10)
+        part["lat"]["hybrid Searcher.search (k=10)"] = _timed(lambda q, s=searcher: s.search(q, k=10, mode="hybrid"), queries)
+        out["engines"][name] = part
+    if sql and tv:  # how close Tantivy's scorer is to our exhaustive SQL BM25
+        tv["vs_sql_exhaustive"] = {dep: _mean([_overlap(f, e, dep) for f, e in zip(tv["fast"], sql["exact"])])
+                                   for dep in (10, 100)}
     if engine.dialect.name == "sqlite":
-        db_mb = os.path.getsize(tmp / f"bench_{size}.db") / 2**20
+        out["db_mb"] = os.path.getsize(tmp / f"bench_{size}.db") / 2**20
     else:
         with engine.connect() as conn:
-            db_mb = conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar_one() / 2**20
+            out["db_mb"] = conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar_one() / 2**20
     engine.dispose()
     if pg_admin_url:
         _pg_database(pg_admin_url, False, f"rp_bench_search_{size}")
-    return {
-        "size": size,
-        "index": params["type"],
-        "fts_build_s": fts_build_s,
-        "faiss_build_s": faiss_build_s,
-        "faiss_mb": index.ntotal * index.d * 4 / 2**20 if params["type"] == "flat_ip" else None,
-        "db_mb": db_mb,
-        "rss_mb": max(_rss_mb(), rss_before),
-        "overlap": {depth: sum(v) / max(1, len(v)) for depth, v in overlap.items()},
-        "backend": engine.dialect.name,
-        "lat": {**raw,
-                "fts_search, every matching row scored (k=100)": exhaustive,
-                "fts_search, two-stage as the pipeline (k=100)": two_stage,
-                "raw FAISS search (k=100)": raw_faiss,
-                "query encoding": encode, "hybrid Searcher.search (k=10)": hybrid},
-    }
+    out["rss_mb"] = _rss_mb()
+    for part in out["engines"].values():
+        part.pop("index", None), part.pop("fast", None), part.pop("exact", None)
+    return out
+
+
+def _p(lat: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(lat, 50), 2), "p95_ms": round(percentile(lat, 95), 2)}
+
+
+def summary(rows: list[dict]) -> dict:
+    """The JSON of the run: per size, the deployment's hybrid search first, then each engine."""
+    out = {}
+    for r in rows:
+        engines = {}
+        for name, part in r["engines"].items():
+            engines[name] = {
+                "hybrid": _p(part["lat"]["hybrid Searcher.search (k=10)"]),
+                "fulltext": _p(part["lat"]["FulltextIndex.search as the pipeline (k=100)" if name == "tantivy"
+                                           else "fts_search, two-stage as the pipeline (k=100)"]),
+                "build_s": round(part["build_s"], 1),
+                "top_overlap_vs_exhaustive": {str(k): round(v, 4) for k, v in part["overlap"].items()},
+                "latency": {k: _p(v) for k, v in part["lat"].items()},
+            }
+            if "disk_mb" in part:
+                engines[name]["disk_mb"] = round(part["disk_mb"], 1)
+            if "vs_sql_exhaustive" in part:
+                engines[name]["top_overlap_vs_sql_exhaustive"] = {str(k): round(v, 4) for k, v in part["vs_sql_exhaustive"].items()}
+        main = engines.get("tantivy") or engines.get("sql") or {}
+        out[str(r["size"])] = {
+            "hybrid": main.get("hybrid"),
+            "fulltext_engine": "tantivy" if "tantivy" in engines else r["backend"],
+            "backend": r["backend"],
+            "engines": engines,
+            "raw_faiss": _p(r["lat"]["raw FAISS search (k=100)"]),
+            "query_encoding": _p(r["lat"]["query encoding"]),
+            "vector_index": r["index"],
+            "faiss_build_s": round(r["faiss_build_s"], 1),
+            "db_mb": round(r["db_mb"], 1),
+            "peak_rss_mb": round(r["rss_mb"]),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,9 +316,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--work-dir", default=None, help="SciFact eval cache (default $RP_HOME/eval/scifact)")
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="database of the corpus rows (postgresql: a scratch database on --pg-admin-url)")
     parser.add_argument("--pg-admin-url", default=None,
-                        help="run on PostgreSQL instead of SQLite: a server URL (a scratch database is made and dropped)")
+                        help="PostgreSQL server URL (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres); "
+                             "implies --backend postgresql")
+    parser.add_argument("--engine", choices=("both", "tantivy", "sql"), default="both",
+                        help="full-text engines to build and time")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     args = parser.parse_args(argv)
+    pg_admin_url = args.pg_admin_url
+    if args.backend == "postgresql" and not pg_admin_url:
+        pg_admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    engines = ("sql", "tantivy") if args.engine == "both" else (args.engine,)
     work_dir = Path(args.work_dir) if args.work_dir else Settings.from_env().home / "eval" / "scifact"
     embedder = load_embedder()
     docs, chunks, vecs = base_corpus(work_dir, embedder)
@@ -233,26 +342,38 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            r = run_size(size, docs, chunks, vecs, queries, qvecs, embedder, Path(tmp), args.pg_admin_url)
+            r = run_size(size, docs, chunks, vecs, queries, qvecs, embedder, Path(tmp), pg_admin_url, engines)
             rows.append(r)
-            print(f"size {size}: {r['index']}, FTS build {r['fts_build_s']:.1f}s, FAISS build {r['faiss_build_s']:.1f}s, "
+            builds = ", ".join(f"{n} full-text build {p['build_s']:.1f}s" + (f" ({p['disk_mb']:.0f} MiB)" if "disk_mb" in p else "")
+                               for n, p in r["engines"].items())
+            print(f"size {size}: {r['index']}, {builds}, FAISS build {r['faiss_build_s']:.1f}s, "
                   f"{r['backend']} db {r['db_mb']:.0f} MiB, peak RSS {r['rss_mb']:.0f} MiB", flush=True)
-    print("\n| chunks | what | p50 ms | p95 ms |")
-    print("|---:|---|---:|---:|")
+    print("\n| chunks | engine | what | p50 ms | p95 ms |")
+    print("|---:|---|---|---:|---:|")
     for r in rows:
         for name, lat in r["lat"].items():
-            print(f"| {r['size']:,} | {name} | {percentile(lat, 50):.1f} | {percentile(lat, 95):.1f} |")
-        lat = r["lat"]
-        text_key, text_name = (
-            ("raw FTS5 MATCH, weighted bm25() (k=100)", "weighted FTS5") if r["backend"] == "sqlite"
-            else ("raw GIN match, count of every matching row", "GIN count")
-        )
-        raw = [a + b + c for a, b, c in zip(lat[text_key], lat["raw FAISS search (k=100)"], lat["query encoding"])]
-        hyb = lat["hybrid Searcher.search (k=10)"]
-        print(f"| {r['size']:,} | two-stage vs every row scored: top-10 / top-100 overlap | "
-              f"{r['overlap'][10]:.3f} | {r['overlap'][100]:.3f} |")
-        print(f"| {r['size']:,} | ratio hybrid / ({text_name} + FAISS + encoding) | "
-              f"{percentile(hyb, 50) / percentile(raw, 50):.2f}x | {percentile(hyb, 95) / percentile(raw, 95):.2f}x |")
+            print(f"| {r['size']:,} | | {name} | {percentile(lat, 50):.1f} | {percentile(lat, 95):.1f} |")
+        for engine_name, part in r["engines"].items():
+            lat = part["lat"]
+            for name, values in lat.items():
+                print(f"| {r['size']:,} | {engine_name} | {name} | {percentile(values, 50):.1f} | {percentile(values, 95):.1f} |")
+            if engine_name == "sql":
+                text_key = ("raw FTS5 MATCH, weighted bm25() (k=100)" if r["backend"] == "sqlite"
+                            else "raw GIN match, count of every matching row")
+                what = "two-stage vs every row scored"
+            else:
+                text_key, what = "raw Tantivy search, prepared query (k=100)", "block-max WAND vs every match scored"
+            raw = [a + b + c for a, b, c in zip(lat[text_key], r["lat"]["raw FAISS search (k=100)"], r["lat"]["query encoding"])]
+            hyb = lat["hybrid Searcher.search (k=10)"]
+            print(f"| {r['size']:,} | {engine_name} | {what}: top-10 / top-100 overlap | "
+                  f"{part['overlap'][10]:.3f} | {part['overlap'][100]:.3f} |")
+            if "vs_sql_exhaustive" in part:
+                print(f"| {r['size']:,} | {engine_name} | vs exhaustive SQL BM25 (FTS5 formula): top-10 / top-100 overlap | "
+                      f"{part['vs_sql_exhaustive'][10]:.3f} | {part['vs_sql_exhaustive'][100]:.3f} |")
+            print(f"| {r['size']:,} | {engine_name} | ratio hybrid / (raw full-text + FAISS + encoding) | "
+                  f"{percentile(hyb, 50) / percentile(raw, 50):.2f}x | {percentile(hyb, 95) / percentile(raw, 95):.2f}x |")
+    if args.json:
+        print(json.dumps(summary(rows), sort_keys=True))
 
 
 if __name__ == "__main__":
