@@ -19,6 +19,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 
@@ -268,9 +269,36 @@ def test_bad_input_says_what_to_do(backed_up):
     no_key = {k: v for k, v in env.items() if k != "PGBACKREST_REPO1_S3_KEY"}
     with pytest.raises(BackupError, match=r"no S3 credentials.*PGBACKREST_REPO1_S3_KEY"):
         PgBackRest(STANZA, config=DEPLOY_CONF, env=no_key, prefix=tool.prefix).info()
-    closed = {**env, "PGBACKREST_REPO1_STORAGE_PORT": "1"}
+    closed = {**env, "PGBACKREST_REPO1_STORAGE_PORT": "1"}  # nothing listens there
     with pytest.raises(BackupError, match=r"cannot reach the S3 endpoint.*PGBACKREST_REPO1_S3_ENDPOINT"):
-        PgBackRest(STANZA, config=DEPLOY_CONF, env=closed, prefix=tool.prefix).verify()
+        PgBackRest(STANZA, config=DEPLOY_CONF, env=closed, prefix=tool.prefix, io_timeout_s=1).verify()
     untrusted = {k: v for k, v in env.items() if k != "PGBACKREST_REPO1_STORAGE_CA_FILE"}
     with pytest.raises(BackupError, match=r"not trusted.*PGBACKREST_REPO1_STORAGE_CA_FILE"):
-        PgBackRest(STANZA, config=DEPLOY_CONF, env=untrusted, prefix=tool.prefix).info()
+        PgBackRest(STANZA, config=DEPLOY_CONF, env=untrusted, prefix=tool.prefix, io_timeout_s=1).info()
+
+
+def test_dagster_backup_checks_on_the_real_repository(backed_up, tmp_path, monkeypatch):
+    """backup_checks_job runs backup_fresh and backup_restorable against the S3 repository; a
+    wrong stanza fails both with the hint instead of raising."""
+    from research_pipeline.config import BackupSettings
+    from research_pipeline.defs.backup.checks import build_backup_defs
+
+    _, repo, _ = backed_up
+    for key, value in repo.env().items():
+        monkeypatch.setenv(key, value)
+    # This test process is not the cluster's OS user: its own pgBackRest log and lock folders.
+    monkeypatch.setenv("PGBACKREST_LOG_PATH", str(tmp_path / "log"))
+    monkeypatch.setenv("PGBACKREST_LOCK_PATH", str(tmp_path / "lock"))
+
+    def run(stanza: str) -> dict[str, dg.AssetCheckEvaluation]:
+        defs = build_backup_defs(BackupSettings(stanza=stanza, config=DEPLOY_CONF, max_age_s=3600))
+        result = defs.resolve_job_def("backup_checks_job").execute_in_process(raise_on_error=False)
+        return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    good = run(STANZA)
+    assert set(good) == {"backup_fresh", "backup_restorable"}
+    assert all(e.passed for e in good.values()), {k: e.description for k, e in good.items()}
+    assert good["backup_fresh"].metadata["latest_type"].value == "full"
+    wrong = run("nope")
+    assert not any(e.passed for e in wrong.values())
+    assert all("RP_PGBACKREST_STANZA" in e.description for e in wrong.values())

@@ -215,11 +215,16 @@ class PgBackRest:
     timeout_s: float = 300.0
     #: Prefix for the command (e.g. ["runuser", "-u", "postgres", "--"]); empty: run directly.
     prefix: tuple[str, ...] = ()
+    #: pgBackRest's --io-timeout (None: its default, 60 s). An unreachable endpoint costs about
+    #: four times this before pgBackRest gives up (it retries the connection).
+    io_timeout_s: float | None = None
 
     def _argv(self, *args: str) -> list[str]:
         argv = [*self.prefix, self.executable]
         if self.config is not None:
             argv.append(f"--config={self.config}")
+        if self.io_timeout_s is not None:
+            argv.append(f"--io-timeout={self.io_timeout_s:g}")
         return [*argv, f"--stanza={self.stanza}", *args]
 
     def run(self, *args: str, timeout_s: float | None = None) -> str:
