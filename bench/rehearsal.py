@@ -95,7 +95,8 @@ class Rehearsal:
         self.logs.mkdir()
         self.env = base_env(self.work)
         self.stack = Stack()
-        self.summary: dict = {"mode": "smoke" if args.smoke else "full", "replicas": args.replicas}
+        self.summary: dict = {"mode": "smoke" if args.smoke else "full", "replicas": args.replicas,
+                              "upstream_max_fails": args.upstream_max_fails}
         self.started = time.monotonic()
 
     # -- the tiers -----------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class Rehearsal:
             replica.wait_ready()
             ready += 1
         self.nginx = self.stack.start(services.nginx(self.work / "nginx", self.logs,
-                                                     [(r.host, r.port) for r in self.replicas]))
+                                                     [(r.host, r.port) for r in self.replicas],
+                                                     max_fails=self.args.upstream_max_fails))
         self.nginx_exporter = self.stack.start(services.nginx_exporter(self.logs, self.nginx.status_url, self.env))
         jobs = {
             "search": [f"{r.host}:{r.port}" for r in self.replicas],
@@ -380,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="up, a few searches, one scrape, down (make test)")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--seconds", type=float, default=60.0, help="seconds of each load step (1x, 10x)")
+    p.add_argument("--upstream-max-fails", type=int, default=3,
+                   help="nginx max_fails of each replica (3 as shipped; 0: a replica's 503 never ejects it)")
     p.add_argument("--keep-logs", type=Path, help="copy every process's log here before cleaning up")
     args = p.parse_args(argv)
     # SIGTERM (a timeout, CI cancelling) stops the topology like Ctrl-C: the finally blocks run.

@@ -114,11 +114,12 @@ def nginx_exporter(log_dir: Path, status_url: str, env: dict, host: str = INTERN
 
 
 def nginx_conf(prefix: Path, listen_host: str, listen_port: int, replicas: list[tuple[str, int]],
-               status_port: int, status_host: str = INTERNAL_HOST) -> Path:
+               status_port: int, status_host: str = INTERNAL_HOST, max_fails: int = 3) -> Path:
     """deploy/nginx/nginx.conf with its upstream servers and listen address replaced, plus an
     internal-only stub_status server for the nginx exporter. Fails if the file changed shape."""
     text = NGINX_CONF.read_text()
-    servers = "".join(f"        server {h}:{p} max_fails=3 fail_timeout=10s;\n" for h, p in replicas)
+    # max_fails=3 as shipped; 0 is the what-if of a replica's 503 not ejecting it (see rehearsal.py).
+    servers = "".join(f"        server {h}:{p} max_fails={max_fails} fail_timeout=10s;\n" for h, p in replicas)
     text, n = re.subn(r"(upstream search_replicas \{\n\s+least_conn;\n)(?:\s+server [^\n]+\n)+",
                       r"\g<1>" + servers, text)
     if n != 1:
@@ -142,13 +143,14 @@ def nginx_conf(prefix: Path, listen_host: str, listen_port: int, replicas: list[
     return out
 
 
-def nginx(prefix: Path, log_dir: Path, replicas: list[tuple[str, int]], host: str = PUBLIC_HOST) -> Proc:
+def nginx(prefix: Path, log_dir: Path, replicas: list[tuple[str, int]], host: str = PUBLIC_HOST,
+          max_fails: int = 3) -> Proc:
     """nginx in the foreground (`daemon off`) as the front of `replicas`, on the public address.
 
     Start it once the replicas are ready, as a load balancer behind readiness gates would.
     """
     port, status_port = free_port(host), free_port(INTERNAL_HOST)
-    conf = nginx_conf(prefix, host, port, replicas, status_port)
+    conf = nginx_conf(prefix, host, port, replicas, status_port, max_fails=max_fails)
     binary = which("nginx", "/usr/sbin/nginx")
     argv = [binary, "-p", str(prefix), "-c", str(conf), "-g",
             f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;"]
