@@ -51,12 +51,16 @@ def make_object_store(url: str, s3_endpoint_url: str | None = None) -> ObjectSto
 
 
 @functools.lru_cache(maxsize=4)
-def embedder(model: str, device: str = "cpu", precision: str = "auto") -> Any:
-    """The process-wide embedder for (model, device, precision): the weights load once per process."""
+def embedder(model: str, device: str = "cpu", precision: str = "auto", threads: int | None = None) -> Any:
+    """The process-wide embedder for (model, device, precision, threads): the weights load once per process.
+
+    `threads` None: batch work on every core; a search service passes 1 (its parallelism is
+    concurrent searches, each on one intra-op thread).
+    """
     from research_pipeline.lib.embed.model import load_embedder
 
     try:
-        return load_embedder(model, device, precision)
+        return load_embedder(model, device, precision, threads)
     except RuntimeError as exc:
         raise DependencyError(str(exc)) from None
 
@@ -78,9 +82,10 @@ def make_query_log(engine: sa.Engine) -> Any:
 class Runtime:
     """Everything a process needs, built lazily from one Settings and closed together."""
 
-    def __init__(self, settings: Settings, create_schema: bool = True):
+    def __init__(self, settings: Settings, create_schema: bool = True, embed_threads: int | None = None):
         self.settings = settings
         self.create_schema = create_schema
+        self.embed_threads = embed_threads
         self._lock = threading.Lock()
         self._engine: sa.Engine | None = None
         self._object_store: ObjectStore | None = None
@@ -109,7 +114,7 @@ class Runtime:
     @property
     def embedder(self) -> Any:
         s = self.settings
-        return embedder(s.model, s.device, s.embed_precision)
+        return embedder(s.model, s.device, s.embed_precision, self.embed_threads)
 
     @property
     def query_cache(self) -> Any:

@@ -97,6 +97,16 @@ class ServiceOptions:
         return cls(**{**values, **overrides})
 
 
+def _one_torch_thread() -> None:
+    """Each search thread encodes on one intra-op thread: the parallelism is the pool's.
+
+    Set in the thread itself (OpenMP keeps the count per thread once a thread has its own).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class BadRequest(Exception):
     """A request parameter is invalid; the message says which and what is expected."""
 
@@ -173,12 +183,15 @@ class SearchService:
         self.settings = settings
         self.options = options or ServiceOptions.from_settings(settings)
         # Never creates the schema: a replica only reads (it may point at a read-only standby).
-        self.runtime = Runtime(settings, create_schema=False)
+        # One intra-op torch thread per search: the service's parallelism is its search pool.
+        self.runtime = Runtime(settings, create_schema=False, embed_threads=1)
         self.engine = self.runtime.engine
         self.metrics = ServiceMetrics(self.engine, multiprocess=self.options.multiprocess_metrics)
         self.cache = self.runtime.query_cache
         self.query_log = self.runtime.query_log
-        self.pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="rp-search")
+        self.pool = ThreadPoolExecutor(
+            self.options.concurrency, thread_name_prefix="rp-search", initializer=_one_torch_thread
+        )
         # Probes and PDF reads get their own threads: they must not queue behind searches.
         self.side_pool = ThreadPoolExecutor(2, thread_name_prefix="rp-side")
         self.readiness = Readiness()
@@ -472,15 +485,6 @@ async def _refresh_forever(service: SearchService) -> None:
         await loop.run_in_executor(service.side_pool, service.refresh)
 
 
-def _fix_torch_threads(service: SearchService) -> None:
-    """One intra-op thread per search: parallelism comes from concurrent searches, set once here."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    torch.set_num_threads(1)
-
-
 def build_app(service: SearchService) -> Starlette:
     """The Starlette app over `service` (started and closed by the app's lifespan)."""
 
@@ -490,7 +494,6 @@ def build_app(service: SearchService) -> Starlette:
         # Load the model and the live generation before the first request; a failure leaves
         # the process live but not ready, and the background task keeps retrying.
         await loop.run_in_executor(service.side_pool, service.refresh)
-        _fix_torch_threads(service)
         _install_drain(service)
         task = asyncio.create_task(_refresh_forever(service))
         try:

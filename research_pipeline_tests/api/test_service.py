@@ -51,6 +51,12 @@ def test_search_answers_caches_and_counts(deployment):
         status, filtered = svc.json("/search", {"q": QUERY, "year_min": 2100})
         assert status == 200 and filtered["results"] == []
         assert svc.get("/search", {"q": "x", "k": 0})[0] == 400
+        # Searches run in parallel, each on one intra-op torch thread (set in every search
+        # thread; no query flips the count back).
+        import torch
+
+        counts = {svc.service.pool.submit(torch.get_num_threads).result() for _ in range(8)}
+        assert counts == {1}
 
         status, _, body = svc.get("/metrics")
         text = body.decode()
