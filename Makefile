@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test dev serve bench rehearsal clean
+.PHONY: setup demo test dev serve bench rehearsal drill clean
 
 $(BIN)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
@@ -40,6 +40,10 @@ bench: setup
 # stopped; its JSON summary is the last line (figures in docs/BENCHMARKS.md). --smoke: make test's.
 rehearsal: setup
 	nice -n 5 $(BIN)/python -m bench.rehearsal $(REHEARSAL_ARGS)
+
+# Disaster-recovery drills (so far: PITR restore to latest and to a time; docs/RELIABILITY.md); JSON summary last.
+drill: setup
+	nice -n 5 $(BIN)/python -m bench.drill $(DRILL_ARGS)
 
 clean:
 	rm -rf "$(RP_HOME)"

@@ -311,3 +311,50 @@ class PgCluster:
     def is_in_recovery(self) -> bool:
         with self.engine().connect() as conn:
             return bool(conn.execute(sa.text("select pg_is_in_recovery()")).scalar_one())
+
+    # -- archiving and recovery -----------------------------------------------------------------
+
+    def wait_archived(self, timeout_s: float = 60) -> float:
+        """Wait until the WAL segment holding the last record written is archived; its time.
+
+        archive_timeout closes the segment and archive_command pushes it; this returns when
+        PostgreSQL reports it archived (pg_stat_archiver). From a commit to here is the RPO.
+        """
+        eng = self.engine()
+        try:
+            with eng.connect() as conn:
+                # An insert position just past a fresh segment's 40-byte page header means that
+                # segment is still empty: the last record is in the one before.
+                segment = conn.execute(sa.text("select pg_walfile_name(pg_current_wal_insert_lsn() - 40)")).scalar_one()
+            deadline = time.monotonic() + timeout_s
+            while True:
+                with eng.connect() as conn:
+                    last, failed = conn.execute(
+                        sa.text("select coalesce(last_archived_wal, ''), failed_count from pg_stat_archiver")
+                    ).one()
+                if last >= segment:  # same timeline: names sort in WAL order
+                    return time.monotonic()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"WAL {segment} not archived in {timeout_s}s (last {last!r}, {failed} failures)")
+                time.sleep(0.1)
+        finally:
+            eng.dispose()
+
+    def wait_serving(self, dbname: str, probe: str = "select 1", timeout_s: float = 120) -> float:
+        """Wait until a restored server has ended recovery and answers `probe` in `dbname`; its time."""
+        eng = self.engine(dbname)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    with eng.connect() as conn:
+                        if not conn.execute(sa.text("select pg_is_in_recovery()")).scalar_one():
+                            conn.execute(sa.text(probe)).all()
+                            return time.monotonic()
+                except sa.exc.OperationalError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"restored cluster not serving after {timeout_s}s; see {self.log_path}")
+                time.sleep(0.1)
+        finally:
+            eng.dispose()

@@ -94,53 +94,6 @@ def _publish(engine: sa.Engine, gen_id: str) -> None:
         store.upsert(conn, store.index_pointer, [ptr], ["name"])
 
 
-def _wait_archived(cluster: PgCluster, timeout_s: float = 60) -> float:
-    """Wait until the WAL segment holding the last record written is in the archive (S3).
-
-    archive_timeout (2 s here, 60 s in production) closes the segment; archive_command pushes it.
-    Returns when PostgreSQL reports it archived (pg_stat_archiver); the time taken is the RPO.
-    """
-    eng = cluster.engine()
-    try:
-        with eng.connect() as conn:
-            # The segment of the last record written: an insert position just past a fresh
-            # segment's 40-byte page header means that segment is still empty.
-            segment = conn.execute(sa.text("select pg_walfile_name(pg_current_wal_insert_lsn() - 40)")).scalar_one()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with eng.connect() as conn:
-                last, failed = conn.execute(
-                    sa.text("select coalesce(last_archived_wal, ''), failed_count from pg_stat_archiver")
-                ).one()
-            if last >= segment:  # same timeline: names sort in WAL order
-                return time.monotonic()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"WAL {segment} not archived in {timeout_s}s (last {last!r}, {failed} failures)")
-            time.sleep(0.1)
-    finally:
-        eng.dispose()
-
-
-def _wait_serving(cluster: PgCluster, timeout_s: float = 120) -> float:
-    """Wait until the restored server has ended recovery and answers a corpus query."""
-    eng = cluster.engine(CORPUS_DB)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                with eng.connect() as conn:
-                    if not conn.execute(sa.text("select pg_is_in_recovery()")).scalar_one():
-                        conn.execute(sa.select(sa.func.count()).select_from(store.documents)).scalar_one()
-                        return time.monotonic()
-            except sa.exc.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"restored cluster not serving after {timeout_s}s; see {cluster.log_path}")
-            time.sleep(0.1)
-    finally:
-        eng.dispose()
-
-
 @pytest.fixture(scope="module")
 def backed_up():
     """A cluster with the corpus schema and rows, WAL archived to S3, one full backup taken."""
@@ -195,7 +148,7 @@ def test_restore_to_latest_loses_no_committed_row(backed_up, tmp_path):
     _write(engine, range(20, 30))  # committed after the backup: only the archived WAL has them
     _publish(engine, "20261204T010000-bbbbbb")
     committed = time.monotonic()
-    archived = _wait_archived(cluster)
+    archived = cluster.wait_archived()
     before = take_manifest(engine)
     engine.dispose()
     assert before.tables["documents"].rows == 30
@@ -206,7 +159,7 @@ def test_restore_to_latest_loses_no_committed_row(backed_up, tmp_path):
     cluster.prepare_empty_data_dir()
     repo.restore()
     cluster.start()
-    serving = _wait_serving(cluster)
+    serving = cluster.wait_serving(CORPUS_DB, "select count(*) from documents")
 
     engine = store.make_engine(cluster.url(CORPUS_DB))
     with engine.connect() as conn:
@@ -244,7 +197,7 @@ def test_point_in_time_restore_before_a_bad_write(backed_up):
         conn.execute(sa.update(store.documents).values(title="oops"))
     bad = take_manifest(engine)
     assert compare(good, bad).changed["documents"] == good.tables["documents"].rows
-    _wait_archived(cluster)  # recovery must see WAL past the target to stop there
+    cluster.wait_archived()  # recovery must see WAL past the target to stop there
     engine.dispose()
 
     started = time.monotonic()
@@ -252,7 +205,7 @@ def test_point_in_time_restore_before_a_bad_write(backed_up):
     cluster.prepare_empty_data_dir()
     repo.restore(target_time=target.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00"))
     cluster.start()
-    serving = _wait_serving(cluster)
+    serving = cluster.wait_serving(CORPUS_DB, "select count(*) from documents")
 
     engine = store.make_engine(cluster.url(CORPUS_DB))
     diff = compare(good, take_manifest(engine))

@@ -1,0 +1,157 @@
+"""Disaster-recovery drills; the last line printed is a JSON summary.
+
+    python -m bench.drill [--docs N]
+
+Implemented so far (issue 12): the PITR drills on a private PostgreSQL 15 cluster (never the
+machine's 5432) archiving to S3 with pgBackRest (moto behind a TLS front, the deployed
+deploy/pgbackrest/pgbackrest.conf): load N corpus documents (with a chunk and a logged query
+each), full backup, more committed writes, manifest, destroy the data directory, restore to the
+latest point and verify against the manifest (`restore_latest`); then a deliberate bad write and
+a point-in-time restore to just before it (`restore_pitr`). Not yet under search/ingest load nor
+in the rehearsal topology; the other drills of the issue are not built (docs/RELIABILITY.md).
+
+Summary: {"rpo_s", "rto_s", "drills": [{name, passed, lost_rows, recovery_s, client_errors}], ...}.
+RPO: seconds from the last commit until its WAL is archived in S3 (what losing the data
+directory at the worst moment loses); RTO: seconds from the destruction until the restored
+server has ended recovery and answers a corpus query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import timezone
+
+import sqlalchemy as sa
+
+from bench.topology.pg import PgBackRestArchive, PgCluster, make_workdir, remove_workdir
+from bench.topology.pgbackrest import DEPLOY_CONF, STANZA, PgBackRestRepo, TlsMoto
+from research_pipeline.lib.backup.manifest import compare, take_manifest
+from research_pipeline.lib.core import store
+
+CORPUS_DB = "research_pipeline"
+PROBE = "select count(*) from documents"
+
+
+def _rows(ids: range) -> tuple[list[dict], list[dict], list[dict]]:
+    docs, chunks, queries = [], [], []
+    now = store.utcnow()
+    for i in ids:
+        doc_id = f"{i:064x}"
+        text = f"text of paper {i} " * 20
+        docs.append({
+            "doc_id": doc_id, "shard": doc_id[0], "source_kind": "record", "title": f"paper {i}",
+            "page_count": 1, "text": text, "page_offsets": "[0]", "parser": "drill", "parser_version": "1",
+            "quality": 1.0, "ingested_at": now,
+        })  # fmt: skip
+        chunks.append({
+            "chunk_id": f"{i + 10**9:064x}", "doc_id": doc_id, "shard": doc_id[0], "ordinal": 0,
+            "section": "body", "page_start": 0, "page_end": 0, "char_start": 0, "char_end": len(text),
+            "n_tokens": 100, "content_hash": f"{i + 2 * 10**9:064x}", "text": text,
+        })  # fmt: skip
+        queries.append({"ts": now, "query": f"q{i}", "latency_ms": 1.0, "n_results": 1})
+    return docs, chunks, queries
+
+
+def write(engine: sa.Engine, ids: range, batch: int = 1000) -> None:
+    for start in range(ids.start, ids.stop, batch):
+        docs, chunks, queries = _rows(range(start, min(start + batch, ids.stop)))
+        with engine.begin() as conn:
+            store.upsert(conn, store.documents, docs, ["doc_id"])
+            store.upsert(conn, store.chunks, chunks, ["chunk_id"])
+            conn.execute(sa.insert(store.query_log), queries)
+
+
+def _restore(cluster: PgCluster, repo: PgBackRestRepo, target_time: str | None = None) -> float:
+    """Destroy the data directory, restore, start; seconds until it serves (the RTO)."""
+    started = time.monotonic()
+    cluster.destroy()
+    cluster.prepare_empty_data_dir()
+    repo.restore(target_time=target_time)
+    cluster.start()
+    serving = cluster.wait_serving(CORPUS_DB, PROBE)
+    with cluster.engine(CORPUS_DB).connect() as conn:
+        conn.execute(sa.text("checkpoint"))  # archive_timeout again (docs/runbooks/restore.md)
+    return serving - started
+
+
+def run(n_docs: int) -> dict:
+    work = make_workdir("rp-drill-")
+    s3 = TlsMoto(work)
+    cluster = PgCluster(work / "pg", archive=PgBackRestArchive(STANZA, DEPLOY_CONF), settings={"archive_timeout": "2"})
+    drills = []
+    try:
+        s3.start()
+        s3.create_bucket("rp-backups")
+        repo = PgBackRestRepo(s3, "rp-backups", cluster, work / "pgbackrest")
+        cluster.init().start(env=repo.env())
+        with cluster.engine(isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.execute(sa.text(f"create database {CORPUS_DB}"))
+        engine = store.make_engine(cluster.url(CORPUS_DB))
+        store.create_schema(engine)
+        write(engine, range(n_docs))
+        repo.stanza_create()
+        repo.check()
+        t = time.monotonic()
+        repo.backup("full")
+        backup_s = time.monotonic() - t
+
+        # restore_latest: writes committed after the backup live only in the archived WAL.
+        write(engine, range(n_docs, n_docs + max(10, n_docs // 10)))
+        committed = time.monotonic()
+        archived = cluster.wait_archived()
+        before = take_manifest(engine)
+        engine.dispose()
+        rto = _restore(cluster, repo)
+        engine = store.make_engine(cluster.url(CORPUS_DB))
+        diff = compare(before, take_manifest(engine))
+        drills.append({"name": "restore_latest", "passed": diff.ok, "lost_rows": diff.lost_rows,
+                       "recovery_s": round(rto, 3), "client_errors": None, "detail": diff.describe()})  # fmt: skip
+        rpo = archived - committed
+
+        # restore_pitr: back to just before a bad write.
+        write(engine, range(10**6, 10**6 + 5))
+        good = take_manifest(engine)
+        with engine.connect() as conn:
+            target = conn.execute(sa.text("select clock_timestamp()")).scalar_one()
+        with engine.begin() as conn:
+            conn.execute(sa.delete(store.chunks))
+            conn.execute(sa.update(store.documents).values(title="oops"))
+        cluster.wait_archived()
+        engine.dispose()
+        pitr = _restore(cluster, repo, target.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00"))
+        engine = store.make_engine(cluster.url(CORPUS_DB))
+        diff = compare(good, take_manifest(engine))
+        engine.dispose()
+        drills.append({"name": "restore_pitr", "passed": diff.ok, "lost_rows": diff.lost_rows,
+                       "recovery_s": round(pitr, 3), "client_errors": None, "detail": diff.describe()})  # fmt: skip
+        return {
+            "rpo_s": round(rpo, 3),
+            "rto_s": round(max(d["recovery_s"] for d in drills), 3),
+            "drills": drills,
+            "documents": n_docs,
+            "rows": sum(t.rows for t in before.tables.values()),
+            "full_backup_s": round(backup_s, 3),
+            "archive_timeout_s": 2,
+            "not_yet": ["replica_failover", "search_replica_sigkill", "pg_restart_mid_reindex", "redis_down",
+                        "s3_503", "disk_full", "daemon_killed_backfill", "code_server_restart", "under_load"],
+        }  # fmt: skip
+    finally:
+        cluster.stop(mode="immediate")
+        s3.stop()
+        remove_workdir(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=200, help="corpus documents loaded before the backup")
+    args = parser.parse_args(argv)
+    summary = run(args.docs)
+    print(json.dumps(summary))
+    return 0 if all(d["passed"] for d in summary["drills"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
