@@ -35,6 +35,9 @@ def local_conf(prefix: Path, listen: int, replicas: list[int]) -> Path:
     assert n == 1, "the upstream block of deploy/nginx/nginx.conf changed shape"
     text, n = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{listen};", text)
     assert n == 1
+    # One worker: upstream state (round robin, failure counts) is per worker without a zone.
+    text, n = re.subn(r"worker_processes auto;", "worker_processes 1;", text)
+    assert n == 1
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     out = prefix / "nginx.conf"
     out.write_text(text)
@@ -46,6 +49,24 @@ def _nginx(prefix: Path, conf: Path, *args: str) -> subprocess.CompletedProcess:
         [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;", *args],
         capture_output=True, text=True, timeout=30, check=False,
     )
+
+
+def _front(stack: ExitStack, prefix: Path, replicas: list[int]) -> Running:
+    """nginx with the shipped config in front of `replicas`, stopped when `stack` closes."""
+    port = _free_port()
+    conf = local_conf(prefix, port, replicas)
+    started = _nginx(prefix, conf)
+    assert started.returncode == 0, started.stderr
+    stack.callback(lambda: _nginx(prefix, conf, "-s", "stop"))
+    front = Running(port, None)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return front
+        except OSError:
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            time.sleep(0.1)
 
 
 @pytest.fixture
@@ -67,20 +88,7 @@ def test_nginx_spreads_searches_over_replicas_and_limits_clients(nginx_bin, depl
         pytest.skip("the front does not depend on the database backend")
     with ExitStack() as stack:
         replicas = [stack.enter_context(running_service(settings)) for _ in range(2)]
-        port = _free_port()
-        conf = local_conf(tmp_path, port, [r.port for r in replicas])
-        started = _nginx(tmp_path, conf)
-        assert started.returncode == 0, started.stderr
-        stack.callback(lambda: _nginx(tmp_path, conf, "-s", "stop"))
-        front = Running(port, None)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                front.get("/healthz", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.1)
+        front = _front(stack, tmp_path, [r.port for r in replicas])
 
         for i in range(6):
             status, headers, body = front.get("/search", {"q": f"confusion matrix {i}"})
@@ -97,3 +105,41 @@ def test_nginx_spreads_searches_over_replicas_and_limits_clients(nginx_bin, depl
         assert 429 in statuses and statuses[0] == 200, "a client past its burst is limited"
 
     # Outside the stack nginx is stopped and both replicas are closed.
+
+
+def test_a_replica_answering_503_is_retried_and_not_ejected(nginx_bin, deployment, tmp_path):
+    """A 503 (queue full, draining, not ready) is retried on another replica, and does not count
+    against the replica's max_fails: under a burst every replica may answer 503 for a moment,
+    and ejecting them all turned that into 502 "no live upstreams" for every client."""
+    from research_pipeline.config import Settings
+    from research_pipeline.lib.core import store
+
+    settings, facts = deployment
+    if facts["backend"] != "sqlite":
+        pytest.skip("the front does not depend on the database backend")
+    # A real replica with no published generation: it answers every search 503 (Retry-After).
+    empty = tmp_path / "empty"
+    (empty / "inbox").mkdir(parents=True)
+    url = f"sqlite:///{empty / 'rp.db'}"
+    store.create_schema(store.make_engine(url))
+    unready = Settings(home=empty, inbox=empty / "inbox", database_url=url, object_store_url=str(empty / "objects"))
+    with ExitStack() as stack:
+        busy = stack.enter_context(running_service(unready))
+        ready = stack.enter_context(running_service(settings))
+        assert busy.get("/search", {"q": "confusion matrix"})[0] == 503
+        before = busy.service.metrics.requests.labels("not_ready")._value.get()
+        # local_conf gives each replica max_fails=1 fail_timeout=30s: counted, one 503 would
+        # take the replica out for the rest of the test.
+        front = _front(stack, tmp_path / "front", [busy.port, ready.port])
+        statuses = [front.get("/search", {"q": f"confusion matrix {i}"})[0] for i in range(8)]
+        assert statuses == [200] * 8, statuses
+        tried = busy.service.metrics.requests.labels("not_ready")._value.get() - before
+        assert tried >= 4, f"the 503 replica was tried {tried} times in 8 searches: nginx ejected it"
+
+    # Every replica answering 503: the client gets the 503 and its Retry-After, not a 502.
+    with ExitStack() as stack:
+        replicas = [stack.enter_context(running_service(unready)) for _ in range(2)]
+        front = _front(stack, tmp_path / "front2", [r.port for r in replicas])
+        for i in range(4):
+            status, headers, _ = front.get("/search", {"q": f"confusion matrix {i}"})
+            assert (status, "retry-after" in headers) == (503, True), (status, headers)

@@ -67,6 +67,8 @@ def test_embeds_each_text_once_per_model(engine, embedder, papers, caplog):
     new_rows = add_documents(engine, [other], embedder.count_tokens, max_tokens=64)
     new = {r["content_hash"] for r in new_rows} - distinct
     assert new
+    # Only this call's records: an earlier test may have left the logger at INFO already.
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="research_pipeline.lib.embed.embeddings"):
         stats = embed_missing(engine, embedder, batch_size=8)
     assert (stats["embedded"], stats["cached"]) == (len(new), len(distinct))
