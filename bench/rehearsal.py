@@ -134,7 +134,9 @@ class Rehearsal:
 
     def serving_tier(self) -> None:
         """Replicas on the standby, the exporters, nginx on the public address, Prometheus."""
-        read_env = {**self.env, **self.prod, "RP_DATABASE_URL": self.replica.url("rp")}
+        # Searches read the standby and log to the primary (a standby refuses the INSERTs).
+        read_env = {**self.env, **self.prod, "RP_DATABASE_URL": self.replica.url("rp"),
+                    "RP_QUERY_LOG_DATABASE_URL": self.primary.url("rp")}
         self.replicas = [self.stack.start(services.search_replica(i, self.logs, read_env))
                          for i in range(self.args.replicas)]
         pipeline_env = {**self.dagster.env, **read_env}
@@ -357,7 +359,7 @@ class Rehearsal:
 
     def product_warnings(self) -> None:
         """Known product problems the logs show (reported, not failed on): query-log writes a
-        read-only standby refused, per replica."""
+        read-only standby refused, over all replicas (0 since RP_QUERY_LOG_DATABASE_URL)."""
         refused = 0
         for log in self.logs.glob("search_*.log"):
             refused += log.read_text(errors="replace").count("cannot execute INSERT in a read-only transaction")

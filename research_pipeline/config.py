@@ -169,6 +169,9 @@ class Settings:
     device: str = "cpu"
     embed_precision: str = "auto"
     redis_url: str | None = None
+    #: Where the search service writes query_log rows; None: database_url. Set it on replicas that
+    #: read from a read-only standby, to the primary.
+    query_log_database_url: str | None = None
     retracted_file: Path | None = None
     keep_generations: int = DEFAULT_KEEP_GENERATIONS
     nightly_cron: str = DEFAULT_NIGHTLY_CRON
@@ -216,6 +219,7 @@ class Settings:
             device=values.get("RP_DEVICE", "cpu"),
             embed_precision=values.get("RP_EMBED_PRECISION", "auto"),
             redis_url=values.get("RP_REDIS_URL"),
+            query_log_database_url=values.get("RP_QUERY_LOG_DATABASE_URL"),
             retracted_file=values.get("RP_RETRACTED_FILE"),
             keep_generations=values.get("RP_KEEP_GENERATIONS", DEFAULT_KEEP_GENERATIONS),
             nightly_cron=values.get("RP_NIGHTLY_CRON", DEFAULT_NIGHTLY_CRON),
@@ -272,6 +276,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RP_HOME", _path, "home of the embedded deployment (default ./.rp)"),
     Variable("RP_INBOX", _path, "folder of PDFs (recursive) and/or BEIR corpus.jsonl (default examples/papers)"),
     Variable("RP_DATABASE_URL", _database_url, "corpus database (default sqlite:///$RP_HOME/rp.db)"),
+    Variable("RP_QUERY_LOG_DATABASE_URL", _database_url,
+             "where searches are logged (default RP_DATABASE_URL); the primary, for replicas on a standby"),
     Variable("RP_OBJECT_STORE_URL", _text, "index files: a folder or s3://bucket/prefix (default $RP_HOME/objects)"),
     Variable("RP_S3_ENDPOINT_URL", _url(("http", "https")), "S3-compatible endpoint (MinIO, moto)"),
     Variable("RP_MODEL", _text, "sentence-transformers model: the packaged MiniLM or a local path"),

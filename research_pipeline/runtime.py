@@ -91,6 +91,7 @@ class Runtime:
         self._object_store: ObjectStore | None = None
         self._query_cache: Any = None
         self._query_log: Any = None
+        self._query_log_engine: sa.Engine | None = None
 
     @classmethod
     def from_env(cls) -> Runtime:
@@ -125,9 +126,14 @@ class Runtime:
 
     @property
     def query_log(self) -> Any:
-        engine = self.engine
+        """The query-log writer: on RP_QUERY_LOG_DATABASE_URL when set (a replica reading from a
+        read-only standby logs to the primary), else on the corpus database."""
+        url = self.settings.query_log_database_url
+        engine = self.engine if url is None else None
         with self._lock:
             if self._query_log is None:
+                if engine is None:
+                    self._query_log_engine = engine = make_engine(url, create_schema=False)
                 self._query_log = make_query_log(engine)
             return self._query_log
 
@@ -141,9 +147,12 @@ class Runtime:
         """Flush the query log, close the cache and dispose of the engine."""
         with self._lock:
             query_log, cache, engine = self._query_log, self._query_cache, self._engine
+            log_engine, self._query_log_engine = self._query_log_engine, None
             self._query_log = self._query_cache = self._engine = None
         if query_log is not None:
             query_log.close()
+        if log_engine is not None:
+            log_engine.dispose()
         if cache is not None:
             cache.close()
         if engine is not None:

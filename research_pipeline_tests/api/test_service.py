@@ -232,3 +232,46 @@ def test_live_but_not_ready_without_a_database(tmp_path, pg_server):
         assert status == 503 and "database unreachable" in json.loads(raw)["error"]
         status, _, raw = svc.get("/metrics")
         assert status == 200 and "rp_database_up 0.0" in raw.decode()
+
+
+def test_a_replica_on_a_read_only_database_logs_searches_to_the_query_log_database(deployment):
+    """A replica reading a read-only standby logs its searches to RP_QUERY_LOG_DATABASE_URL
+    (the primary); without it the standby refuses the rows and they are lost."""
+    import dataclasses
+    import uuid
+
+    from research_pipeline_tests.shared import pg_admin
+
+    settings, facts = deployment
+    if facts["backend"] != "postgresql":
+        pytest.skip("read-only standbys are PostgreSQL's")
+    primary = sa.engine.make_url(settings.database_url)
+    role = f"rp_reader_{uuid.uuid4().hex[:8]}"
+    with pg_admin().connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(sa.text(f'ALTER ROLE "{role}" SET default_transaction_read_only = on'))
+    owner = store.make_engine(settings.database_url)
+    with owner.begin() as conn:
+        conn.execute(sa.text(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"'))
+    reader = primary.set(username=role).render_as_string(hide_password=False)
+
+    def logged(query: str) -> int:
+        with owner.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(store.query_log)
+                                .where(store.query_log.c.query == query)).scalar_one()
+
+    try:
+        cases = {"standby only": None, "query log on the primary": settings.database_url}
+        for i, (case, log_url) in enumerate(cases.items()):
+            query = f"{QUERY} {role} {i}"
+            replica = dataclasses.replace(settings, database_url=reader, query_log_database_url=log_url)
+            with running_service(replica) as svc:
+                status, body = svc.json("/search", {"q": query})
+                assert status == 200 and body["results"], (case, body)
+            assert logged(query) == (0 if log_url is None else 1), case
+    finally:
+        with owner.begin() as conn:
+            conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
+        owner.dispose()
+        with pg_admin().connect() as conn:
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))
