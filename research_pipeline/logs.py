@@ -18,8 +18,23 @@ import structlog
 PACKAGE_LOGGER = "research_pipeline"
 
 
+def _dagster_fields(logger, method_name, event_dict):  # noqa: ARG001 - structlog's processor signature
+    """A record Dagster's managed loggers passed on (a library line inside a run) carries
+    `dagster_meta`: the line keeps its own message and gains run_id, job_name and step_key
+    instead of Dagster's prefixed message and the whole metadata object."""
+    meta = event_dict.pop("dagster_meta", None)
+    if isinstance(meta, dict):
+        if meta.get("orig_message") is not None:
+            event_dict["event"] = meta["orig_message"]
+        for key in ("run_id", "job_name", "step_key"):
+            if meta.get(key):
+                event_dict[key] = meta[key]
+    return event_dict
+
+
 def json_formatter() -> logging.Formatter:
-    """One JSON object per record: timestamp, level, logger, event and any `extra=` fields."""
+    """One JSON object per record: timestamp, level, logger, event and any `extra=` fields
+    (inside a Dagster run also run_id, job_name and step_key)."""
     return structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -30,6 +45,7 @@ def json_formatter() -> logging.Formatter:
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.stdlib.ExtraAdder(),
+            _dagster_fields,
             structlog.processors.format_exc_info,
         ],
     )
