@@ -13,7 +13,9 @@ of the demo corpus (`research-pipeline demo`), migrate it to the primary + S3 wi
 `migration_job` runs and `cutover_job` (launched over GraphQL, run by the daemon), restart the
 code server on the production configuration, run `reindex_job`, backfill the 16 shards of
 `chunk_embeddings` (launchPartitionBackfill), offer 1x (5 searches/s, half repeats) and 10x load
-through nginx, check exposure / 413 / 429, every scrape target and the alert rules' unit tests.
+through nginx, check exposure / 413 / 429, every scrape target and the alert rules' unit tests,
+then ramp the offered rate to find the knee (p95 <= 200 ms) with all replicas and with one
+(`--knee-seconds 0`: skip), for the 1 -> N replica scaling.
 
 `--smoke` (make test): the same topology on 2 papers indexed straight into the primary + S3,
 a few searches through nginx, one scrape, down. The last line of output is one JSON object.
@@ -47,6 +49,8 @@ SHARDS = "0123456789abcdef"
 BUCKET, PREFIX = "rp-rehearsal", "research-pipeline"
 #: 1x of the brief: 5 searches a second, half of them repeats.
 BASE_RPS = 5.0
+#: The search SLA of the brief the knee is measured against (p95 of answered searches).
+SLA_P95_MS = 200.0
 SMOKE_PAPERS = ("joss-2018-pycm-multiclass-confusion-matrix-library-python.pdf",
                 "jose-2018-short-course-about-fitting-models-scipy.pdf")
 
@@ -297,6 +301,43 @@ class Rehearsal:
         self.summary["rps_10x"], self.summary["p95_ms_10x"] = steps["10x"]["rps"], steps["10x"]["p95_ms"]
         self.summary["errors"] = sum(sum(s["errors"].values()) for s in steps.values())
 
+    def knee(self) -> None:
+        """The knee (the highest offered rate answered in full at p95 <= 200 ms, no errors) with all
+        replicas behind the shipped nginx and with one replica behind its own nginx: how the
+        search tier scales from 1 to N replicas on this machine. Each step starts from an empty
+        query cache and its own query sequence (half repeats), so it measures searches, not the
+        cache left by the step before."""
+        import redis
+
+        cache = redis.Redis.from_url(self.redis.url)
+        rates = [float(r) for r in self.args.knee_rates.split(",")]
+        one = self.stack.start(services.nginx(self.work / "nginx_one", self.logs,
+                                              [(self.replicas[0].host, self.replicas[0].port)],
+                                              max_fails=self.args.upstream_max_fails))
+        one.wait_ready()
+        fronts = {len(self.replicas): self.front, 1: f"http://{one.host}:{one.port}"}
+        knees: dict[str, dict] = {}
+        for n, front in fronts.items():
+            steps, best = [], None
+            for i, rate in enumerate(rates):
+                cache.flushdb()
+                queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=1000 + i)
+                step = offered_load(front, rate, self.args.knee_seconds, queries)
+                print(json.dumps({"step": f"knee {n} replica(s)", **step}), flush=True)
+                steps.append(step)
+                held = (not step["errors"] and step["p95_ms"] is not None and step["p95_ms"] <= SLA_P95_MS
+                        and step["rps"] >= 0.95 * rate)
+                if not held:
+                    break
+                best = rate
+            knees[str(n)] = {"knee_rps": best, "steps": steps}
+            say(f"knee with {n} replica(s): {best} searches/s held at p95 <= {SLA_P95_MS:.0f} ms")
+        cache.close()
+        self.summary["knee"] = knees
+        k_all, k_one = knees[str(len(self.replicas))]["knee_rps"], knees["1"]["knee_rps"]
+        self.summary["knee_rps"] = k_all
+        self.summary["knee_scaling"] = round(k_all / k_one, 2) if k_all and k_one else None
+
     def observe(self) -> None:
         alive = [p for p in self.stack.procs if p.running()]
         all_targets, down = checks.wait_targets_up(self.prometheus.url, 60, alive)
@@ -341,6 +382,8 @@ class Rehearsal:
             else:
                 self.load()
             self.observe()
+            if not self.args.smoke and self.args.knee_seconds > 0:
+                self.knee()
             self.summary["ok"] = self.verdict()
         except Exception as exc:  # noqa: BLE001 - reported in the summary; everything is still stopped
             self.summary["ok"] = False
@@ -386,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="seconds of each load step (1x, 10x)")
     p.add_argument("--upstream-max-fails", type=int, default=3,
                    help="nginx max_fails of each replica (3 as shipped; 0: a replica's 503 never ejects it)")
+    p.add_argument("--knee-seconds", type=float, default=15.0,
+                   help="seconds of each knee step, after the checks (0: no knee)")
+    p.add_argument("--knee-rates", default="25,50,100,150,200,300",
+                   help="offered searches/s of the knee steps, in order; the first not held ends the ramp")
     p.add_argument("--keep-logs", type=Path, help="copy every process's log here before cleaning up")
     args = p.parse_args(argv)
     # SIGTERM (a timeout, CI cancelling) stops the topology like Ctrl-C: the finally blocks run.
