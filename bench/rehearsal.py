@@ -301,6 +301,48 @@ class Rehearsal:
         self.summary["rps_10x"], self.summary["p95_ms_10x"] = steps["10x"]["rps"], steps["10x"]["p95_ms"]
         self.summary["errors"] = sum(sum(s["errors"].values()) for s in steps.values())
 
+    def replica_kill(self) -> None:
+        """SIGKILL one replica in the middle of a 10x step, start it again, and check that clients
+        saw no more errors than the requests it had in flight, and that it serves again."""
+        import re
+        import threading
+
+        victim = self.replicas[-1]
+        seconds = self.args.kill_seconds
+        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=7)
+        result: dict = {}
+        load = threading.Thread(target=lambda: result.update(
+            offered_load(self.front, BASE_RPS * 10, seconds, queries)), name="kill-load")
+        started = time.monotonic()
+        load.start()
+        pace = threading.Event()  # pacing of the drill's schedule, as the load generator paces requests
+        pace.wait(seconds / 4)
+        in_flight = _in_flight(victim)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.proc.wait(timeout=30)
+        killed_at = time.monotonic() - started
+        pace.wait(seconds / 4)
+        victim.start()
+        victim.wait_ready()
+        ready_s = time.monotonic() - started - killed_at
+        load.join(seconds + 60)
+        # Rejoined: a few searches through the front after the step, and the new process answers some.
+        for i in range(3 * len(self.replicas)):
+            http_get(self.nginx.host, self.nginx.port, "/search?" + urllib.parse.urlencode({"q": f"rejoin {i}"}),
+                     timeout=30)
+        _, body = http_get(victim.host, victim.port, "/metrics")
+        served = sum(float(v) for v in re.findall(r'^rp_search_requests_total\{outcome="ok"\} (\S+)$',
+                                                   body.decode(), re.M))
+        errors = sum(result.get("errors", {}).values())
+        drill = {"step": "10x with one replica SIGKILLed", **result, "killed_at_s": round(killed_at, 1),
+                 "in_flight_on_it": in_flight, "restart_ready_s": round(ready_s, 1),
+                 "served_after_restart": int(served)}
+        drill["passed"] = errors <= in_flight and served > 0
+        print(json.dumps(drill), flush=True)
+        self.summary["replica_kill"] = drill
+        say(f"replica SIGKILLed under 10x: {errors} client errors ({in_flight} in flight on it), "
+            f"ready again in {ready_s:.1f} s, then served {int(served)} searches")
+
     def knee(self) -> None:
         """The knee (the highest offered rate answered in full at p95 <= 200 ms, no errors) with all
         replicas behind the shipped nginx and with one replica behind its own nginx: how the
@@ -382,6 +424,8 @@ class Rehearsal:
             else:
                 self.load()
             self.observe()
+            if not self.args.smoke and self.args.kill_seconds > 0:
+                self.replica_kill()
             if not self.args.smoke and self.args.knee_seconds > 0:
                 self.knee()
             self.summary["ok"] = self.verdict()
@@ -422,6 +466,17 @@ class Rehearsal:
         remove_workdir(self.work)
 
 
+def _in_flight(replica) -> int:
+    """Searches the replica is answering or holding now (its rp_search_admitted gauge); 0 if it cannot say."""
+    import re
+
+    try:
+        _, body = http_get(replica.host, replica.port, "/metrics", timeout=5)
+    except OSError:
+        return 0
+    return int(sum(float(v) for v in re.findall(r"^rp_search_admitted(?:\{[^}]*\})? (\S+)$", body.decode(), re.M)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="up, a few searches, one scrape, down (make test)")
@@ -429,9 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="seconds of each load step (1x, 10x)")
     p.add_argument("--upstream-max-fails", type=int, default=3,
                    help="nginx max_fails of each replica (3 as shipped; 0: a replica's 503 never ejects it)")
+    p.add_argument("--kill-seconds", type=float, default=40.0,
+                   help="seconds of the 10x step during which one replica is SIGKILLed and restarted (0: skip)")
     p.add_argument("--knee-seconds", type=float, default=15.0,
                    help="seconds of each knee step, after the checks (0: no knee)")
-    p.add_argument("--knee-rates", default="25,50,100,150,200,300",
+    p.add_argument("--knee-rates", default="25,50,60,70,80,90,100,125,150",
                    help="offered searches/s of the knee steps, in order; the first not held ends the ramp")
     p.add_argument("--keep-logs", type=Path, help="copy every process's log here before cleaning up")
     args = p.parse_args(argv)

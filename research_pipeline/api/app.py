@@ -252,6 +252,7 @@ class SearchService:
             if self._admitted >= limit:
                 raise Busy()
             self._admitted += 1
+            self.metrics.admitted.set(self._admitted)
         fut = self.pool.submit(fn, *args)
         fut.add_done_callback(self._release)
         return fut
@@ -259,6 +260,7 @@ class SearchService:
     def _release(self, _: Future) -> None:
         with self._admit_lock:
             self._admitted -= 1
+            self.metrics.admitted.set(self._admitted)
 
     async def run_search(self, params: SearchParams) -> dict[str, Any]:
         """One search through the cache on the pool; raises NotReady, Busy or TimeoutError."""

@@ -17,6 +17,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -105,6 +106,10 @@ class ServiceMetrics:
         )
         self.rejected = Counter(
             "rp_search_rejected", "searches refused with 503 because the search queue was full", registry=own
+        )
+        self.admitted = Gauge(
+            "rp_search_admitted", "searches this process is running or holding for a search thread (saturation)",
+            registry=own, multiprocess_mode="livesum",
         )
         self.registry.register(CorpusCollector(engine))
         # RSS, CPU and open fds of this process, and its memory limit: the 85% memory alert.

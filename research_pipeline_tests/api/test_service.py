@@ -123,13 +123,15 @@ def test_full_queue_answers_503_and_probes_do_not_wait(deployment):
             # The only search thread is taken: probes and metrics still answer.
             assert svc.get("/readyz", timeout=5)[0] == 200
             assert svc.get("/healthz", timeout=5)[0] == 200
-            assert svc.get("/metrics", timeout=5)[0] == 200
+            status, _, raw = svc.get("/metrics", timeout=5)
+            assert status == 200 and "rp_search_admitted 1.0" in raw.decode(), "the blocked search is counted"
         finally:
             release.set()
             blocker.result(10)
         assert svc.get("/search", {"q": QUERY})[0] == 200
         text = svc.get("/metrics")[2].decode()
         assert "rp_search_rejected_total 1.0" in text
+        assert "rp_search_admitted 0.0" in text, "finished searches are released"
         assert 'rp_search_requests_total{outcome="busy"} 1.0' in text
 
 
