@@ -307,8 +307,13 @@ class Rehearsal:
         import re
         import threading
 
+        import redis
+
         victim = self.replicas[-1]
         seconds = self.args.kill_seconds
+        # An empty cache: the 10x step before cached every query this step would ask.
+        with redis.Redis.from_url(self.redis.url) as cache:
+            cache.flushdb()
         queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=7)
         result: dict = {}
         load = threading.Thread(target=lambda: result.update(
