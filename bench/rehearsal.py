@@ -14,7 +14,8 @@ of the demo corpus (`research-pipeline demo`), migrate it to the primary + S3 wi
 code server on the production configuration, run `reindex_job`, backfill the 16 shards of
 `chunk_embeddings` (launchPartitionBackfill), offer 1x (5 searches/s, half repeats) and 10x load
 through nginx, check exposure / 413 / 429, every scrape target and the alert rules' unit tests,
-then ramp the offered rate to find the knee (p95 <= 200 ms) with all replicas and with one
+then SIGKILL one replica during a 10x step and start it again (`--kill-seconds 0`: skip), and
+ramp the offered rate to find the knee (p95 <= 200 ms) with all replicas and with one
 (`--knee-seconds 0`: skip), for the 1 -> N replica scaling.
 
 `--smoke` (make test): the same topology on 2 papers indexed straight into the primary + S3,
@@ -26,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -304,9 +307,6 @@ class Rehearsal:
     def replica_kill(self) -> None:
         """SIGKILL one replica in the middle of a 10x step, start it again, and check that clients
         saw no more errors than the requests it had in flight, and that it serves again."""
-        import re
-        import threading
-
         import redis
 
         victim = self.replicas[-1]
@@ -447,6 +447,8 @@ class Rehearsal:
               and s["alert_tests_passed"] and s.get("security_ok"))
         if not self.args.smoke:
             ok = ok and s["backfill_ok"] and s.get("cutover_ok") and s.get("reindex_ok")
+        if "replica_kill" in s:
+            ok = ok and s["replica_kill"]["passed"]
         return bool(ok)
 
     def product_warnings(self) -> None:
@@ -473,8 +475,6 @@ class Rehearsal:
 
 def _in_flight(replica) -> int:
     """Searches the replica is answering or holding now (its rp_search_admitted gauge); 0 if it cannot say."""
-    import re
-
     try:
         _, body = http_get(replica.host, replica.port, "/metrics", timeout=5)
     except OSError:
