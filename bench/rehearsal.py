@@ -14,7 +14,8 @@ of the demo corpus (`research-pipeline demo`), migrate it to the primary + S3 wi
 code server on the production configuration, run `reindex_job`, backfill the 16 shards of
 `chunk_embeddings` (launchPartitionBackfill), offer 1x (5 searches/s, half repeats) and 10x load
 through nginx, check exposure / 413 / 429, every scrape target and the alert rules' unit tests,
-then SIGKILL one replica during a 10x step and start it again (`--kill-seconds 0`: skip), and
+then SIGKILL one replica during a 10x step and start it again (`--kill-seconds 0`: skip), stop
+Redis for 20 s of another (`--redis-down-seconds 0`: skip), and
 ramp the offered rate to find the knee (p95 <= 200 ms) with all replicas and with one
 (`--knee-seconds 0`: skip), for the 1 -> N replica scaling.
 
@@ -348,6 +349,44 @@ class Rehearsal:
         say(f"replica SIGKILLed under 10x: {errors} client errors ({in_flight} in flight on it), "
             f"ready again in {ready_s:.1f} s, then served {int(served)} searches")
 
+    def redis_down(self) -> None:
+        """Stop Redis for the middle half of a 10x step (on an emptied cache), start it again:
+        searches are answered uncached meanwhile with no 5xx, and the cache works again after."""
+        import redis
+
+        seconds = self.args.redis_down_seconds
+        with redis.Redis.from_url(self.redis.url) as cache:
+            cache.flushdb()
+        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=11)
+        result: dict = {}
+        load = threading.Thread(target=lambda: result.update(
+            offered_load(self.front, BASE_RPS * 10, seconds, queries)), name="redis-down-load")
+        started = time.monotonic()
+        load.start()
+        pace = threading.Event()  # pacing of the drill's schedule, as the load generator paces requests
+        pace.wait(seconds / 4)
+        self.redis.stop()
+        down_at = time.monotonic() - started
+        pace.wait(seconds / 2)
+        self.redis.start()
+        self.redis.wait_ready()
+        up_at = time.monotonic() - started
+        load.join(seconds + 60)
+        # The cache is back: the same new query twice through the front, the second from the cache.
+        hits = []
+        for _ in range(2):
+            status, body = http_get(self.nginx.host, self.nginx.port,
+                                    "/search?" + urllib.parse.urlencode({"q": "redis is back probe"}), timeout=30)
+            hits.append(status == 200 and bool(json.loads(body).get("cache_hit")))
+        errors = sum(result.get("errors", {}).values())
+        drill = {"step": "10x with Redis stopped", **result, "redis_down_s": round(up_at - down_at, 1),
+                 "cache_hit_after_restart": hits == [False, True]}
+        drill["passed"] = errors == 0 and drill["cache_hit_after_restart"]
+        print(json.dumps(drill), flush=True)
+        self.summary["redis_down"] = drill
+        say(f"Redis down {up_at - down_at:.0f} s under 10x: {errors} client errors, p95 {result.get('p95_ms')} ms; "
+            f"cache answering again: {drill['cache_hit_after_restart']}")
+
     def knee(self) -> None:
         """The knee (the highest offered rate answered in full at p95 <= 200 ms, no errors) with all
         replicas behind the shipped nginx and with one replica behind its own nginx: how the
@@ -431,6 +470,8 @@ class Rehearsal:
             self.observe()
             if not self.args.smoke and self.args.kill_seconds > 0:
                 self.replica_kill()
+            if not self.args.smoke and self.args.redis_down_seconds > 0:
+                self.redis_down()
             if not self.args.smoke and self.args.knee_seconds > 0:
                 self.knee()
             self.summary["ok"] = self.verdict()
@@ -447,8 +488,9 @@ class Rehearsal:
               and s["alert_tests_passed"] and s.get("security_ok"))
         if not self.args.smoke:
             ok = ok and s["backfill_ok"] and s.get("cutover_ok") and s.get("reindex_ok")
-        if "replica_kill" in s:
-            ok = ok and s["replica_kill"]["passed"]
+        for step in ("replica_kill", "redis_down"):
+            if step in s:
+                ok = ok and s[step]["passed"]
         return bool(ok)
 
     def product_warnings(self) -> None:
@@ -491,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="nginx max_fails of each replica (3 as shipped; 0: a replica's 503 never ejects it)")
     p.add_argument("--kill-seconds", type=float, default=40.0,
                    help="seconds of the 10x step during which one replica is SIGKILLed and restarted (0: skip)")
+    p.add_argument("--redis-down-seconds", type=float, default=40.0,
+                   help="seconds of the 10x step during whose middle half Redis is stopped (0: skip)")
     p.add_argument("--knee-seconds", type=float, default=15.0,
                    help="seconds of each knee step, after the checks (0: no knee)")
     p.add_argument("--knee-rates", default="25,50,60,70,80,90,100,125,150",
