@@ -65,6 +65,17 @@ class DevTools:
     def js(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
+    def wait_js(self, expression: str, expected, timeout: float = 10):
+        """The value of `expression` once it equals `expected`, polled for at most `timeout` s
+        (the last value seen otherwise): the browser applies some state (autofocus) in a
+        rendering step after the load event."""
+        deadline = time.monotonic() + timeout
+        value = self.js(expression)
+        while value != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            value = self.js(expression)
+        return value
+
     def key(self, key: str, code: str, vk: int, text: str | None = None) -> None:
         down = {"type": "keyDown", "key": key, "code": code, "windowsVirtualKeyCode": vk}
         if text:
@@ -119,9 +130,11 @@ def test_a_researcher_types_a_query_and_reads_the_results(deployment, chromium, 
     with running_service(settings) as svc:
         page = chromium
         page.call("Page.enable")
+        # A headless window never has the OS focus; emulate a focused page, as a user's tab is.
+        page.call("Emulation.setFocusEmulationEnabled", enabled=True)
         page.call("Page.navigate", url=f"http://127.0.0.1:{svc.port}/")
         page.wait_event("Page.loadEventFired")
-        assert page.js("document.activeElement.id") == "q", "the query box has the focus"
+        assert page.wait_js("document.activeElement.id", "q") == "q", "the query box has the focus"
         typed = f"{HOSTILE_WORD} confusion matrix"
         for ch in typed:
             page.key(ch, "Space" if ch == " " else f"Key{ch.upper()}", 32 if ch == " " else ord(ch.upper()), ch)
