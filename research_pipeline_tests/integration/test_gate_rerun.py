@@ -124,11 +124,18 @@ def test_a_gate_is_rerun_alone_over_graphql(tmp_path, tmp_path_factory):
         assert registry.get_generation(engine, gen_id)["status"] in ("candidate", "published")
 
         # The daemon's automation sensor (every 5 s here) sees the blocking gates pass and publishes.
-        def published():
-            live = store.live_generation(engine)
-            return live is not None and live["gen_id"] == gen_id
+        # Done when the pointer has moved *and* the publishing run has recorded its
+        # materialization (it does so after the pointer flips; stopping in between loses it).
+        with dg.DagsterInstance.from_config(str(home)) as watcher:
+            def published():
+                live = store.live_generation(engine)
+                if live is None or live["gen_id"] != gen_id:
+                    return False
+                event = watcher.get_latest_materialization_event(published_index.key)
+                live_meta = event.asset_materialization.metadata.get("live_gen_id") if event else None
+                return live_meta is not None and live_meta.value == gen_id
 
-        wait_for(published, 240, f"publish_automation_sensor to publish {gen_id}", procs)
+            wait_for(published, 240, f"publish_automation_sensor to publish {gen_id}", procs)
     finally:
         stop_process_groups(procs)
         log.close()
