@@ -134,6 +134,17 @@ class _Writer(threading.Thread):
                 raise TimeoutError(f"the writer acknowledged {len(self.acked)} of {n} rows in {timeout_s} s")
 
 
+def _set_synchronous_standbys(cluster: PgCluster, names: str) -> None:
+    """synchronous_standby_names of a running server, applied by a reload ('' : none)."""
+    engine = cluster.engine(isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"alter system set synchronous_standby_names = '{names}'"))
+            conn.execute(sa.text("select pg_reload_conf()"))
+    finally:
+        engine.dispose()
+
+
 def _poll_sync_state(primary: PgCluster, timeout_s: float = 30) -> str:
     """The standby's sync_state in pg_stat_replication once the reload made it 'sync' (or the last seen)."""
     engine = primary.engine()
@@ -172,9 +183,7 @@ def failover(work, n_writes: int = 2000) -> dict:
         replica = primary.make_replica(work / "fo_replica").start()
         replica.wait_replayed(primary.current_lsn())
         # Synchronous from now on (set before there is a standby, every commit would wait forever).
-        with primary.engine(isolation_level="AUTOCOMMIT").connect() as conn:
-            conn.execute(sa.text("alter system set synchronous_standby_names = '*'"))
-            conn.execute(sa.text("select pg_reload_conf()"))
+        _set_synchronous_standbys(primary, "*")
         sync_state = _poll_sync_state(primary)
         writer = _Writer(primary.url(CORPUS_DB))
         writer.start()
@@ -182,9 +191,7 @@ def failover(work, n_writes: int = 2000) -> dict:
         crashed = time.monotonic()  # the writer is committing right now: it never waits
         primary.stop(mode="immediate")
         replica.promote()
-        with replica.engine(isolation_level="AUTOCOMMIT").connect() as conn:
-            conn.execute(sa.text("alter system set synchronous_standby_names = ''"))
-            conn.execute(sa.text("select pg_reload_conf()"))
+        _set_synchronous_standbys(replica, "")  # no standby left to wait for
         writer.url = replica.url(CORPUS_DB)
         writer.repointed.set()
         with writer.progress:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +48,8 @@ from bench.topology.proc import PUBLIC_HOST, Stack, http_get
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PAPERS = REPO / "examples" / "papers"
 SHARED = Path(os.environ.get("RP_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: The queries every load step draws from (real claims, half of the draws repeats).
+SCIFACT_QUERIES = SHARED / "ir" / "scifact" / "queries.jsonl"
 SHARDS = "0123456789abcdef"
 BUCKET, PREFIX = "rp-rehearsal", "research-pipeline"
 #: 1x of the brief: 5 searches a second, half of them repeats.
@@ -283,7 +284,7 @@ class Rehearsal:
         say(f"security: {self.summary['security']}")
 
     def searches(self, n: int = 5) -> None:
-        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl")
+        queries = query_stream(SCIFACT_QUERIES)
         statuses = []
         for _ in range(n):
             q = queries.draw()
@@ -294,7 +295,7 @@ class Rehearsal:
         self.summary["errors"] = sum(s != 200 for s in statuses)
 
     def load(self) -> None:
-        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl")
+        queries = query_stream(SCIFACT_QUERIES)
         steps = {}
         for factor in (1, 10):
             step = offered_load(self.front, BASE_RPS * factor, self.args.seconds, queries)
@@ -305,86 +306,98 @@ class Rehearsal:
         self.summary["rps_10x"], self.summary["p95_ms_10x"] = steps["10x"]["rps"], steps["10x"]["p95_ms"]
         self.summary["errors"] = sum(sum(s["errors"].values()) for s in steps.values())
 
+    def _flush_cache(self) -> None:
+        """Empty the query cache, so a step measures searches, not what the step before cached."""
+        import redis
+
+        with redis.Redis.from_url(self.redis.url) as cache:
+            cache.flushdb()
+
+    def _10x_with_fault(self, seconds: float, seed: int, fault, name: str) -> dict:
+        """A 10x step of `seconds` on an emptied cache; `fault(pace)` runs beside it from a
+        quarter of the way in (`pace(fraction)` waits that fraction of the step). The step's
+        figures and the fault's timings (seconds from the start)."""
+        self._flush_cache()
+        queries = query_stream(SCIFACT_QUERIES, seed=seed)
+        result: dict = {}
+        load = threading.Thread(target=lambda: result.update(
+            offered_load(self.front, BASE_RPS * 10, seconds, queries)), name=name)
+        started = time.monotonic()
+        load.start()
+        pacer = threading.Event()  # pacing of the drill's schedule, as the load generator paces requests
+
+        def pace(fraction: float) -> float:
+            pacer.wait(seconds * fraction)
+            return time.monotonic() - started
+
+        pace(0.25)
+        timings = fault(pace)
+        load.join(seconds + 60)
+        return {**result, **timings}
+
     def replica_kill(self) -> None:
         """SIGKILL one replica in the middle of a 10x step, start it again, and check that clients
         saw no more errors than the requests it had in flight, and that it serves again."""
-        import redis
-
         victim = self.replicas[-1]
-        seconds = self.args.kill_seconds
-        # An empty cache: the 10x step before cached every query this step would ask.
-        with redis.Redis.from_url(self.redis.url) as cache:
-            cache.flushdb()
-        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=7)
-        result: dict = {}
-        load = threading.Thread(target=lambda: result.update(
-            offered_load(self.front, BASE_RPS * 10, seconds, queries)), name="kill-load")
-        started = time.monotonic()
-        load.start()
-        pace = threading.Event()  # pacing of the drill's schedule, as the load generator paces requests
-        pace.wait(seconds / 4)
-        in_flight = _in_flight(victim)
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.proc.wait(timeout=30)
-        killed_at = time.monotonic() - started
-        pace.wait(seconds / 4)
-        victim.start()
-        victim.wait_ready()
-        ready_s = time.monotonic() - started - killed_at
-        load.join(seconds + 60)
-        # Rejoined: a few searches through the front after the step, and the new process answers some.
-        for i in range(3 * len(self.replicas)):
-            http_get(self.nginx.host, self.nginx.port, "/search?" + urllib.parse.urlencode({"q": f"rejoin {i}"}),
-                     timeout=30)
-        _, body = http_get(victim.host, victim.port, "/metrics")
-        served = sum(float(v) for v in re.findall(r'^rp_search_requests_total\{outcome="ok"\} (\S+)$',
-                                                   body.decode(), re.M))
-        errors = sum(result.get("errors", {}).values())
-        drill = {"step": "10x with one replica SIGKILLed", **result, "killed_at_s": round(killed_at, 1),
-                 "in_flight_on_it": in_flight, "restart_ready_s": round(ready_s, 1),
-                 "served_after_restart": int(served)}
-        drill["passed"] = errors <= in_flight and served > 0
+        in_flight = 0
+
+        def kill(pace) -> dict:
+            nonlocal in_flight
+            in_flight = int(_metric(victim, "rp_search_admitted"))
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.proc.wait(timeout=30)
+            killed_at = pace(0)
+            pace(0.25)
+            victim.start()
+            victim.wait_ready()
+            return {"killed_at_s": round(killed_at, 1), "restart_ready_s": round(pace(0) - killed_at, 1)}
+
+        drill = {"step": "10x with one replica SIGKILLed",
+                 **self._10x_with_fault(self.args.kill_seconds, 7, kill, "kill-load")}
+        # Rejoined: searches through the front until the new process answers some. nginx tries a
+        # replica it took out again only after fail_timeout (10 s), so this is bounded at 30 s.
+        deadline = time.monotonic() + 30
+        served, i = 0, 0
+        while not served and time.monotonic() < deadline:
+            for _ in range(len(self.replicas)):
+                http_get(self.nginx.host, self.nginx.port,
+                         "/search?" + urllib.parse.urlencode({"q": f"rejoin {i}"}), timeout=30)
+                i += 1
+            served = int(_metric(victim, "rp_search_requests_total", outcome="ok"))
+        errors = sum(drill.get("errors", {}).values())
+        drill.update(in_flight_on_it=in_flight, served_after_restart=served,
+                     passed=errors <= in_flight and served > 0)
         print(json.dumps(drill), flush=True)
         self.summary["replica_kill"] = drill
         say(f"replica SIGKILLed under 10x: {errors} client errors ({in_flight} in flight on it), "
-            f"ready again in {ready_s:.1f} s, then served {int(served)} searches")
+            f"ready again in {drill['restart_ready_s']:.1f} s, then served {served} searches")
 
     def redis_down(self) -> None:
         """Stop Redis for the middle half of a 10x step (on an emptied cache), start it again:
         searches are answered uncached meanwhile with no 5xx, and the cache works again after."""
-        import redis
 
-        seconds = self.args.redis_down_seconds
-        with redis.Redis.from_url(self.redis.url) as cache:
-            cache.flushdb()
-        queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=11)
-        result: dict = {}
-        load = threading.Thread(target=lambda: result.update(
-            offered_load(self.front, BASE_RPS * 10, seconds, queries)), name="redis-down-load")
-        started = time.monotonic()
-        load.start()
-        pace = threading.Event()  # pacing of the drill's schedule, as the load generator paces requests
-        pace.wait(seconds / 4)
-        self.redis.stop()
-        down_at = time.monotonic() - started
-        pace.wait(seconds / 2)
-        self.redis.start()
-        self.redis.wait_ready()
-        up_at = time.monotonic() - started
-        load.join(seconds + 60)
+        def outage(pace) -> dict:
+            self.redis.stop()
+            down_at = pace(0)
+            pace(0.5)
+            self.redis.start()
+            self.redis.wait_ready()
+            return {"redis_down_s": round(pace(0) - down_at, 1)}
+
+        drill = {"step": "10x with Redis stopped",
+                 **self._10x_with_fault(self.args.redis_down_seconds, 11, outage, "redis-down-load")}
         # The cache is back: the same new query twice through the front, the second from the cache.
         hits = []
         for _ in range(2):
             status, body = http_get(self.nginx.host, self.nginx.port,
                                     "/search?" + urllib.parse.urlencode({"q": "redis is back probe"}), timeout=30)
             hits.append(status == 200 and bool(json.loads(body).get("cache_hit")))
-        errors = sum(result.get("errors", {}).values())
-        drill = {"step": "10x with Redis stopped", **result, "redis_down_s": round(up_at - down_at, 1),
-                 "cache_hit_after_restart": hits == [False, True]}
+        errors = sum(drill.get("errors", {}).values())
+        drill["cache_hit_after_restart"] = hits == [False, True]
         drill["passed"] = errors == 0 and drill["cache_hit_after_restart"]
         print(json.dumps(drill), flush=True)
         self.summary["redis_down"] = drill
-        say(f"Redis down {up_at - down_at:.0f} s under 10x: {errors} client errors, p95 {result.get('p95_ms')} ms; "
+        say(f"Redis down {drill['redis_down_s']:.0f} s under 10x: {errors} client errors, p95 {drill.get('p95_ms')} ms; "
             f"cache answering again: {drill['cache_hit_after_restart']}")
 
     def knee(self) -> None:
@@ -393,9 +406,6 @@ class Rehearsal:
         search tier scales from 1 to N replicas on this machine. Each step starts from an empty
         query cache and its own query sequence (half repeats), so it measures searches, not the
         cache left by the step before."""
-        import redis
-
-        cache = redis.Redis.from_url(self.redis.url)
         rates = [float(r) for r in self.args.knee_rates.split(",")]
         one = self.stack.start(services.nginx(self.work / "nginx_one", self.logs,
                                               [(self.replicas[0].host, self.replicas[0].port)],
@@ -406,8 +416,8 @@ class Rehearsal:
         for n, front in fronts.items():
             steps, best = [], None
             for i, rate in enumerate(rates):
-                cache.flushdb()
-                queries = query_stream(SHARED / "ir" / "scifact" / "queries.jsonl", seed=1000 + i)
+                self._flush_cache()
+                queries = query_stream(SCIFACT_QUERIES, seed=1000 + i)
                 step = offered_load(front, rate, self.args.knee_seconds, queries)
                 print(json.dumps({"step": f"knee {n} replica(s)", **step}), flush=True)
                 steps.append(step)
@@ -418,7 +428,6 @@ class Rehearsal:
                 best = rate
             knees[str(n)] = {"knee_rps": best, "steps": steps}
             say(f"knee with {n} replica(s): {best} searches/s held at p95 <= {SLA_P95_MS:.0f} ms")
-        cache.close()
         self.summary["knee"] = knees
         k_all, k_one = knees[str(len(self.replicas))]["knee_rps"], knees["1"]["knee_rps"]
         self.summary["knee_rps"] = k_all
@@ -515,13 +524,17 @@ class Rehearsal:
         remove_workdir(self.work)
 
 
-def _in_flight(replica) -> int:
-    """Searches the replica is answering or holding now (its rp_search_admitted gauge); 0 if it cannot say."""
+def _metric(replica, name: str, **labels: str) -> float:
+    """The sum of the samples `name` with `labels` on a replica's /metrics (0 if it cannot say)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         _, body = http_get(replica.host, replica.port, "/metrics", timeout=5)
     except OSError:
-        return 0
-    return int(sum(float(v) for v in re.findall(r"^rp_search_admitted(?:\{[^}]*\})? (\S+)$", body.decode(), re.M)))
+        return 0.0
+    return sum(sample.value for family in text_string_to_metric_families(body.decode())
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from research_pipeline_tests.shared import API_GROUP, Running, running_service
+from research_pipeline_tests.shared import API_GROUP, Running, make_settings, running_service
 
 pytestmark = [API_GROUP, pytest.mark.slow, pytest.mark.integration]
 
@@ -111,18 +111,15 @@ def test_a_replica_answering_503_is_retried_and_not_ejected(nginx_bin, deploymen
     """A 503 (queue full, draining, not ready) is retried on another replica, and does not count
     against the replica's max_fails: under a burst every replica may answer 503 for a moment,
     and ejecting them all turned that into 502 "no live upstreams" for every client."""
-    from research_pipeline.config import Settings
     from research_pipeline.lib.core import store
 
     settings, facts = deployment
     if facts["backend"] != "sqlite":
         pytest.skip("the front does not depend on the database backend")
     # A real replica with no published generation: it answers every search 503 (Retry-After).
-    empty = tmp_path / "empty"
-    (empty / "inbox").mkdir(parents=True)
-    url = f"sqlite:///{empty / 'rp.db'}"
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
     store.create_schema(store.make_engine(url))
-    unready = Settings(home=empty, inbox=empty / "inbox", database_url=url, object_store_url=str(empty / "objects"))
+    unready = make_settings(tmp_path, url, [])
     with ExitStack() as stack:
         busy = stack.enter_context(running_service(unready))
         ready = stack.enter_context(running_service(settings))
