@@ -78,6 +78,31 @@ http {{
             proxy_buffering off;
         }}
     }}
+    # The same endpoint answering a share of requests "503 SlowDown" before they reach moto:
+    # S3 under throttling, for the s3_503 drill. Logged, so the drill counts what it injected.
+    split_clients "${{request_id}}" $s3_fault {{
+        {fault_percent}% 1;
+        * 0;
+    }}
+    log_format s3_fault '$status $request_method $uri';
+    server {{
+        listen 127.0.0.1:{fault_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        client_max_body_size 0;
+        access_log {dir}/s3_fault_access.log s3_fault;
+        location / {{
+            if ($s3_fault) {{
+                add_header Retry-After 1 always;
+                return 503 '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate (injected by the drill)</Message></Error>';
+            }}
+            proxy_pass http://127.0.0.1:{moto_port};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}
+    }}
 }}
 """
 
@@ -99,11 +124,14 @@ def _wait_https(url: str, cafile: Path, proc: subprocess.Popen, timeout_s: float
 class TlsMoto:
     """moto's S3 server behind an nginx TLS front on free loopback ports.
 
-    `endpoint` is https://localhost:<port> (certificate: `cert`); `http_url` is moto itself.
+    `endpoint` is https://localhost:<port> (certificate: `cert`); `http_url` is moto itself;
+    `fault_endpoint` is the same store answering `fault_percent`% of requests 503 SlowDown.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, fault_percent: int = 20):
         self.directory = Path(directory)
+        self.fault_percent = fault_percent
+        self.fault_port = 0
         self.cert, self.key = self_signed_cert(self.directory)
         self.log_path = self.directory / "moto.log"
         self.procs: list[subprocess.Popen] = []
@@ -113,6 +141,19 @@ class TlsMoto:
     @property
     def endpoint(self) -> str:
         return f"https://localhost:{self.port}"
+
+    @property
+    def fault_endpoint(self) -> str:
+        return f"https://localhost:{self.fault_port}"
+
+    def fault_counts(self) -> dict[str, int]:
+        """Requests the fault endpoint answered so far, by status ("503": injected)."""
+        counts: dict[str, int] = {}
+        log = self.directory / "s3_fault_access.log"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            status = line.split(" ", 1)[0]
+            counts[status] = counts.get(status, 0) + 1
+        return counts
 
     @property
     def http_url(self) -> str:
@@ -140,13 +181,14 @@ class TlsMoto:
         else:
             raise RuntimeError(f"moto server did not start; see {self.log_path}")
         for _ in range(attempts):
-            self.port = free_port()
+            self.port, self.fault_port = free_port(), free_port()
             tmp = self.directory / "nginx_tmp"
             tmp.mkdir(exist_ok=True)
             conf = self.directory / "nginx.conf"
             conf.write_text(
                 NGINX_CONF.format(
                     dir=self.directory, port=self.port, moto_port=self.moto_port, cert=self.cert, key=self.key,
+                    fault_port=self.fault_port, fault_percent=self.fault_percent,
                     user="user root;" if os.geteuid() == 0 else "",
                 )
             )  # fmt: skip
@@ -158,12 +200,12 @@ class TlsMoto:
         self.stop()
         raise RuntimeError(f"nginx TLS front did not start; see {self.directory / 'nginx_error.log'}")
 
-    def s3_client(self):  # noqa: ANN201
+    def s3_client(self, faulty: bool = False):  # noqa: ANN201
         import boto3
 
         return boto3.client(
             "s3",
-            endpoint_url=self.endpoint,
+            endpoint_url=self.fault_endpoint if faulty else self.endpoint,
             verify=str(self.cert),
             aws_access_key_id=MOTO_KEY,
             aws_secret_access_key=MOTO_SECRET,
@@ -195,6 +237,8 @@ class PgBackRestRepo:
         self.stanza = stanza
         self.config = DEPLOY_CONF
         self.workdir = Path(workdir)
+        #: Talk to the S3 front that answers a share of requests 503 (the s3_503 drill).
+        self.through_faults = False
         for sub in ("log", "lock", "spool"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
             chown_to_pg(self.workdir / sub)
@@ -203,7 +247,7 @@ class PgBackRestRepo:
         """The site's PGBACKREST_* variables (what an operator sets in production)."""
         return {
             "PGBACKREST_REPO1_S3_ENDPOINT": "localhost",
-            "PGBACKREST_REPO1_STORAGE_PORT": str(self.s3.port),
+            "PGBACKREST_REPO1_STORAGE_PORT": str(self.s3.fault_port if self.through_faults else self.s3.port),
             "PGBACKREST_REPO1_S3_BUCKET": self.bucket,
             "PGBACKREST_REPO1_S3_REGION": "us-east-1",
             "PGBACKREST_REPO1_S3_URI_STYLE": "path",

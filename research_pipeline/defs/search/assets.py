@@ -158,7 +158,10 @@ def fts_index(
     if skip:
         return
     gen_id = run_generation_id(context)
-    part = build.build_fts_part(engine, gen_id, object_store=object_store.get_store())
+    try:
+        part = build.build_fts_part(engine, gen_id, object_store=object_store.get_store())
+    except build.OutOfSpaceError as exc:  # the same disk fails a retry: an operator frees space first
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(digest),
         metadata={
@@ -208,7 +211,7 @@ def vector_index(
             raise build.MissingVectorsError(model.model_id, missing)
         gen_id = run_generation_id(context)
         part = build.build_vector_part(engine, object_store.get_store(), model, gen_id)
-    except build.MissingVectorsError as exc:
+    except (build.MissingVectorsError, build.OutOfSpaceError) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     params = part.build_params or {}
     metadata = {

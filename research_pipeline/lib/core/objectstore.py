@@ -100,6 +100,18 @@ class LocalObjectStore:
         self._path(key).unlink(missing_ok=True)
 
 
+#: botocore attempts per S3 call, in its standard retry mode (exponential backoff with jitter on
+#: throttling, 5xx and connection errors): a store answering 20% of requests 503 still serves.
+S3_MAX_ATTEMPTS = 10
+
+
+def retry_config():  # noqa: ANN201
+    """The botocore Config of the pipeline's S3 clients: standard retries, S3_MAX_ATTEMPTS attempts."""
+    from botocore.config import Config
+
+    return Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+
+
 class S3ObjectStore:
     """An S3 bucket (or any S3-compatible endpoint) under an optional key prefix."""
 
@@ -108,7 +120,7 @@ class S3ObjectStore:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or boto3.client("s3", endpoint_url=endpoint_url)
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, config=retry_config())
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
     def _key(self, key: str) -> str:

@@ -9,14 +9,19 @@ build, naming the shards, while a chunk has none. Progress goes to this module's
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from research_pipeline.lib.core import diskspace
 from research_pipeline.lib.core import store as db
 from research_pipeline.lib.release import registry
 from research_pipeline.lib.release.registry import GenerationError, GenerationStatus
@@ -49,6 +54,50 @@ class MissingVectorsError(GenerationError):
         )
 
 
+class OutOfSpaceError(GenerationError):
+    """A disk filled while a generation was built: its partial files were removed, the live
+    generation is untouched; the message names the volumes and their free space."""
+
+
+def _local_folders(engine: Engine, object_store: Any) -> list[tuple[str, Any]]:
+    """The folders a build writes to on this machine: object store, scratch, SQLite database."""
+    db_folder = None
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        db_folder = Path(engine.url.database).parent
+    return [("object store", getattr(object_store, "root", None)), ("scratch (TMPDIR)", tempfile.gettempdir()),
+            ("database", db_folder)]  # fmt: skip
+
+
+@contextlib.contextmanager
+def out_of_space_guard(engine: Engine, object_store: Any, gen_id: str, half: str, cleanup: Callable[[], None]) -> Iterator[None]:
+    """Turn a full disk inside the block into OutOfSpaceError, after `cleanup` removed what the
+    block had written (so the space is given back and nothing partial stays behind)."""
+    try:
+        yield
+    except Exception as exc:
+        if not diskspace.is_out_of_space(exc):
+            raise
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001 - the disk may still be full; the message below says what to do
+            logger.exception("generation %s: could not remove the partial %s", gen_id, half)
+        live = (db.live_generation(engine) or {}).get("gen_id")
+        raise OutOfSpaceError(
+            f"out of disk space while building the {half} of index generation {gen_id} ({str(exc).splitlines()[0]}). "
+            f"{diskspace.describe_free(_local_folders(engine, object_store))}. The partial files of {gen_id} "
+            f"were removed; the live generation {live or '(none yet)'} is untouched and still serves searches. "
+            "Free space on the full volume (or move RP_HOME, RP_OBJECT_STORE_URL or TMPDIR to a larger one), "
+            "then re-run reindex_job (or re-execute this run from failure)"
+        ) from exc
+
+
+def _delete_prefix(object_store: Any, key_prefix: str, keep: Callable[[str], bool] = lambda key: False) -> None:
+    if object_store is not None:
+        for key in list(object_store.list(key_prefix.rstrip("/") + "/")):
+            if not keep(key):
+                object_store.delete(key)
+
+
 @dataclass(frozen=True)
 class VectorPart:
     """The vector half of a generation, as built."""
@@ -73,10 +122,16 @@ def build_fts_part(engine: Engine, gen_id: str, model_id: str | None = None, obj
     registry.start_generation(engine, gen_id, model_id)
     table = registry.fts_table_name(gen_id)
     started = time.perf_counter()
-    if object_store is None:
-        n_rows = int(fts.build_fts(engine, table))
-    else:
-        n_rows, _ = fulltext.build_fts_and_publish(engine, object_store, gen_id, table)
+
+    def cleanup() -> None:
+        _delete_prefix(object_store, fulltext.prefix(gen_id))
+        fts.drop_fts(engine, table)
+
+    with out_of_space_guard(engine, object_store, gen_id, "full-text index", cleanup):
+        if object_store is None:
+            n_rows = int(fts.build_fts(engine, table))
+        else:
+            n_rows, _ = fulltext.build_fts_and_publish(engine, object_store, gen_id, table)
     seconds = time.perf_counter() - started
     logger.info("generation %s: full-text table %s has %d rows (%.1fs)", gen_id, table, n_rows, seconds)
     status = registry.finish_part(engine, gen_id, {"fts_table": table, "n_fts_rows": n_rows})
@@ -142,13 +197,19 @@ def build_vector_part(engine: Engine, object_store: Any, embedder: Any, gen_id: 
     else:
         matrix = np.zeros((0, embedder.dim), dtype="float32")
     index, params = vectors.build_vector_index(matrix)
-    key = vectors.write_vector_index(
-        object_store,
-        registry.vector_prefix(gen_id),
-        index,
-        chunk_ids,
-        {"gen_id": gen_id, "model": embedder.model_id, "n_documents": n_documents, "build_params": params},
-    )
+    prefix = registry.vector_prefix(gen_id)
+
+    def cleanup() -> None:  # the vector files only: the full-text half may be built beside them
+        _delete_prefix(object_store, prefix, keep=lambda key: key.startswith(f"{prefix}/fulltext/"))
+
+    with out_of_space_guard(engine, object_store, gen_id, "vector index", cleanup):
+        key = vectors.write_vector_index(
+            object_store,
+            prefix,
+            index,
+            chunk_ids,
+            {"gen_id": gen_id, "model": embedder.model_id, "n_documents": n_documents, "build_params": params},
+        )
     seconds = time.perf_counter() - started
     manifest = {"build_params": params, "seconds": round(seconds, 3)}
     logger.info(
