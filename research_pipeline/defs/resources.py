@@ -24,6 +24,13 @@ from research_pipeline.lib.embed.model import Embedder
 from research_pipeline.lib.release.thresholds import GateThresholds
 
 
+#: Retries of a reindex step that failed on something transient (the database restarted or
+#: failed over, S3 throttled past botocore's own retries). Every step is idempotent (content-hash
+#: ids, upserts, a generation's files rewritten whole), so a retry redoes only the failed step.
+#: Failures a retry cannot fix are raised as dg.Failure(allow_retries=False) and fail at once.
+TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
 class DatabaseResource(dg.ConfigurableResource):
     """The corpus database (SQLite by default, PostgreSQL in production)."""
 

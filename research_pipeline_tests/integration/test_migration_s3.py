@@ -474,3 +474,28 @@ def test_index_files_from_a_bucket_store_are_copied_and_checked(tmp_path, target
     assert [d.key for d in verify(source, target).differences] == ["indexes/g2/vectors.faiss"]
     source.engine.dispose()
     target.engine.dispose()
+
+
+def test_the_bucket_keeps_old_versions_and_the_owners_own_lifecycle_rules(s3_endpoint, bucket):
+    s3 = _client(s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    theirs = {"ID": "their-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 7}}
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [theirs]})
+    target = _target(None, s3, bucket, "rp")
+    for _ in range(2):  # idempotent: the second call changes nothing
+        s3_module.ensure_bucket(target)
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
+    assert set(rules) == {"their-logs", s3_module.RETENTION_RULE_ID}, rules
+    ours = rules[s3_module.RETENTION_RULE_ID]
+    assert ours["Filter"] == {"Prefix": "rp/"}
+    assert ours["NoncurrentVersionExpiration"]["NoncurrentDays"] == s3_module.NONCURRENT_DAYS
+    # A paper overwritten by a bad write, then deleted: the original bytes are still there.
+    key = target.key("papers/ab/paper.pdf")
+    s3.put_object(Bucket=bucket, Key=key, Body=b"%PDF-1.7 the original")
+    s3.put_object(Bucket=bucket, Key=key, Body=b"garbage")
+    s3.delete_object(Bucket=bucket, Key=key)
+    listing = s3.list_object_versions(Bucket=bucket, Prefix=key)
+    assert len(listing["Versions"]) == 2 and len(listing["DeleteMarkers"]) == 1
+    bodies = {s3.get_object(Bucket=bucket, Key=key, VersionId=v["VersionId"])["Body"].read() for v in listing["Versions"]}
+    assert bodies == {b"%PDF-1.7 the original", b"garbage"}

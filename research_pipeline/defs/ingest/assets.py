@@ -6,6 +6,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from research_pipeline.defs.resources import (
+    TRANSIENT_RETRY,
     DatabaseResource,
     EmbedderResource,
     InboxResource,
@@ -63,6 +64,7 @@ class IngestConfig(dg.Config):
     kinds={"pdf", "sql"},
     owners=OWNERS,
     code_version="ingest-v1",
+    retry_policy=TRANSIENT_RETRY,
     metadata=table_metadata(store.documents),
     # The nightly reindex reads the inbox every day: a day and a half without it is a failure.
     freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=36), warn_window=timedelta(hours=26)),
@@ -158,6 +160,7 @@ def chunks_digest(engine: sa.Engine) -> str:
     deps=[documents],
     owners=OWNERS,
     code_version="chunk-v1",
+    retry_policy=TRANSIENT_RETRY,
     metadata=table_metadata(store.chunks),
 )
 def chunks(

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from research_pipeline.defs.ingest.assets import reflected_schema, table_metadata
 from research_pipeline.defs.resources import (
+    TRANSIENT_RETRY,
     DatabaseResource,
     EmbedderResource,
     ObjectStoreResource,
@@ -137,6 +138,7 @@ def generation_metadata(gen: dict) -> dict[str, dg.MetadataValue]:
     deps=[CHUNKS],
     owners=OWNERS,
     code_version="fts-v1",
+    retry_policy=TRANSIENT_RETRY,
     output_required=False,
 )
 def fts_index(
@@ -183,6 +185,7 @@ def fts_index(
     deps=[CHUNKS, CHUNK_EMBEDDINGS],
     owners=OWNERS,
     code_version="vectors-v1",
+    retry_policy=TRANSIENT_RETRY,
     output_required=False,
 )
 def vector_index(
@@ -244,6 +247,7 @@ PUBLISH_CONDITION = (
     deps=[fts_index, vector_index],
     owners=OWNERS,
     code_version="publish-v1",
+    retry_policy=TRANSIENT_RETRY,
     metadata=table_metadata(store.index_pointer),
     automation_condition=PUBLISH_CONDITION,
     # The age of the live generation: a week without a new one means no new papers were indexed.
@@ -271,7 +275,8 @@ def published_index(
             description=(
                 f"vector_index (generation {gen_id}) and fts_index (generation {fts_gen}) were not built by the "
                 "same run: materialize both in one run (reindex_job)"
-            )
+            ),
+            allow_retries=False,
         )
     if context.run.tags.get(GEN_ID_TAG) != gen_id:
         context.instance.add_run_tags(context.run_id, {GEN_ID_TAG: gen_id})
@@ -279,7 +284,7 @@ def published_index(
     try:
         outcome = publish.publish(engine, gen_id, keep=release_gates.keep_generations, store=object_store.get_store())
     except registry.GenerationError as exc:
-        raise dg.Failure(description=str(exc)) from exc
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     previous, retired = outcome.previous_gen_id, list(outcome.retired)
     gen = registry.get_generation(engine, gen_id)
     context.log.info(

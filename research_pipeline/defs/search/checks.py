@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from research_pipeline.defs.resources import (
+    TRANSIENT_RETRY,
     DatabaseResource,
     EmbedderResource,
     ObjectStoreResource,
@@ -66,6 +67,7 @@ class ReleaseGatesConfig(dg.Config):
     ],
     # Each gate can be re-run on its own from the UI (the gates share one evaluation).
     can_subset=True,
+    retry_policy=TRANSIENT_RETRY,
 )
 def release_gates_check(
     context: dg.AssetCheckExecutionContext,

@@ -66,7 +66,7 @@ def head(target: MigrationTarget, key: str) -> dict | None:
 
 
 def ensure_bucket(target: MigrationTarget) -> None:
-    """Create the target bucket when it does not exist yet."""
+    """Create the target bucket when it does not exist yet, with versioning and retention on."""
     s3 = target.s3
     try:
         s3.head_bucket(Bucket=target.bucket)
@@ -76,6 +76,60 @@ def ensure_bucket(target: MigrationTarget) -> None:
         region = s3.meta.region_name
         kwargs = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
         s3.create_bucket(Bucket=target.bucket, **kwargs)
+    ensure_versioning(target)
+
+
+#: Days an overwritten or deleted object's old version is kept (a bad write or a wrong delete
+#: of a paper or an index file can be undone within them; docs/runbooks/object-store.md).
+NONCURRENT_DAYS = 30
+#: Days before S3 drops the parts of a multipart upload that never completed.
+ABORT_MULTIPART_DAYS = 2
+RETENTION_RULE_ID = "research-pipeline-retention"
+
+
+def retention_rule(prefix: str) -> dict:
+    """The lifecycle rule of the pipeline's objects under `prefix` ('' : the whole bucket)."""
+    return {
+        "ID": RETENTION_RULE_ID,
+        "Status": "Enabled",
+        "Filter": {"Prefix": prefix.strip("/") + "/" if prefix.strip("/") else ""},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_DAYS},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_MULTIPART_DAYS},
+    }
+
+
+def ensure_versioning(target: MigrationTarget) -> None:
+    """Bucket versioning on, and the retention rule (`retention_rule`) among the bucket's
+    lifecycle rules (others are kept). Idempotent: changes only what is missing.
+
+    Where the credentials may not change bucket settings (AccessDenied), the migration goes on
+    and says what to ask the bucket's owner for.
+    """
+    s3 = target.s3
+    try:
+        if s3.get_bucket_versioning(Bucket=target.bucket).get("Status") != "Enabled":
+            s3.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
+            log.info("bucket %s: versioning enabled", target.bucket)
+        try:
+            rules = s3.get_bucket_lifecycle_configuration(Bucket=target.bucket).get("Rules", [])
+        except s3.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+        wanted = retention_rule(target.prefix)
+        if wanted not in rules:
+            others = [r for r in rules if r.get("ID") != RETENTION_RULE_ID]
+            s3.put_bucket_lifecycle_configuration(Bucket=target.bucket, LifecycleConfiguration={"Rules": [*others, wanted]})
+            log.info("bucket %s: old object versions kept %d days", target.bucket, NONCURRENT_DAYS)
+    except s3.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("AccessDenied", "NotImplemented"):
+            raise
+        log.warning(
+            "bucket %s: could not turn on versioning and the %d-day retention of old versions (%s); ask the "
+            "bucket's owner to enable them (docs/runbooks/object-store.md): without them an overwritten or "
+            "deleted paper or index file cannot be recovered", target.bucket, NONCURRENT_DAYS,
+            exc.response.get("Error", {}).get("Code"),
+        )  # fmt: skip
 
 
 def transfer_config() -> Any:
