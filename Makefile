@@ -41,7 +41,7 @@ bench: setup
 rehearsal: setup
 	nice -n 5 $(BIN)/python -m bench.rehearsal $(REHEARSAL_ARGS)
 
-# Disaster-recovery drills (so far: PITR restore to latest and to a time, replica failover; docs/RELIABILITY.md); JSON summary last.
+# Disaster-recovery and fault drills (restores, failover, S3 503s, disk full, PostgreSQL restart mid-reindex; docs/RELIABILITY.md); JSON summary last.
 drill: setup
 	nice -n 5 $(BIN)/python -m bench.drill $(DRILL_ARGS)
 

@@ -2,16 +2,22 @@
 
     python -m bench.drill [--docs N]
 
-Implemented so far (issue 12): the PITR drills on a private PostgreSQL 15 cluster (never the
-machine's 5432) archiving to S3 with pgBackRest (moto behind a TLS front, the deployed
-deploy/pgbackrest/pgbackrest.conf): load N corpus documents (with a chunk and a logged query
-each), full backup, more committed writes, manifest, destroy the data directory, restore to the
-latest point and verify against the manifest (`restore_latest`); then a deliberate bad write and
-a point-in-time restore to just before it (`restore_pitr`); then a crash of a primary under
-writes, its synchronous streaming replica promoted and the writer repointed (`replica_failover`).
-The restores are not yet under search/ingest load nor in the rehearsal topology; a search
-replica SIGKILLed under 10x load is a step of `make rehearsal`; the other drills of the issue are
-not built (docs/RELIABILITY.md).
+Drills (issue 12), each a record of the summary:
+- `restore_latest`, `restore_pitr`: a private PostgreSQL 15 cluster (never the machine's 5432)
+  archiving to S3 with pgBackRest (moto behind a TLS front, the deployed
+  deploy/pgbackrest/pgbackrest.conf): N corpus documents (with a chunk and a logged query each),
+  full backup, more committed writes, manifest, destroy the data directory, restore to the latest
+  point and verify against the manifest; then a deliberate bad write and a point-in-time restore
+  to just before it.
+- `s3_503` (bench/faults.py): the S3 front answers 20% of requests 503 SlowDown while a
+  generation is published to it and a pgBackRest differential backup is taken through it.
+- `replica_failover`: a primary crashes under writes, its synchronous streaming replica is
+  promoted and the writer repointed.
+- `disk_full` (bench/faults.py): the embedded deployment on a small tmpfs fills during a build.
+- `pg_restart_mid_reindex` (bench/faults.py): PostgreSQL restarted while reindex_job embeds.
+A search replica SIGKILLed and Redis stopped under 10x load are steps of `make rehearsal`. Not
+built: the daemon killed mid-backfill, the code server restarted mid-run, and the restores under
+search/ingest load in the rehearsal topology (`not_yet` in the summary; docs/RELIABILITY.md).
 
 Summary: {"rpo_s", "rto_s", "drills": [{name, passed, lost_rows, recovery_s, client_errors}], ...}.
 RPO: seconds from the last commit until its WAL is archived in S3 (what losing the data
@@ -278,6 +284,7 @@ def run(n_docs: int) -> dict:
         drills.append(faults.s3_503(work, s3, repo))
         drills.append(failover(work))
         drills.append(faults.disk_full(work))
+        drills.append(faults.pg_restart_mid_reindex(work))
         return {
             "rpo_s": round(rpo, 3),
             "rto_s": round(max(d["recovery_s"] for d in drills if d["name"].startswith("restore")), 3),
@@ -287,7 +294,7 @@ def run(n_docs: int) -> dict:
             "full_backup_s": round(backup_s, 3),
             "archive_timeout_s": 2,
             "in_rehearsal": ["search_replica_sigkill", "redis_down"],
-            "not_yet": ["pg_restart_mid_reindex", "daemon_killed_backfill", "code_server_restart", "under_load"],
+            "not_yet": ["daemon_killed_backfill", "code_server_restart", "under_load"],
         }  # fmt: skip
     finally:
         cluster.stop(mode="immediate")

@@ -1,4 +1,5 @@
-"""Fault drills of `make drill`: a disk that fills during a build, S3 answering 503s.
+"""Fault drills of `make drill`: a disk that fills during a build, S3 answering 503s, PostgreSQL
+restarted in the middle of a reindex.
 
 `disk_full(work)`: the embedded deployment (SQLite, local object store, scratch) on a tmpfs of
 fixed size; a first generation is built, gated and published; a ballast file then leaves the
@@ -304,3 +305,129 @@ def s3_503(work: Path, s3, repo, n_records: int = 300, embedder=None) -> dict:  
                   f"{timings.get(False, 0):.1f} s) and the diff backup verified ({backup_s:.1f} s)",
     }  # fmt: skip
 
+
+
+def _reindex(settings, instance):  # noqa: ANN001, ANN202
+    """reindex_job over `settings` (gates' latency relaxed: the machine is shared), in process."""
+    import dagster as dg
+
+    from research_pipeline.defs.embeddings.assets import chunk_embeddings
+    from research_pipeline.defs.ingest.assets import chunks, documents
+    from research_pipeline.defs.resources import ReleaseGatesResource, build_resources
+    from research_pipeline.defs.search.assets import fts_index, published_index, vector_index
+    from research_pipeline.defs.search.checks import release_gates_check
+    from research_pipeline.defs.search.jobs import reindex_job
+
+    resources = build_resources(settings)
+    resources["release_gates"] = ReleaseGatesResource(latency_p95_ms=600_000.0)
+    defs = dg.Definitions(
+        assets=[documents, chunks, chunk_embeddings, fts_index, vector_index, published_index],
+        asset_checks=[release_gates_check], jobs=[reindex_job], resources=resources,
+    )  # fmt: skip
+    run_config = {"ops": {"documents": {"config": {"workers": 1, "ocr": False}},
+                          "release_gates_check": {"config": {"max_probe_queries": 2}}}}  # fmt: skip
+    return defs.resolve_job_def("reindex_job").execute_in_process(
+        run_config=run_config, instance=instance, raise_on_error=False
+    )
+
+
+def _corpus_keys(url: str) -> dict[str, set]:
+    import sqlalchemy as sa
+
+    engine = store.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            live = store.live_generation(conn) or {}
+            return {
+                "documents": set(conn.execute(sa.select(store.documents.c.doc_id)).scalars()),
+                "chunks": {tuple(r) for r in conn.execute(sa.select(store.chunks.c.chunk_id, store.chunks.c.content_hash))},
+                "embeddings": {tuple(r) for r in conn.execute(sa.select(store.embeddings.c.content_hash, store.embeddings.c.model_id))},
+                "live_chunks": {live.get("n_chunks")}, "live_fts_rows": {live.get("n_fts_rows")},
+            }  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def pg_restart_mid_reindex(work: Path, n_papers: int = 4) -> dict:
+    """pg_restart_mid_reindex: reindex_job on real papers into a private PostgreSQL 15 cluster,
+    which is restarted (fast shutdown: sessions terminated) as soon as the run has written its
+    first chunks, i.e. while chunks are embedded. The failed step is retried (its RetryPolicy) and
+    the run succeeds; its corpus (documents, chunks, embeddings by key) and the live generation's
+    counts must equal those of a reference run of the same papers without the restart: nothing
+    duplicated, nothing missing. recovery_s: from the restart until the run ended."""
+    import shutil
+
+    import dagster as dg
+    import sqlalchemy as sa
+
+    from bench.topology.pg import PgCluster
+    from research_pipeline.config import Settings
+
+    papers = sorted((REPO / "examples" / "papers").glob("*.pdf"), key=lambda p: p.stat().st_size)[:n_papers]
+    inbox = Path(work) / "restart-inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for paper in papers:
+        shutil.copy(paper, inbox / paper.name)
+    cluster = PgCluster(Path(work) / "restart-pg")
+    try:
+        cluster.init().start()
+        with cluster.engine(isolation_level="AUTOCOMMIT").connect() as conn:
+            for db in ("rp_reference", "rp_restarted"):
+                conn.execute(sa.text(f"create database {db}"))
+        results, restart = {}, {}
+        for db in ("rp_reference", "rp_restarted"):
+            url = cluster.url(db)
+            engine = store.make_engine(url)
+            store.create_schema(engine)
+            settings = Settings(home=Path(work) / db, inbox=inbox, database_url=url,
+                                object_store_url=str(Path(work) / db / "objects"))  # fmt: skip
+            stop = threading.Event()
+
+            def restart_when_chunks_arrive(engine=engine, stop=stop) -> None:
+                deadline = time.monotonic() + 600
+                while not stop.is_set() and time.monotonic() < deadline:
+                    with engine.connect() as conn:
+                        if conn.execute(sa.select(sa.func.count()).select_from(store.chunks)).scalar_one():
+                            break
+                    stop.wait(0.05)  # polling the database the run writes to, bounded by the deadline
+                else:
+                    return
+                restart["at"] = time.monotonic()
+                cluster.stop(mode="fast")
+                cluster.start()
+                restart["back_s"] = time.monotonic() - restart["at"]
+
+            watcher = threading.Thread(target=restart_when_chunks_arrive, daemon=True)
+            if db == "rp_restarted":
+                watcher.start()
+            with dg.instance_for_test() as instance:
+                result = _reindex(settings, instance)
+                retries = sum(1 for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY)
+                retried = sorted({e.step_key for e in result.all_events
+                                  if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY})  # fmt: skip
+            ended = time.monotonic()
+            stop.set()
+            if db == "rp_restarted":
+                watcher.join(120)
+            engine.dispose()
+            results[db] = {"success": result.success, "retries": retries, "retried_steps": retried, "ended": ended,
+                           "keys": _corpus_keys(url)}  # fmt: skip
+        ref, got = results["rp_reference"], results["rp_restarted"]
+        diff = {name: {"missing": len(ref["keys"][name] - got["keys"][name]),
+                       "extra": len(got["keys"][name] - ref["keys"][name])} for name in ref["keys"]}  # fmt: skip
+        same = all(d["missing"] == d["extra"] == 0 for d in diff.values())
+        lost = sum(d["missing"] for d in diff.values())
+        passed = ref["success"] and got["success"] and same and "at" in restart and None not in ref["keys"]["live_chunks"]
+        return {
+            "name": "pg_restart_mid_reindex", "passed": bool(passed), "lost_rows": lost,
+            "recovery_s": round(got["ended"] - restart["at"], 3) if "at" in restart else None,
+            "client_errors": got["retries"], "step_retries": got["retries"], "retried_steps": got["retried_steps"],
+            "restart_s": round(restart.get("back_s", 0.0), 3), "papers": len(papers),
+            "chunks": len(ref["keys"]["chunks"]), "diff": diff,
+            "detail": f"PostgreSQL restarted {'mid-run' if 'at' in restart else 'NEVER (the run wrote no chunks)'}; "
+                      f"{got['retries']} step retries, run {'succeeded' if got['success'] else 'FAILED'}; corpus "
+                      f"{'identical to' if same else 'DIFFERENT from'} the reference run "
+                      f"({len(ref['keys']['chunks'])} chunks)",
+        }  # fmt: skip
+    finally:
+        cluster.stop(mode="immediate")

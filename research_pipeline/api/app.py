@@ -224,10 +224,16 @@ class SearchService:
                 else:
                     try:
                         searcher = self.runtime.open_searcher(live["gen_id"])
-                    except Exception as exc:  # noqa: BLE001 - any load failure means "not ready"
-                        state = Readiness(
-                            False, f"live generation {live['gen_id']} does not load: {exc.__class__.__name__}: {exc}"
-                        )
+                    except Exception as exc:  # noqa: BLE001 - reported to the probe, tried again next check
+                        why = f"live generation {live['gen_id']} does not load: {exc.__class__.__name__}: {exc}"
+                        if self._searcher is not None and self.readiness.gen_id is not None:
+                            # Keep answering from the generation already loaded (an object-store
+                            # outage must not take every replica out at once); retried next check.
+                            old = self.readiness.gen_id
+                            state = Readiness(True, f"serving {old} while the {why}", old)
+                            log.warning("still serving index generation %s: %s", old, why)
+                        else:
+                            state = Readiness(False, why)
                     else:
                         self._searcher = searcher
                         state = Readiness(True, "ready", live["gen_id"])
@@ -368,7 +374,7 @@ async def readyz(request: Request) -> Response:
     """Readiness: the database answers and the live generation is loaded (the last background check).
     ---
     responses:
-      200: {description: "{status: ready, generation}"}
+      200: {description: "{status: ready, generation, reason} (reason: 'ready', or why an older generation still answers)"}
       503: {description: "{status: not ready, reason}"}
     """
     service: SearchService = request.app.state.service
@@ -377,7 +383,7 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "not ready", "reason": "draining: the process is shutting down"}, 503)
     if not state.ready:
         return JSONResponse({"status": "not ready", "reason": state.reason}, 503)
-    return JSONResponse({"status": "ready", "generation": state.gen_id})
+    return JSONResponse({"status": "ready", "generation": state.gen_id, "reason": state.reason})
 
 
 async def metrics_endpoint(request: Request) -> Response:

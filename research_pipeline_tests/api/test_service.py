@@ -277,3 +277,52 @@ def test_a_replica_on_a_read_only_database_logs_searches_to_the_query_log_databa
         owner.dispose()
         with pg_admin().connect() as conn:
             conn.execute(sa.text(f'DROP ROLE "{role}"'))
+
+
+def test_a_live_generation_that_does_not_load_leaves_the_replica_serving_the_previous_one(
+    tmp_path, tmp_path_factory, embedder
+):
+    """The pointer moves to a generation whose vector file is gone (an object-store outage, a bad
+    delete): the replica keeps answering from the generation it has loaded and says why in
+    /readyz; once a generation that loads goes live, it serves that one."""
+    import time
+
+    from research_pipeline.config import Settings
+    from research_pipeline.lib.core.objectstore import LocalObjectStore
+    from research_pipeline.lib.release import publish, searchers
+    from research_pipeline_tests.shared import gated, load_corpus_rows, sample_corpus
+
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    engine = store.make_engine(url)
+    store.create_schema(engine)
+    load_corpus_rows(engine, sample_corpus(tmp_path_factory))
+    objects = LocalObjectStore(tmp_path / "objects")
+    first = gated(engine, objects, embedder, probes=1)["gen_id"]
+    publish.publish(engine, first, store=objects)
+    settings = Settings(home=tmp_path, inbox=tmp_path, database_url=url, object_store_url=str(objects.root))
+
+    def wait_readyz(predicate, what: str) -> dict:
+        deadline, body = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            status, body = svc.json("/readyz")
+            if predicate(status, body):
+                return body
+            time.sleep(0.1)  # polling the probe the replica answers; bounded
+        raise AssertionError(f"{what}: last /readyz {body}")
+
+    with running_service(settings, ServiceOptions(readiness_interval_s=0.2)) as svc:
+        wait_readyz(lambda st, b: st == 200 and b["generation"] == first, "the first generation never served")
+        broken = gated(engine, objects, embedder, probes=1)
+        objects.delete(f"{broken['vector_key'].rsplit('/', 1)[0]}/index.faiss")
+        searchers.forget_vectors(broken["vector_key"])  # its gates loaded it into this process
+        publish.publish(engine, broken["gen_id"], store=objects)
+        body = wait_readyz(lambda st, b: broken["gen_id"] in b.get("reason", ""), "the broken generation was not tried")
+        assert body["status"] == "ready" and body["generation"] == first, body
+        assert "does not load" in body["reason"], body
+        status, answer = svc.json("/search", {"q": "confusion matrix"})
+        assert status == 200 and answer["generation"] == first and answer["results"], answer
+        fixed = gated(engine, objects, embedder, probes=1)["gen_id"]
+        publish.publish(engine, fixed, store=objects)
+        body = wait_readyz(lambda st, b: b.get("generation") == fixed, "the next good generation never served")
+        assert body["reason"] == "ready"
+    engine.dispose()

@@ -1,6 +1,7 @@
 """The fault drills of `make drill`, small scale: S3 answering 20% of requests 503 during a
 publish and a backup (real HTTP through the TLS front, pgBackRest and the pipeline's own S3
-client), and a disk that fills while a generation is built (a real tmpfs of fixed size)."""
+client), a disk that fills while a generation is built (a real tmpfs of fixed size), and
+PostgreSQL restarted in the middle of reindex_job (a private cluster)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,15 @@ def test_disk_full_drill_keeps_the_live_generation(tmp_path, embedder):
     assert drill["live_untouched"] and drill["partial_files_left"] == 0, drill
     assert drill["client_errors"] == 0 and drill["searches_answered"] > 0, drill
     assert drill["lost_rows"] == 0 and drill["passed"], drill
+
+
+def test_postgresql_restarted_mid_reindex_the_run_retries_and_loses_nothing():
+    work = make_workdir("rp-pg-restart-")  # a folder the cluster's OS user may enter
+    try:
+        drill = faults.pg_restart_mid_reindex(work, n_papers=2)
+    finally:
+        remove_workdir(work)
+    assert "restarted mid-run" in drill["detail"], drill
+    assert drill["step_retries"] >= 1, drill  # the restart hit a step, and its RetryPolicy ran it again
+    assert all(d == {"missing": 0, "extra": 0} for d in drill["diff"].values()), drill
+    assert drill["passed"], drill
