@@ -15,20 +15,25 @@ Drills (issue 12), each a record of the summary:
   promoted and the writer repointed.
 - `disk_full` (bench/faults.py): the embedded deployment on a small tmpfs fills during a build.
 - `pg_restart_mid_reindex` (bench/faults.py): PostgreSQL restarted while reindex_job embeds.
-A search replica SIGKILLed and Redis stopped under 10x load are steps of `make rehearsal`. Not
-built: the daemon killed mid-backfill, the code server restarted mid-run, and the restores under
-search/ingest load in the rehearsal topology (`not_yet` in the summary; docs/RELIABILITY.md).
+- `daemon_killed_backfill`, `code_server_restart` (bench/dagster_drills.py): Dagster's deployed
+  trio; the daemon SIGKILLed during a 16-shard backfill, then the code server mid-run.
+Both restores run while a search replica (`research-pipeline serve` on a database of the same
+cluster) answers 10 searches a second: its failed searches are the drill's client_errors and the
+time until it answers again is the RTO. A search replica SIGKILLed and Redis stopped under 10x
+load are steps of `make rehearsal`. Not built: writes during the restores, and the restores in
+the rehearsal topology (`not_yet` in the summary; docs/RELIABILITY.md).
 
 Summary: {"rpo_s", "rto_s", "drills": [{name, passed, lost_rows, recovery_s, client_errors}], ...}.
 RPO: seconds from the last commit until its WAL is archived in S3 (what losing the data
-directory at the worst moment loses); RTO: seconds from the destruction until the restored
-server has ended recovery and answers a corpus query.
+directory at the worst moment loses); RTO: seconds from the destruction until the search replica
+answers again (each restore's `recovery_s`: until the restored server answers a corpus query).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -36,13 +41,15 @@ from datetime import timezone
 
 import sqlalchemy as sa
 
-from bench import faults
+from bench import dagster_drills, faults
 from bench.topology.pg import PgBackRestArchive, PgCluster, make_workdir, remove_workdir
 from bench.topology.pgbackrest import DEPLOY_CONF, STANZA, PgBackRestRepo, TlsMoto
 from research_pipeline.lib.backup.manifest import compare, take_manifest
 from research_pipeline.lib.core import store
 
 CORPUS_DB = "research_pipeline"
+#: The database of the search replica that answers during the restores (same cluster).
+SEARCH_DB = "rp_search"
 PROBE = "select count(*) from documents"
 
 
@@ -73,6 +80,74 @@ def write(engine: sa.Engine, ids: range, batch: int = 1000) -> None:
             store.upsert(conn, store.documents, docs, ["doc_id"])
             store.upsert(conn, store.chunks, chunks, ["chunk_id"])
             conn.execute(sa.insert(store.query_log), queries)
+
+
+class _Searches(threading.Thread):
+    """Searches a replica `rate` times a second (each with a 5 s timeout) until stopped; records
+    (monotonic time, answered with 200) so a drill can count the failures of an outage and time
+    the first answer after it."""
+
+    def __init__(self, url: str, queries: list[str], rate: float = 10.0, limit: int = 20_000):
+        super().__init__(name="drill-searches", daemon=True)
+        self.url, self.queries, self.period, self.limit = url, queries, 1.0 / rate, limit
+        self.results: list[tuple[float, bool]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=5.0) as client:
+            for i in range(self.limit):
+                if self.stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    ok = client.get(self.url, params={"q": self.queries[i % len(self.queries)]}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.results.append((started, ok))
+                self.stop.wait(max(0.0, self.period - (time.monotonic() - started)))  # the pacing of the load
+
+    def outage(self, since: float) -> tuple[int, float | None]:
+        """(failed searches since `since`, seconds from `since` to the first answer after the last failure)."""
+        after = [(t, ok) for t, ok in list(self.results) if t >= since]
+        failures = [t for t, ok in after if not ok]
+        last_failure = max(failures, default=since)
+        answered = [t for t, ok in after if ok and t >= last_failure]
+        return len(failures), (answered[0] - since if answered else None)
+
+
+def _search_replica(work, cluster: PgCluster):  # noqa: ANN001, ANN202
+    """A search corpus (300 SciFact abstracts, a published generation) in its own database of the
+    drill's cluster, and a `research-pipeline serve` replica on it; (Proc, its /search URL)."""
+    from bench.topology import services
+    from research_pipeline.lib.core.objectstore import LocalObjectStore
+
+    with cluster.engine(isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(sa.text(f"create database {SEARCH_DB}"))
+    engine = store.make_engine(cluster.url(SEARCH_DB))
+    store.create_schema(engine)
+    faults.load_records(engine, faults.scifact_records(300))
+    objects = work / "search-objects"
+    faults.new_live_generation(engine, LocalObjectStore(objects), _embedder())
+    engine.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RP_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RP_HOME=str(work / "replica-home"),
+               RP_DATABASE_URL=cluster.url(SEARCH_DB), RP_OBJECT_STORE_URL=str(objects))  # fmt: skip
+    replica = services.search_replica(0, work / "logs", env).start()
+    replica.wait_ready()
+    return replica, f"http://{replica.host}:{replica.port}/search"
+
+
+_EMBEDDER: list = []
+
+
+def _embedder():  # noqa: ANN202
+    if not _EMBEDDER:
+        from research_pipeline.lib.embed.model import load_embedder
+
+        _EMBEDDER.append(load_embedder())
+    return _EMBEDDER[0]
 
 
 def _restore(cluster: PgCluster, repo: PgBackRestRepo, target_time: str | None = None) -> float:
@@ -231,11 +306,28 @@ def failover(work, n_writes: int = 2000) -> dict:
         primary.stop(mode="immediate")
 
 
+def _max_or_none(values: list) -> float | None:
+    """The largest value, or None when any is missing (a restore after which searches never answered)."""
+    return None if any(v is None for v in values) else max(values)
+
+
+def _wait_answering(searches: _Searches, since: float, timeout_s: float = 120) -> tuple[int, float | None]:
+    """Wait (bounded) until the replica answers a search after the restore; (failed searches
+    since `since`, seconds until it answered again: the RTO a user sees)."""
+    deadline = time.monotonic() + timeout_s
+    failed, answered = searches.outage(since)
+    while answered is None and time.monotonic() < deadline and searches.is_alive():
+        time.sleep(0.2)  # the searches thread records answers; this only reads them, bounded
+        failed, answered = searches.outage(since)
+    return failed, (round(answered, 3) if answered is not None else None)
+
+
 def run(n_docs: int) -> dict:
     work = make_workdir("rp-drill-")
     s3 = TlsMoto(work)
     cluster = PgCluster(work / "pg", archive=PgBackRestArchive(STANZA, DEPLOY_CONF), settings={"archive_timeout": "2"})
     drills = []
+    replica = searches = None
     try:
         s3.start()
         s3.create_bucket("rp-backups")
@@ -246,6 +338,9 @@ def run(n_docs: int) -> dict:
         engine = store.make_engine(cluster.url(CORPUS_DB))
         store.create_schema(engine)
         write(engine, range(n_docs))
+        replica, search_url = _search_replica(work, cluster)
+        searches = _Searches(search_url, faults.scifact_queries(50))
+        searches.start()
         repo.stanza_create()
         repo.check()
         t = time.monotonic()
@@ -258,11 +353,14 @@ def run(n_docs: int) -> dict:
         archived = cluster.wait_archived()
         before = take_manifest(engine)
         engine.dispose()
+        destroyed = time.monotonic()
         rto = _restore(cluster, repo)
+        failed, search_rto = _wait_answering(searches, destroyed)
         engine = store.make_engine(cluster.url(CORPUS_DB))
         diff = compare(before, take_manifest(engine))
-        drills.append({"name": "restore_latest", "passed": diff.ok, "lost_rows": diff.lost_rows,
-                       "recovery_s": round(rto, 3), "client_errors": None, "detail": diff.describe()})  # fmt: skip
+        drills.append({"name": "restore_latest", "passed": diff.ok and search_rto is not None, "lost_rows": diff.lost_rows,
+                       "recovery_s": round(rto, 3), "client_errors": failed,
+                       "searches_answer_again_s": search_rto, "detail": diff.describe()})  # fmt: skip
         rpo = archived - committed
 
         # restore_pitr: back to just before a bad write.
@@ -275,28 +373,40 @@ def run(n_docs: int) -> dict:
             conn.execute(sa.update(store.documents).values(title="oops"))
         cluster.wait_archived()
         engine.dispose()
+        destroyed = time.monotonic()
         pitr = _restore(cluster, repo, target.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00"))
+        failed, search_rto = _wait_answering(searches, destroyed)
+        searches.stop.set()
+        searches.join(30)
         engine = store.make_engine(cluster.url(CORPUS_DB))
         diff = compare(good, take_manifest(engine))
         engine.dispose()
-        drills.append({"name": "restore_pitr", "passed": diff.ok, "lost_rows": diff.lost_rows,
-                       "recovery_s": round(pitr, 3), "client_errors": None, "detail": diff.describe()})  # fmt: skip
-        drills.append(faults.s3_503(work, s3, repo))
+        drills.append({"name": "restore_pitr", "passed": diff.ok and search_rto is not None, "lost_rows": diff.lost_rows,
+                       "recovery_s": round(pitr, 3), "client_errors": failed,
+                       "searches_answer_again_s": search_rto, "detail": diff.describe()})  # fmt: skip
+        replica.stop()
+        drills.append(faults.s3_503(work, s3, repo, embedder=_embedder()))
         drills.append(failover(work))
-        drills.append(faults.disk_full(work))
+        drills.append(faults.disk_full(work, embedder=_embedder()))
         drills.append(faults.pg_restart_mid_reindex(work))
+        drills.extend(dagster_drills.run(work))
         return {
             "rpo_s": round(rpo, 3),
-            "rto_s": round(max(d["recovery_s"] for d in drills if d["name"].startswith("restore")), 3),
+            # RTO: from the destruction until the search replica answered again (what users see).
+            "rto_s": _max_or_none([d["searches_answer_again_s"] for d in drills if d["name"].startswith("restore")]),
             "drills": drills,
             "documents": n_docs,
             "rows": sum(t.rows for t in before.tables.values()),
             "full_backup_s": round(backup_s, 3),
             "archive_timeout_s": 2,
             "in_rehearsal": ["search_replica_sigkill", "redis_down"],
-            "not_yet": ["daemon_killed_backfill", "code_server_restart", "under_load"],
+            "not_yet": ["writes_during_restore", "rehearsal_topology"],
         }  # fmt: skip
     finally:
+        if searches is not None:
+            searches.stop.set()
+        if replica is not None:
+            replica.stop()
         cluster.stop(mode="immediate")
         s3.stop()
         remove_workdir(work)
