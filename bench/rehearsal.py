@@ -15,7 +15,7 @@ code server on the production configuration, run `reindex_job`, backfill the 16 
 `chunk_embeddings` (launchPartitionBackfill), offer 1x (5 searches/s, half repeats) and 10x load
 through nginx, check exposure / 413 / 429, every scrape target and the alert rules' unit tests,
 then SIGKILL one replica during a 10x step and start it again (`--kill-seconds 0`: skip), stop
-Redis for 20 s of another (`--redis-down-seconds 0`: skip), and
+Redis for 30 s of another (`--redis-down-seconds 0`: skip), and
 ramp the offered rate to find the knee (p95 <= 200 ms) with all replicas and with one
 (`--knee-seconds 0`: skip), for the 1 -> N replica scaling.
 
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="nginx max_fails of each replica (3 as shipped; 0: a replica's 503 never ejects it)")
     p.add_argument("--kill-seconds", type=float, default=40.0,
                    help="seconds of the 10x step during which one replica is SIGKILLed and restarted (0: skip)")
-    p.add_argument("--redis-down-seconds", type=float, default=40.0,
+    p.add_argument("--redis-down-seconds", type=float, default=60.0,
                    help="seconds of the 10x step during whose middle half Redis is stopped (0: skip)")
     p.add_argument("--knee-seconds", type=float, default=15.0,
                    help="seconds of each knee step, after the checks (0: no knee)")

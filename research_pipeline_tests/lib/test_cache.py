@@ -76,11 +76,50 @@ def test_lru_evicts_least_recently_used():
     assert (c.get("a"), c.get("c")) == (1, 3)
 
 
-def test_redis_outage_degrades_to_misses():
+def test_redis_outage_degrades_to_misses_and_the_fallback_copy():
     c = QueryCache(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    assert c.get("never put") is None
     c.put("k", HITS)
-    assert c.get("k") is None
-    assert c.stats()["errors"] == 2
+    assert c.get("k") == HITS  # the process's own copy answers while Redis fails
+    assert c.stats()["errors"] == 3
+    assert QueryCache(redis_url="redis://127.0.0.1:1/0", fallback_entries=0).get("k") is None
+
+
+def test_the_fallback_copy_answers_only_while_redis_fails(tmp_path):
+    """A private redis-server, stopped mid-test: while it answers, Redis alone decides (a key
+    deleted there is a miss although the process kept a copy); once it is down, the copy answers."""
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        other = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                other.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the private redis-server did not start"
+                time.sleep(0.05)  # polling the server's own answer, bounded
+        c = QueryCache(redis_url=f"redis://127.0.0.1:{port}/0", prefix="rp:fallback:")
+        c.put("a", HITS)
+        c.put("b", HITS)
+        other.delete("rp:fallback:a")
+        assert c.get("a") is None and c.get("b") == HITS and c.stats()["errors"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert c.get("a") == HITS and c.get("b") == HITS  # Redis is down: the copies answer
+    assert c.get("c") is None
+    assert c.stats()["errors"] == 3
 
 
 def test_query_log_buffers_flushes_on_close_and_ranks(engine):

@@ -58,8 +58,11 @@ def cache_key(query: str, filters: Any, k: int, mode: str, gen_id: str | None) -
 class QueryCache:
     """Search results by cache key: in-process LRU, or Redis when `redis_url` is given.
 
-    A cache that cannot reach Redis degrades to misses (counted in `errors`) so that search
-    keeps working while Redis is down.
+    A cache that cannot reach Redis keeps search working (errors counted in `errors`): with Redis,
+    every value put is also kept in a bounded in-process LRU (`fallback_entries`), which answers
+    only while Redis fails; a key it does not hold is a miss. While Redis answers, it alone
+    decides hits (a flush of Redis is a flush). So a Redis outage does not turn every repeated
+    query into a full search at once (docs/runbooks/cache-loss.md).
     """
 
     def __init__(
@@ -69,10 +72,12 @@ class QueryCache:
         ttl_s: int = 86_400,
         prefix: str = DEFAULT_PREFIX,
         client: Any = None,
+        fallback_entries: int = 2_000,
     ):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = int(max_entries)
+        self.fallback_entries = max(0, int(fallback_entries))
         self.ttl_s = int(ttl_s)
         self.prefix = prefix
         self.hits = 0
@@ -100,16 +105,22 @@ class QueryCache:
     def put(self, key: str, value: Any) -> None:
         raw = json.dumps(value, ensure_ascii=False, default=str)
         if self._redis is not None:
+            self._lru_put(key, raw, self.fallback_entries)  # the copy that answers while Redis fails
             try:
                 self._redis.set(self.prefix + key, raw.encode("utf-8"), ex=self.ttl_s if self.ttl_s > 0 else None)
             except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the search
                 self._record_error("put", exc)
             return
+        self._lru_put(key, raw, self.max_entries)
+
+    def _lru_put(self, key: str, raw: str, limit: int) -> None:
+        if limit < 1:
+            return
         expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
         with self._lock:
             self._lru[key] = (expires, raw)
             self._lru.move_to_end(key)
-            while len(self._lru) > self.max_entries:
+            while len(self._lru) > limit:
                 self._lru.popitem(last=False)
 
     def _get_raw(self, key: str) -> str | None:
@@ -118,8 +129,11 @@ class QueryCache:
                 raw = self._redis.get(self.prefix + key)
             except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the search
                 self._record_error("get", exc)
-                return None
+                return self._lru_get(key)
             return None if raw is None else raw.decode("utf-8")
+        return self._lru_get(key)
+
+    def _lru_get(self, key: str) -> str | None:
         with self._lock:
             item = self._lru.get(key)
             if item is None:
@@ -134,7 +148,8 @@ class QueryCache:
     def _record_error(self, op: str, exc: Exception) -> None:
         with self._lock:
             self.errors += 1
-        log.warning("query cache %s failed (%s: %s); serving uncached", op, type(exc).__name__, exc)
+        log.warning("query cache %s failed (%s: %s); serving from this process's fallback copy or uncached",
+                    op, type(exc).__name__, exc)
 
     def __len__(self) -> int:
         if self._redis is not None:
@@ -148,6 +163,8 @@ class QueryCache:
             keys = list(self._redis.scan_iter(match=self.prefix + "*", count=500))
             for i in range(0, len(keys), 500):
                 self._redis.delete(*keys[i : i + 500])
+            with self._lock:
+                self._lru.clear()
             return len(keys)
         with self._lock:
             n = len(self._lru)
