@@ -241,7 +241,9 @@ class Rehearsal:
         say(f"migrated in {self.summary['migration_s']} s (at most {self.summary['migration_max_concurrent']} "
             f"migration runs at once); cutover recorded")
         # Point the deployment at the target and restart it (README, "Moving to production").
-        self.dagster.restart_code_server({**self.prod, "RP_INBOX": str(inbox)})
+        # The new code server is stopped (and checked for leftovers) with the rest: without this
+        # it outlived every full rehearsal, unseen by the leftover check.
+        self.stack.add(self.dagster.restart_code_server({**self.prod, "RP_INBOX": str(inbox)}))
 
     def reindex_and_backfill(self) -> None:
         t0 = time.monotonic()
