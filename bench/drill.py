@@ -32,6 +32,7 @@ answers again (each restore's `recovery_s`: until the restored server answers a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -139,15 +140,12 @@ def _search_replica(work, cluster: PgCluster):  # noqa: ANN001, ANN202
     return replica, f"http://{replica.host}:{replica.port}/search"
 
 
-_EMBEDDER: list = []
-
-
+@functools.cache
 def _embedder():  # noqa: ANN202
-    if not _EMBEDDER:
-        from research_pipeline.lib.embed.model import load_embedder
+    """The model, loaded once for every drill of this process."""
+    from research_pipeline.lib.embed.model import load_embedder
 
-        _EMBEDDER.append(load_embedder())
-    return _EMBEDDER[0]
+    return load_embedder()
 
 
 def _restore(cluster: PgCluster, repo: PgBackRestRepo, target_time: str | None = None) -> float:

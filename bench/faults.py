@@ -55,6 +55,15 @@ class Tmpfs:
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
 
 
+def fill(disk: Path, leave: int) -> Path:
+    """A ballast file that leaves `leave` bytes free on `disk`'s filesystem; its path."""
+    st = os.statvfs(disk)
+    ballast = Path(disk) / "ballast"
+    with open(ballast, "wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return ballast
+
+
 def scifact_records(n: int) -> list[dict]:
     out = []
     with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh:
@@ -159,10 +168,7 @@ def disk_full(work: Path, n_records: int = 600, size_mb: int = 64, embedder=None
             searching = _Searching(searcher, queries)
             searching.start()
 
-            ballast = disk / "ballast"
-            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-            with open(ballast, "wb") as fh:
-                fh.write(b"\0" * max(0, free - LEFT_FREE))
+            ballast = fill(disk, LEFT_FREE)
             error, failed_gen = None, None
             try:
                 failed_gen = build.build_generation(engine, obj, embedder)["gen_id"]
@@ -233,11 +239,9 @@ def s3_503(work: Path, s3, repo, n_records: int = 300, embedder=None) -> dict:  
     through the clean endpoint, and the front really answered 503s (counted in its access log).
     recovery_s: the extra seconds the faults cost the publish (faulty minus clean, same corpus).
     """
-    import boto3
-
     from bench.topology.pg import as_pg_user
     from research_pipeline.lib.backup.pgbackrest import PgBackRest, parse_info
-    from research_pipeline.lib.core.objectstore import S3ObjectStore, retry_config
+    from research_pipeline.lib.core.objectstore import S3ObjectStore
     from research_pipeline.lib.embed.model import load_embedder
     from research_pipeline.lib.release import searchers
 
@@ -246,10 +250,7 @@ def s3_503(work: Path, s3, repo, n_records: int = 300, embedder=None) -> dict:  
     s3.create_bucket(bucket)
 
     def bucket_store(faulty: bool, prefix: str) -> S3ObjectStore:
-        client = boto3.client("s3", endpoint_url=s3.fault_endpoint if faulty else s3.endpoint, verify=str(s3.cert),
-                              aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
-                              config=retry_config())  # fmt: skip
-        return S3ObjectStore(bucket, prefix, client=client)
+        return S3ObjectStore(bucket, prefix, client=s3.s3_client(faulty=faulty))
 
     timings, errors, published = {}, [], {}
     for faulty in (False, True):  # the same build through the clean endpoint first: the baseline

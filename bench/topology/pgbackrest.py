@@ -201,10 +201,14 @@ class TlsMoto:
         raise RuntimeError(f"nginx TLS front did not start; see {self.directory / 'nginx_error.log'}")
 
     def s3_client(self, faulty: bool = False):  # noqa: ANN201
+        """A client as the pipeline builds one (its retry config), of the clean or the faulty front."""
         import boto3
+
+        from research_pipeline.lib.core.objectstore import retry_config
 
         return boto3.client(
             "s3",
+            config=retry_config(),
             endpoint_url=self.fault_endpoint if faulty else self.endpoint,
             verify=str(self.cert),
             aws_access_key_id=MOTO_KEY,

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from bench import faults
 from bench.faults import Tmpfs
 from research_pipeline.lib.core import diskspace, store
 from research_pipeline.lib.core.objectstore import LocalObjectStore
@@ -32,9 +33,7 @@ def small_disk(tmp_path):
 
 
 def fill(disk, leave: int = 16 << 10) -> None:
-    st = os.statvfs(disk)
-    with open(disk / "ballast", "wb") as fh:
-        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    faults.fill(disk, leave)
 
 
 def test_a_real_enospc_is_recognised(small_disk):
